@@ -1,0 +1,393 @@
+"""The user's entry point: ``lrpc.compile(model)`` returns an :class:`Attributor`; calling it traces,
+plans, generates and compiles a relevance program for the input signature on first use, caches it, and
+runs it.
+
+>>> import torch, lrpc
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+>>> attributor = lrpc.compile(model, backend="eager")
+>>> res = attributor(torch.randn(2, 4), target=1)
+>>> res.relevance.shape
+torch.Size([2, 4])
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import sympy
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from . import backends, ops
+from .canonize import canonicalize
+from .codegen import Signature, generate, relevance_function
+from .errors import LRPCError
+from .planning import Plan, plan as make_plan
+from .presets import Preset, resolve as resolve_preset
+from .targets import TargetSpec, index_tensor, parse as parse_target
+from .tracing import OutputSelector, Traced, flatten_inputs, trace
+
+ON_UNSUPPORTED = ("error", "warn")
+
+
+@dataclass
+class Attribution:
+    """What one call returns.
+
+    ``relevance`` is the input relevance: a tensor when one input is explained, else a tuple in call
+    order. ``inputs`` holds the same by argument name. Float inputs get relevance shaped like
+    themselves; token-id inputs get per-token relevance ``(B, T)``. ``target`` is the class index explained
+    per sample (``None`` when the target was a callable or the output has no class dimension).
+    """
+
+    output: Tensor
+    relevance: Tensor | tuple[Tensor, ...]
+    inputs: dict[str, Tensor]
+    layers: dict[str, Tensor]
+    target: Tensor | None
+
+
+@dataclass
+class Program:
+    """One compiled relevance program, valid for one input signature (dynamic dims within their ranges)."""
+
+    traced: Traced
+    plan: Plan
+    graph_module: fx.GraphModule
+    signature: Signature
+    target: TargetSpec
+    backend: str
+    run: Callable[..., tuple]
+    timings: dict[str, float] = field(default_factory=dict)
+    static: bool = False  # the relevance pass specialized a dynamic dim: only the traced shapes match
+    calls: int = 0
+
+    def bind(self, tensors: Sequence[Tensor]) -> dict[str, int] | None:
+        """Symbol values if ``tensors`` fit this program's shapes (and ranges), else ``None``."""
+        values: dict[str, int] = {}
+        exprs = []
+        for spec, t in zip(self.traced.inputs, tensors):
+            if t.dim() != len(spec.shape):
+                return None
+            for want, got in zip(spec.shape, t.shape):
+                if isinstance(want, int):
+                    if want != got:
+                        return None
+                elif want.isidentifier():
+                    if values.setdefault(want, got) != got:
+                        return None
+                else:
+                    exprs.append((want, got))
+        for sym, value in values.items():
+            lower, upper = self.traced.ranges.get(sym, (0, math.inf))
+            if not lower <= value <= upper:
+                return None
+            if self.static and self.traced_values.get(sym) != value:
+                return None
+        for expr, got in exprs:
+            if int(sympy.sympify(expr).subs(values)) != got:
+                return None
+        return values
+
+    @property
+    def traced_values(self) -> dict[str, int]:
+        return self.timings.get("_symbols", {})  # type: ignore[return-value]
+
+    def code(self) -> str:
+        """The generated relevance program as readable Python."""
+        return self.graph_module.print_readable(print_output=False)
+
+
+class Attributor:
+    """Explains a model with LRP. Create with :func:`compile`; call like the model, plus ``target=``.
+
+    Calling traces and compiles on the first call for each input signature (dtypes, device, ranks,
+    non-dynamic sizes, target mode); later calls with the same signature reuse the program. Dynamic
+    dimensions (batch; sequence length of token ids) reuse it across sizes where export allows.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        rules: str | Preset = "epsilon",
+        layers: Sequence[str] = (),
+        backend: str = "auto",
+        seed: str = "logit",
+        output: OutputSelector = None,
+        on_unsupported: str = "error",
+        dynamic: bool = True,
+        cache_size: int = 16,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"lrpc.compile expects an nn.Module, got {type(model).__name__}")
+        if on_unsupported not in ON_UNSUPPORTED:
+            raise LRPCError(f"on_unsupported must be one of {ON_UNSUPPORTED}, got {on_unsupported!r}")
+        for path in layers:
+            try:
+                model.get_submodule(path)
+            except AttributeError:
+                raise LRPCError(f"layers: {type(model).__name__} has no submodule '{path}'") from None
+        parse_target(None, seed)  # validates seed
+        self.model = model
+        self.preset = resolve_preset(rules)
+        self.layers = tuple(layers)
+        self.backend = backends.resolve(backend)
+        self.seed = seed
+        self.output = output
+        self.on_unsupported = on_unsupported
+        self.dynamic = dynamic
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple, list[Program]] = OrderedDict()
+        self.stats = {"traces": 0, "hits": 0, "calls": 0}
+        self._last: Program | None = None
+        self._last_conservation: tuple[Tensor, Tensor] | None = None
+
+    # -- calling -------------------------------------------------------------------------------
+    def __call__(self, *args: Any, target: Any = None, seed: str | None = None, **kwargs: Any) -> Attribution:
+        spec, index = parse_target(target, seed or self.seed)
+        program, tensors = self._program(args, kwargs, spec)
+        extra = []
+        if spec.mode == "index":
+            extra.append(index_tensor(index, self._batch(program, tensors), tensors[0].device))
+        start = time.perf_counter()
+        with torch.no_grad():
+            outs = program.run(*program.traced.state, *tensors, *extra)
+        elapsed = time.perf_counter() - start
+        program.timings.setdefault("first_call", elapsed)
+        program.timings["last_call"] = elapsed
+        program.calls += 1
+        self.stats["calls"] += 1
+        return self._result(program, tensors, outs)
+
+    def program(self, *args: Any, target: Any = None, seed: str | None = None, **kwargs: Any) -> Program:
+        """The compiled program that a call with these arguments runs (compiling it if needed)."""
+        spec, _ = parse_target(target, seed or self.seed)
+        return self._program(args, kwargs, spec)[0]
+
+    def graph_module(self, *args: Any, target: Any = None, **kwargs: Any) -> fx.GraphModule:
+        """The generated relevance program (forward + relevance pass) as an ``fx.GraphModule``."""
+        return self.program(*args, target=target, **kwargs).graph_module
+
+    def plan(self, *args: Any, target: Any = None, **kwargs: Any) -> Plan:
+        """The plan (rule per node, values kept) for a call with these arguments."""
+        return self.program(*args, target=target, **kwargs).plan
+
+    def report(self) -> "Report":
+        """Coverage, rules and timings of the most recently used program."""
+        from .report import Report
+
+        if self._last is None:
+            raise LRPCError("report() is available after the first call")
+        return Report.build(self.model, self._last, self._last_conservation)
+
+    # -- compiling -----------------------------------------------------------------------------
+    def _key(self, args: tuple, kwargs: dict, spec: TargetSpec) -> tuple[tuple, list[Tensor]]:
+        leaves, tree, _ = flatten_inputs(self.model, args, kwargs)
+        tensors = [x for x in leaves if isinstance(x, Tensor)]
+        if not tensors:
+            raise LRPCError("the call has no tensor inputs to explain")
+        constants = []
+        for x in leaves:
+            if not isinstance(x, Tensor):
+                try:
+                    hash(x)
+                except TypeError:
+                    raise LRPCError(
+                        f"non-tensor argument of type {type(x).__name__} is not hashable; lrpc bakes "
+                        "non-tensor arguments into the compiled program and caches on them"
+                    ) from None
+                constants.append((type(x).__name__, x))
+        key = (
+            str(tree),
+            tuple(constants),
+            tuple((t.dtype, t.device, t.dim()) for t in tensors),
+            spec,
+            ops.table_version(),
+        )
+        return key, tensors
+
+    def _program(self, args: tuple, kwargs: dict, spec: TargetSpec) -> tuple[Program, list[Tensor]]:
+        key, tensors = self._key(args, kwargs, spec)
+        for program in self._cache.get(key, []):
+            if program.bind(tensors) is not None:
+                self._cache.move_to_end(key)
+                self.stats["hits"] += 1
+                self._last = program
+                return program, tensors
+        program = self._compile(args, kwargs, spec)
+        self._cache.setdefault(key, []).append(program)
+        self._cache.move_to_end(key)
+        while sum(len(v) for v in self._cache.values()) > self.cache_size:
+            oldest = next(iter(self._cache))
+            self._cache[oldest].pop(0)
+            if not self._cache[oldest]:
+                del self._cache[oldest]
+        self._last = program
+        return program, tensors
+
+    def _compile(self, args: tuple, kwargs: dict, spec: TargetSpec) -> Program:
+        self.stats["traces"] += 1
+        traced = trace(self.model, args, kwargs, output=self.output, dynamic=self.dynamic)
+        start = time.perf_counter()
+        graph = canonicalize(traced.graph)
+        inputs = {s.name: n for s, n in zip(traced.inputs, traced.user_placeholders)}
+        the_plan = make_plan(graph, self.preset, inputs, layers=self.layers, on_unsupported=self.on_unsupported)
+        planned = time.perf_counter()
+        examples: list[Any] = [n.meta["val"] for n in graph.nodes if n.op == "placeholder"]
+        if spec.mode == "index":
+            examples.append(_index_example(graph, the_plan))
+        shape_env = _shape_env(examples)
+        before = _symbol_state(shape_env)
+        gm, signature = generate(the_plan, spec, examples)
+        static = _symbol_state(shape_env) != before
+        generated = time.perf_counter()
+        if self.backend == backends.INTERPRET:
+            run, _ = relevance_function(the_plan, spec)
+        else:
+            run = backends.get(self.backend)(gm)
+        symbols = _example_symbols(traced, args, kwargs, self.model)
+        timings: dict[str, Any] = {
+            "trace": traced.seconds,
+            "plan": planned - start,
+            "codegen": generated - planned,
+            "_symbols": symbols,
+        }
+        return Program(traced, the_plan, gm, signature, spec, self.backend, run, timings, static=static)
+
+    # -- results -------------------------------------------------------------------------------
+    def _batch(self, program: Program, tensors: list[Tensor]) -> int:
+        out = program.plan.graph.find_nodes(op="output")[0].args[0][0].meta["val"]
+        if out.dim() == 0:
+            return 1
+        size = out.shape[0]
+        if isinstance(size, int):
+            return size
+        values = program.bind(tensors) or {}
+        return int(sympy.sympify(str(size.node.expr)).subs(values))
+
+    def _result(self, program: Program, tensors: list[Tensor], outs: tuple) -> Attribution:
+        sig = program.signature
+        output, used_index = outs[0], outs[1]
+        rel_values = outs[2 : 2 + len(sig.relevance_names)]
+        layer_values = outs[2 + len(sig.relevance_names) :]
+        name_to_tensor = dict(zip(sig.input_names, tensors))
+        inputs: dict[str, Tensor] = {}
+        for name, r in zip(sig.relevance_names, rel_values):
+            t = name_to_tensor[name]
+            if r is None:
+                if not t.is_floating_point():
+                    continue
+                r = torch.zeros_like(t)
+            inputs[name] = r
+        layers = {
+            path: (r if r is not None else torch.zeros(()))
+            for path, r in zip(sig.layer_names, layer_values)
+        }
+        values = tuple(inputs.values())
+        self._last_conservation = (
+            sum(v.sum() for v in values) if values else output.new_zeros(()),
+            _seed_total(output, used_index, program.target),
+        )
+        return Attribution(
+            output=output,
+            relevance=values[0] if len(values) == 1 else values,
+            inputs=inputs,
+            layers=layers,
+            target=used_index,
+        )
+
+
+def _seed_total(output: Tensor, index: Tensor | None, spec: TargetSpec) -> Tensor:
+    """The total relevance put in at the output (for the conservation line of the report)."""
+    if spec.mode == "callable":
+        return output.new_tensor(float("nan"))
+    if index is None:
+        return output.sum() if spec.seed == "logit" else output.new_tensor(float(output.numel()))
+    if spec.seed == "one":
+        return output.new_tensor(float(index.numel()))
+    scores = output[:, -1] if output.dim() == 3 else output
+    return scores.gather(-1, index.unsqueeze(-1)).sum()
+
+
+def _index_example(graph: fx.Graph, the_plan: Plan) -> Tensor:
+    out = next(n for n in graph.nodes if n.name == the_plan.output).meta["val"]
+    fake_mode = out.fake_mode
+    with fake_mode:
+        return torch.empty(out.shape[0] if out.dim() else 1, dtype=torch.long, device=out.device)
+
+
+def _shape_env(examples: list[Any]) -> Any:
+    for val in examples:
+        mode = getattr(val, "fake_mode", None)
+        if mode is not None and mode.shape_env is not None:
+            return mode.shape_env
+    return None
+
+
+def _symbol_state(shape_env: Any) -> Any:
+    """What the relevance tracing could have narrowed: replacements and value ranges of the symbols."""
+    if shape_env is None:
+        return None
+    return (
+        {str(k): str(v) for k, v in shape_env.replacements.items()},
+        {str(k): str(v) for k, v in shape_env.var_to_range.items()},
+    )
+
+
+def _example_symbols(traced: Traced, args: tuple, kwargs: dict, model: nn.Module) -> dict[str, int]:
+    leaves, _, _ = flatten_inputs(model, args, kwargs)
+    tensors = [x for x in leaves if isinstance(x, Tensor)]
+    values: dict[str, int] = {}
+    for spec, t in zip(traced.inputs, tensors):
+        for want, got in zip(spec.shape, t.shape):
+            if isinstance(want, str) and want.isidentifier():
+                values[want] = got
+    return values
+
+
+def compile(
+    model: nn.Module,
+    *,
+    rules: str | Preset = "epsilon",
+    layers: Sequence[str] = (),
+    backend: str = "auto",
+    seed: str = "logit",
+    output: OutputSelector = None,
+    on_unsupported: str = "error",
+    dynamic: bool = True,
+    cache_size: int = 16,
+) -> Attributor:
+    """Prepare ``model`` for LRP explanations. Nothing is traced until the first call.
+
+    Args:
+        model: any ``nn.Module`` that ``torch.export`` can trace (non-strict). It is never modified; a
+            model in training mode is explained in eval semantics, with a warning.
+        rules: a preset name (``"epsilon"``, ``"lrp0"``) or an :class:`lrpc.presets.Preset`.
+        layers: module paths whose output relevance is returned too (``res.layers``), same pass.
+        backend: ``"auto"`` (Inductor), ``"inductor"``, ``"eager"`` (the generated program as is) or
+            ``"interpret"`` (the rules run eagerly without tracing: the reference).
+        seed: ``"logit"`` puts the selected output value in as relevance; ``"one"`` puts in 1.0.
+        output: which model output to explain: a callable on the output, an index or a key/attribute
+            name; default the first tensor (``logits`` for Hugging Face models).
+        on_unsupported: ``"error"`` raises :class:`lrpc.UnsupportedOperatorError` for an op with no
+            rule; ``"warn"`` routes relevance through its gradient, warns, and records the fallback.
+        dynamic: mark the batch (and token sequence) dimension dynamic where export allows.
+        cache_size: how many compiled programs to keep (least recently used are dropped).
+    """
+    return Attributor(
+        model,
+        rules=rules,
+        layers=layers,
+        backend=backend,
+        seed=seed,
+        output=output,
+        on_unsupported=on_unsupported,
+        dynamic=dynamic,
+        cache_size=cache_size,
+    )

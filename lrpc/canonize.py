@@ -1,0 +1,159 @@
+"""Canonicalization: graph passes that put the traced graph in the form the rules expect.
+
+Each pass takes an ``fx.Graph`` and returns it (rewritten in place), in the style of ``torch.fx`` passes:
+
+* :func:`fold_batch_norm`: an eval-mode batch norm right after a convolution or linear layer becomes
+  part of that layer (weights and bias folded in the graph, so gamma-style rules see the folded weights);
+* :func:`freeze_normalizers`: in ``x * s`` where ``s`` is a statistic of ``x`` (``rsqrt(mean(x²) + eps)``
+  in a hand-written RMSNorm, ``1/std`` in a decomposed layer norm), ``s`` is marked constant, so the
+  normalization passes relevance like the composite norm ops do (AttnLRP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from .ops import Family, lookup
+from .tracing import module_stack
+
+aten = torch.ops.aten
+
+#: Marks tensor arguments (by schema name) that a node treats as constants.
+FROZEN_META = "lrpc_frozen_args"
+#: Module paths whose output a rewritten node now produces (batch norm folded into a conv).
+FUSED_META = "lrpc_fused_modules"
+
+_BATCH_NORM = (aten._native_batch_norm_legit_no_training.default,)
+
+
+def canonicalize(graph: fx.Graph) -> fx.Graph:
+    """All canonicalization passes, in order."""
+    graph = fold_batch_norm(graph)
+    graph = freeze_normalizers(graph)
+    graph.eliminate_dead_code()
+    graph.lint()
+    return graph
+
+
+def _insert(graph: fx.Graph, op: Callable, args: tuple, meta_from: fx.Node) -> fx.Node:
+    """Insert ``op(*args)`` with ``meta['val']`` computed on the fake values of its arguments."""
+    node = graph.call_function(op, args)
+    node.meta.update({k: v for k, v in meta_from.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    vals = fx.node.map_arg(args, lambda n: n.meta["val"])
+    fake_mode = meta_from.meta["val"].fake_mode if hasattr(meta_from.meta["val"], "fake_mode") else None
+    with fake_mode if fake_mode is not None else contextlib.nullcontext():
+        node.meta["val"] = op(*vals)
+    return node
+
+
+def fold_batch_norm(graph: fx.Graph) -> fx.Graph:
+    """Fold ``batch_norm(conv(x, W, b))`` into ``conv(x, W * s, (b - mean) * s + beta)`` with
+    ``s = gamma / sqrt(var + eps)``, for convolutions and rank-2 linear layers whose only user is the
+    batch norm. The folding arithmetic runs on the parameters inside the graph."""
+    for bn in list(graph.nodes):
+        if bn.op != "call_function" or bn.target not in _BATCH_NORM:
+            continue
+        layer, gamma, beta, mean, var, _momentum, eps = bn.args
+        if not _foldable(layer):
+            continue
+        outs = [u for u in bn.users if u.target is operator.getitem and u.args[1] == 0]
+        if len(outs) != 1 or len(bn.users) != 1:
+            continue
+        (out,) = outs
+        with graph.inserting_before(layer):
+            scale = _insert(graph, aten.rsqrt.default, (_insert(graph, aten.add.Tensor, (var, eps), bn),), bn)
+            if gamma is not None:
+                scale = _insert(graph, aten.mul.Tensor, (scale, gamma), bn)
+            weight = layer.args[1]
+            rank = len(weight.meta["val"].shape)
+            col = _insert(graph, aten.view.default, (scale, [-1] + [1] * (rank - 1)), bn)
+            new_weight = _insert(graph, aten.mul.Tensor, (weight, col), bn)
+            bias = layer.args[2] if len(layer.args) > 2 else None
+            shift = mean if bias is None else _insert(graph, aten.sub.Tensor, (mean, bias), bn)
+            new_bias = _insert(graph, aten.neg.default, (_insert(graph, aten.mul.Tensor, (shift, scale), bn),), bn)
+            if beta is not None:
+                new_bias = _insert(graph, aten.add.Tensor, (new_bias, beta), bn)
+        args = list(layer.args)
+        args[1] = new_weight
+        if len(args) > 2:
+            args[2] = new_bias
+        else:
+            args.append(new_bias)
+        layer.args = tuple(args)
+        layer.meta["val"] = out.meta["val"]
+        layer.meta[FUSED_META] = layer.meta.get(FUSED_META, []) + _paths(bn)
+        out.replace_all_uses_with(layer)
+        graph.erase_node(out)
+        graph.erase_node(bn)
+    return graph
+
+
+def _foldable(layer: Any) -> bool:
+    if not isinstance(layer, fx.Node) or layer.op != "call_function" or len(layer.users) != 1:
+        return False
+    if layer.target is aten.convolution.default:
+        return not layer.args[6]  # not transposed
+    if layer.target is aten.linear.default:
+        return len(layer.meta["val"].shape) == 2
+    return False
+
+
+def _paths(node: fx.Node) -> list[str]:
+    stack = module_stack(node)
+    return [stack[-1][0]] if stack else []
+
+
+_STATISTICS = {
+    aten.mean.dim, aten.mean.default, aten.sum.dim_IntList, aten.sum.default, aten.var.correction,
+    aten.var.dim, aten.std.correction, aten.var_mean.correction, aten.linalg_vector_norm.default,
+    aten.amax.default,
+}
+_ELEMENTWISE = {Family.PASS, Family.ROUTE, Family.SCALE, Family.SUM}
+
+
+def _chain(node: Any, limit: int = 12) -> list[fx.Node]:
+    """``node`` and what it was computed from through elementwise and routing ops (first tensor arg)."""
+    out = []
+    while isinstance(node, fx.Node) and len(out) < limit:
+        out.append(node)
+        if node.op != "call_function":
+            break
+        if node.target in _STATISTICS:
+            break
+        spec = lookup(node.target)
+        if spec is None or spec.family not in _ELEMENTWISE:
+            break
+        node = next((a for a in node.args if isinstance(a, fx.Node)), None)
+    return out
+
+
+def _statistic_of(s: fx.Node, x: fx.Node) -> bool:
+    """Whether ``s`` is a broadcast statistic (a reduction, then elementwise ops) of what ``x`` comes from."""
+    sv, xv = s.meta.get("val"), x.meta.get("val")
+    if not isinstance(sv, torch.Tensor) or not isinstance(xv, torch.Tensor) or sv.numel() >= xv.numel():
+        return False
+    reduction = next((n for n in _chain(s) if n.op == "call_function" and n.target in _STATISTICS), None)
+    if reduction is None:
+        return False
+    sources = set(_chain(reduction.args[0]))
+    return any(n in sources for n in _chain(x))
+
+
+def freeze_normalizers(graph: fx.Graph) -> fx.Graph:
+    """Mark the statistic factor of ``x * s`` (see the module docstring) as a constant argument."""
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not aten.mul.Tensor:
+            continue
+        a, b = node.args[0], node.args[1]
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+            continue
+        if _statistic_of(b, a):
+            node.meta[FROZEN_META] = frozenset({"other"})
+        elif _statistic_of(a, b):
+            node.meta[FROZEN_META] = frozenset({"self"})
+    return graph

@@ -1,0 +1,207 @@
+"""Codegen: turn a :class:`~lrpc.planning.Plan` into the relevance program.
+
+:func:`relevance_function` builds a plain Python function that runs the forward graph, seeds the output
+and applies every planned rule in order; run on real tensors it is the reference ("interpret"). Traced with
+``make_fx`` on the traced graph's fake inputs (:func:`generate`), it becomes one flat aten
+``fx.GraphModule``: forward plus relevance pass, dynamic dimensions kept symbolic, every relevance node
+annotated with the rule and forward node it comes from.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.fx.traceback as fx_traceback
+import torch.utils._pytree as pytree
+from torch import Tensor
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from .ops import SIDE_EFFECT_OPS, lookup
+from .planning import Plan, Step, bind
+from .rules import Operation
+from .targets import TargetSpec, seed_relevance
+
+RULE_META = "lrpc_rule"  # node.meta["custom"][RULE_META] on relevance nodes: "<Rule> at <forward node>"
+
+
+@dataclass(frozen=True)
+class Signature:
+    """How the program is called and what it returns, in order."""
+
+    n_state: int
+    input_names: tuple[str, ...]  # user inputs (all tensors), in placeholder order
+    takes_index: bool
+    relevance_names: tuple[str, ...]  # explained inputs with a relevance output
+    layer_names: tuple[str, ...]
+
+
+def relevance_function(plan: Plan, target: TargetSpec) -> tuple[Callable[..., tuple], Signature]:
+    """The program as a Python function of ``(*state, *inputs[, index])`` returning
+    ``(output, index_or_None, *input_relevances, *layer_relevances)``."""
+    graph = plan.graph
+    nodes = list(graph.nodes)
+    by_name = {n.name: n for n in nodes}
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    input_nodes = {name: by_name[node] for name, node in plan.inputs.items()}
+    n_state = len(placeholders) - len(input_nodes)
+    steps = {s.node: s for s in plan.steps}
+    layer_of = {node: path for path, node in plan.layers.items()}
+    explained = by_name[plan.output]
+
+    def program(*args: Tensor) -> tuple:
+        env: dict[fx.Node, Any] = dict(zip(placeholders, args))
+        index = args[len(placeholders)] if target.mode == "index" else None
+        for node in nodes:
+            if node.op != "call_function" or node.target in SIDE_EFFECT_OPS:
+                continue
+            call_args, call_kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
+            with fx_traceback.set_current_meta(node):
+                env[node] = node.target(*call_args, **call_kwargs)
+        output = env[explained]
+        seed, used_index = seed_relevance(output, target, index)
+
+        relevance: dict[fx.Node, Any] = {explained: seed}
+        layers: dict[str, Tensor] = {}
+        for node in reversed(nodes):
+            r = relevance.pop(node, None) if node.op != "placeholder" else relevance.get(node)
+            if r is None:
+                continue
+            if node.name in layer_of:
+                layers[layer_of[node.name]] = r
+            if node.op != "call_function":
+                continue
+            if node.target is operator.getitem:
+                _accumulate_slot(relevance, node.args[0], node.args[1], r)
+                continue
+            step = steps[node.name]
+            with fx_traceback.set_current_meta(node), _annotate(step):
+                op, tensor_inputs = _operation(node, env, step)
+                results = step.rule(op, r)
+            for (_, inp), res in zip(tensor_inputs, results):
+                if res is not None and inp.name in step.receivers:
+                    _accumulate(relevance, inp, res)
+        outs: list[Any] = [output, used_index]
+        for name, node in input_nodes.items():
+            outs.append(relevance.get(node))
+        for path in plan.layers:
+            outs.append(layers.get(path))
+        return tuple(outs)
+
+    signature = Signature(
+        n_state=n_state,
+        input_names=tuple(input_nodes),
+        takes_index=target.mode == "index",
+        relevance_names=tuple(input_nodes),
+        layer_names=tuple(plan.layers),
+    )
+    return program, signature
+
+
+def _accumulate(relevance: dict[fx.Node, Any], node: fx.Node, value: Tensor) -> None:
+    """Relevance reaching a value from several consumers is summed."""
+    prev = relevance.get(node)
+    relevance[node] = value if prev is None else prev + value
+
+
+def _accumulate_slot(relevance: dict[fx.Node, Any], parent: fx.Node, slot: int, value: Tensor) -> None:
+    outputs = parent.meta["val"]
+    slots = list(relevance.get(parent) or [None] * len(outputs))
+    slots[slot] = value if slots[slot] is None else slots[slot] + value
+    relevance[parent] = slots
+
+
+def _operation(node: fx.Node, env: dict[fx.Node, Any], step: Step) -> tuple[Operation, list[tuple[str, fx.Node]]]:
+    """Bind a node and its forward values into the :class:`Operation` its rule sees."""
+    names, tensor_inputs = bind(node)
+    leaves, spec = pytree.tree_flatten((node.args, node.kwargs))
+    slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, fx.Node) and isinstance(leaf.meta.get("val"), Tensor)]
+    values = [env[leaf] if isinstance(leaf, fx.Node) else leaf for leaf in leaves]
+    op_spec = lookup(node.target)
+    target = op_spec.impl if op_spec is not None and op_spec.impl is not None else node.target
+
+    def fn(*tensors: Tensor) -> Any:
+        filled = list(values)
+        for slot, t in zip(slots, tensors):
+            filled[slot] = t
+        args, kwargs = pytree.tree_unflatten(filled, spec)
+        return target(*args, **kwargs)
+
+    bound = {k: fx.node.map_arg(v, lambda n: env[n]) for k, v in names.items()}
+    output = env[node]
+    linear_map = None
+    if op_spec is not None and op_spec.linearize is not None and step.family == "norm":
+        linear_map = op_spec.linearize(bound, output)
+    op = Operation(
+        fn=fn,
+        inputs=tuple(env[t] for _, t in tensor_inputs),
+        output=output,
+        relevant=tuple(t.name in step.receivers for _, t in tensor_inputs),
+        dim=op_spec.dim(bound) if op_spec is not None and op_spec.dim is not None else None,
+        linear_map=linear_map,
+    )
+    return op, tensor_inputs
+
+
+def _annotate(step: Step) -> Any:
+    label = f"{step.rule.name} at {step.node}" + (f" ({step.module})" if step.module else "")
+    annotate = getattr(fx_traceback, "annotate", None)
+    if annotate is None:  # older torch: the program still works, only unannotated
+        import contextlib
+
+        return contextlib.nullcontext()
+    return annotate({RULE_META: label})
+
+
+def generate(plan: Plan, target: TargetSpec, example_inputs: list[Any]) -> tuple[fx.GraphModule, Signature]:
+    """Trace the relevance function into one aten ``GraphModule``.
+
+    ``example_inputs`` are the traced graph's placeholder values (fake tensors, dynamic dimensions
+    symbolic) followed by an index tensor when the target mode takes one.
+    """
+    program, signature = relevance_function(plan, target)
+    with fx_traceback.preserve_node_meta(), torch.no_grad():
+        gm = make_fx(program, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example_inputs)
+    eliminate_common_subexpressions(gm.graph)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm, signature
+
+
+def eliminate_common_subexpressions(graph: fx.Graph) -> fx.Graph:
+    """Merge identical pure calls: the rules' VJPs recompute forward ops that the forward already has."""
+    seen: dict[Any, fx.Node] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_function" or _impure(node):
+            continue
+        try:
+            key = (node.target, _freeze(node.args), _freeze(node.kwargs))
+            hash(key)
+        except TypeError:
+            continue
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            graph.erase_node(node)
+        else:
+            seen[key] = node
+    return graph
+
+
+def _impure(node: fx.Node) -> bool:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags
+    return target is not operator.getitem and not getattr(target, "__module__", "").startswith("_operator")
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        return (type(value), str(value))
+    return value

@@ -1,0 +1,272 @@
+"""Planning: decide statically, for every node of the canonical graph, whether relevance reaches it, which
+rule it gets, which inputs receive relevance and which forward values the rule needs.
+
+This is where DynamicLRP's "promises" are resolved: because every forward value is a named node, a rule's
+needs are known before anything runs. The plan is a plain, printable object; codegen follows it exactly.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from .canonize import FROZEN_META, FUSED_META
+from .errors import LRPCError, RuleError, UnsupportedOperatorError
+from .ops import SIDE_EFFECT_OPS, Family, OpSpec, arg_names, lookup
+from .presets import Preset
+from .rules import Gradient, Rule
+from .tracing import module_path, module_stack
+
+
+@dataclass(frozen=True)
+class Step:
+    """The rule applied at one forward node."""
+
+    node: str
+    op: str
+    family: str
+    rule: Rule
+    receivers: tuple[str, ...]  # forward nodes that get relevance from this step
+    reads: tuple[str, ...]  # forward values the rule needs: kept alive for the relevance pass
+    module: str
+    fallback: bool = False
+
+
+@dataclass
+class Plan:
+    """Which rule runs where, in the order the relevance pass runs (reverse topological)."""
+
+    graph: fx.Graph
+    preset: Preset
+    steps: list[Step]
+    output: str
+    inputs: dict[str, str]  # explained input name -> placeholder node
+    layers: dict[str, str]  # module path -> node whose relevance is reported
+    node_count: int = 0
+    op_counts: Counter = field(default_factory=Counter)
+
+    @property
+    def kept(self) -> list[str]:
+        """Forward values the relevance pass reads (everything else can be freed after the forward)."""
+        seen: dict[str, None] = {}
+        for step in self.steps:
+            for name in step.reads:
+                seen.setdefault(name, None)
+        return list(seen)
+
+    @property
+    def fallbacks(self) -> list[Step]:
+        return [s for s in self.steps if s.fallback]
+
+    @property
+    def coverage(self) -> float:
+        """Share of relevance-carrying nodes whose rule is a real one (not a gradient fallback)."""
+        return 1.0 if not self.steps else 1.0 - len(self.fallbacks) / len(self.steps)
+
+    def rules_by_op(self) -> dict[str, Counter]:
+        table: dict[str, Counter] = {}
+        for step in self.steps:
+            table.setdefault(step.op, Counter())[step.rule.name + (" (fallback)" if step.fallback else "")] += 1
+        return table
+
+    def __str__(self) -> str:
+        lines = [f"Plan: preset {self.preset.name}, {len(self.steps)} rule steps over {self.node_count} nodes"]
+        lines.append(f"  explained output: {self.output}")
+        lines.append(f"  explained inputs: " + ", ".join(f"{k} ({v})" for k, v in self.inputs.items()))
+        if self.layers:
+            lines.append("  layers: " + ", ".join(f"{k} -> {v}" for k, v in self.layers.items()))
+        width = max([len(s.node) for s in self.steps] + [4])
+        for s in self.steps:
+            extra = " FALLBACK" if s.fallback else ""
+            lines.append(
+                f"  {s.node:<{width}}  {s.op:<40} {s.rule.name:<28} -> {', '.join(s.receivers) or '-'}"
+                f"   reads [{', '.join(s.reads)}]  {s.module}{extra}"
+            )
+        lines.append(f"  kept for the relevance pass: {', '.join(self.kept)}")
+        return "\n".join(lines)
+
+
+def op_name(node: fx.Node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    return getattr(target, "__qualname__", None) or str(target)
+
+
+def bind(node: fx.Node) -> tuple[dict[str, Any], list[tuple[str, fx.Node]]]:
+    """The node's arguments by schema name, and every tensor-valued argument as ``(name, node)``."""
+    names = arg_names(node.target, len(node.args))
+    args = dict(zip(names, node.args))
+    args.update(node.kwargs)
+    tensors = []
+    for name, value in args.items():
+        for leaf in pytree.tree_leaves(value):
+            if isinstance(leaf, fx.Node) and isinstance(leaf.meta.get("val"), torch.Tensor):
+                tensors.append((name, leaf))
+    return args, tensors
+
+
+def _is_float(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    if isinstance(val, (tuple, list)):
+        return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in val)
+    return isinstance(val, torch.Tensor) and val.is_floating_point()
+
+
+def _is_int(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    vals = val if isinstance(val, (tuple, list)) else [val]
+    return any(isinstance(v, torch.Tensor) and not v.is_floating_point() and v.dtype != torch.bool for v in vals)
+
+
+def frozen_args(node: fx.Node, spec: OpSpec | None) -> frozenset[str]:
+    return (spec.frozen if spec else frozenset()) | node.meta.get(FROZEN_META, frozenset())
+
+
+def carriers(graph: fx.Graph, inputs: Sequence[fx.Node]) -> set[fx.Node]:
+    """Nodes that can carry relevance: float values computed from a float input, and integer values
+    (token ids) moved by routing ops. An int -> float conversion (a mask turned into a bias) starts a
+    constant, so attention masks never receive relevance; embeddings turn ids into relevance sinks."""
+    carry: set[fx.Node] = {n for n in inputs if _is_float(n) or _is_int(n)}
+    for node in graph.nodes:
+        if node.op != "call_function" or node in carry:
+            continue
+        if node.target is operator.getitem:
+            parent = node.args[0]
+            if parent in carry and (_is_float(node) or (_is_int(node) and _family(parent) is Family.ROUTE)):
+                carry.add(node)
+            continue
+        spec = lookup(node.target)
+        _, tensors = bind(node)
+        frozen = frozen_args(node, spec)
+        live = [(name, t) for name, t in tensors if t in carry and name not in frozen]
+        if not live:
+            continue
+        if spec is not None and spec.family is Family.EMBEDDING:
+            carry.add(node)
+        elif _is_float(node) and any(_is_float(t) for _, t in live):
+            carry.add(node)
+        elif _is_int(node) and spec is not None and spec.family is Family.ROUTE:
+            carry.add(node)
+    return carry
+
+
+def _family(node: fx.Node) -> Family | None:
+    spec = lookup(node.target) if node.op == "call_function" else None
+    return spec.family if spec else None
+
+
+def plan(
+    graph: fx.Graph,
+    preset: Preset,
+    inputs: dict[str, fx.Node],
+    *,
+    layers: Sequence[str] = (),
+    on_unsupported: str = "error",
+) -> Plan:
+    """Walk ``graph`` in reverse topological order and assign a rule to every node relevance reaches."""
+    carry = carriers(graph, list(inputs.values()))
+    output_node = next(n for n in graph.nodes if n.op == "output")
+    explained = output_node.args[0][0] if isinstance(output_node.args[0], (tuple, list)) else output_node.args[0]
+    if explained not in carry:
+        raise LRPCError(
+            "the explained output does not depend on any floating-point input or embedded token id, "
+            "so no relevance can reach the inputs"
+        )
+    reached = {explained}
+    steps: list[Step] = []
+    for node in reversed(list(graph.nodes)):
+        if node not in reached or node.op != "call_function":
+            continue
+        if node.target is operator.getitem:
+            reached.add(node.args[0])
+            continue
+        steps.append(_step(node, preset, carry, reached, on_unsupported))
+    layer_nodes = {path: find_layer_output(graph, path).name for path in layers}
+    call_nodes = [n for n in graph.nodes if n.op == "call_function" and n.target not in SIDE_EFFECT_OPS]
+    return Plan(
+        graph=graph,
+        preset=preset,
+        steps=steps,
+        output=explained.name,
+        inputs={name: node.name for name, node in inputs.items()},
+        layers=layer_nodes,
+        node_count=len(call_nodes),
+        op_counts=Counter(op_name(n) for n in call_nodes),
+    )
+
+
+def _step(node: fx.Node, preset: Preset, carry: set[fx.Node], reached: set[fx.Node], on_unsupported: str) -> Step:
+    spec = lookup(node.target)
+    args, tensors = bind(node)
+    frozen = frozen_args(node, spec)
+    relevant = [(name, t) for name, t in tensors if t in carry and name not in frozen]
+    module = module_path(node)
+    fallback = False
+    if spec is None:
+        if on_unsupported == "error":
+            val = node.meta.get("val")
+            raise UnsupportedOperatorError(op_name(node), node.name, module, getattr(val, "shape", None))
+        warnings.warn(
+            f"lrpc: no LRP rule for {op_name(node)} at node '{node.name}' (module '{module}'); "
+            "relevance is routed through its gradient (Gradient rule)",
+            stacklevel=4,
+        )
+        family, rule, fallback = Family.GRADIENT, Gradient(), True
+    else:
+        family = spec.family_for({name for name, _ in relevant}, args)
+        rule = spec.rule if spec.rule is not None else preset.rule_for(family)
+    if rule.unary and len(relevant) != 1:
+        raise RuleError(
+            f"{rule.name} needs exactly one relevant input, but {op_name(node)} at node '{node.name}' "
+            f"(module '{module}') has {len(relevant)}"
+        )
+    receivers = _receivers(family, relevant)
+    for t in receivers:
+        reached.add(t)
+    reads: list[str] = []
+    if "inputs" in rule.reads:
+        reads += [t.name for _, t in tensors]
+    if "output" in rule.reads:
+        reads.append(node.name)
+    return Step(
+        node=node.name,
+        op=op_name(node),
+        family=family.value,
+        rule=rule,
+        receivers=tuple(dict.fromkeys(t.name for t in receivers)),
+        reads=tuple(dict.fromkeys(reads)),
+        module=module,
+        fallback=fallback,
+    )
+
+
+def _receivers(family: Family, relevant: list[tuple[str, fx.Node]]) -> list[fx.Node]:
+    if family is Family.EMBEDDING:
+        return [t for name, t in relevant if name == "indices"]
+    if family is Family.NORM:
+        return [t for name, t in relevant if name == "input"]
+    return [t for _, t in relevant]
+
+
+def find_layer_output(graph: fx.Graph, path: str) -> fx.Node:
+    """The value a module returns: the last node created inside it that is used outside it."""
+
+    def inside(n: fx.Node) -> bool:
+        return any(p == path for p, _ in module_stack(n)) or path in n.meta.get(FUSED_META, ())
+
+    members = [n for n in graph.nodes if n.op == "call_function" and inside(n)]
+    outputs = [n for n in members if _is_float(n) and any(not inside(u) for u in n.users)]
+    if not outputs:
+        raise LRPCError(
+            f"layer '{path}' has no output in the traced graph: it is not called in forward, or its result "
+            "is not used by the explained output"
+        )
+    return outputs[-1]

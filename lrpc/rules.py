@@ -1,0 +1,272 @@
+"""LRP rules: small pure functions from forward values and output relevance to input relevances.
+
+A rule sees one forward operation as an :class:`Operation` (the op as a function of its tensor
+arguments, their values, its output) and the relevance ``R`` that arrived at the output. It returns
+one relevance per tensor argument (``None`` where none flows). Rules are written with ordinary torch
+ops: run on real tensors they are the reference; traced by ``make_fx`` they become the relevance
+program. Notation: ``x`` the inputs, ``z`` the output, ``J_i`` the Jacobian of ``z`` w.r.t. ``x_i``,
+``⊙``/``⊘`` elementwise product/division, ``stab(z) = z + eps * sign(z)`` with ``sign(0) = +1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import RuleError
+
+Relevances = tuple[Tensor | None, ...]
+
+
+def stabilize(z: Tensor, eps: float) -> Tensor:
+    """``z + eps * sign(z)`` with ``sign(0) = +1``: moves the denominator away from zero."""
+    if eps == 0:
+        return z
+    return z + eps * ((z >= 0).to(z.dtype) * 2 - 1)
+
+
+def divide(numerator: Tensor, denominator: Tensor, eps: float) -> Tensor:
+    """``numerator ⊘ stab(denominator)``; with ``eps == 0``, ``0/0`` (and ``x/0``) are taken as 0."""
+    if eps == 0:
+        zero = denominator == 0
+        return torch.where(zero, 0.0, numerator / torch.where(zero, 1.0, denominator))
+    return numerator / stabilize(denominator, eps)
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One forward operation as a rule sees it.
+
+    ``fn(*inputs)`` recomputes the op (non-tensor arguments are bound); ``inputs`` are the values of
+    its tensor arguments in order; ``output`` is the forward result (a tuple for multi-output ops);
+    ``relevant[i]`` says whether input ``i`` can receive relevance (it depends on an explained input
+    and the op does not treat it as a constant); ``linear_map``, where the op table provides one, is
+    the op with its normalizing statistics frozen, and ``dim`` the dimension an op like softmax works
+    along (both supplied by :mod:`lrpc.ops`).
+    """
+
+    fn: Callable[..., Any]
+    inputs: tuple[Tensor, ...]
+    output: Any
+    relevant: tuple[bool, ...]
+    dim: int | None = None
+    linear_map: Callable[[Tensor], Tensor] | None = None
+
+    @property
+    def z(self) -> Tensor:
+        """The main (first) output."""
+        return self.output[0] if isinstance(self.output, (tuple, list)) else self.output
+
+    def vjp(self, cotangent: Any, inputs: Sequence[Tensor] | None = None) -> Relevances:
+        """``J_iᵀ cotangent`` for every relevant input ``i`` (``None`` for the others).
+
+        ``inputs`` replaces the argument values (modified weights, clamped inputs); the Jacobian is taken
+        at those values. Integer inputs (token ids routed by views) are differentiated as floats.
+        """
+        values = list(self.inputs if inputs is None else inputs)
+        index = [i for i, r in enumerate(self.relevant) if r]
+        dtype = _cotangent_dtype(cotangent)
+        primals = [values[i] if values[i].is_floating_point() else values[i].to(dtype) for i in index]
+        multi = isinstance(self.output, (tuple, list))
+        float_outputs = [i for i, o in enumerate(_as_tuple(self.output)) if _is_float_tensor(o)]
+
+        def fn(*args: Tensor) -> Any:
+            full = list(values)
+            for i, a in zip(index, args):
+                full[i] = a
+            out = self.fn(*full)
+            return tuple(out[i] for i in float_outputs) if multi else out
+
+        _, pullback = torch.func.vjp(fn, *primals)
+        if multi:
+            cots = _as_tuple(cotangent)
+            outs = _as_tuple(self.output)
+            cotangent = tuple(
+                cots[i] if i < len(cots) and cots[i] is not None else torch.zeros_like(outs[i])
+                for i in float_outputs
+            )
+        grads = pullback(cotangent)
+        result: list[Tensor | None] = [None] * len(values)
+        for i, g in zip(index, grads):
+            result[i] = g
+        return tuple(result)
+
+
+def _as_tuple(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _is_float_tensor(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.is_floating_point()
+
+
+def _cotangent_dtype(cotangent: Any) -> torch.dtype:
+    for c in _as_tuple(cotangent):
+        if isinstance(c, Tensor):
+            return c.dtype
+    return torch.get_default_dtype()
+
+
+def _main(R: Any) -> Tensor:
+    """The relevance of the main output of a (possibly multi-output) op."""
+    return R[0] if isinstance(R, (tuple, list)) else R
+
+
+def _times_inputs(op: Operation, grads: Relevances, scale: float = 1.0) -> Relevances:
+    return tuple(
+        None if g is None else (x * g if scale == 1.0 else scale * x * g) for x, g in zip(op.inputs, grads)
+    )
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Base class: a configured LRP rule. Subclasses document their equation.
+
+    ``reads`` names the forward values the rule needs (``"inputs"``, ``"output"``): the planner
+    keeps exactly those alive for the relevance pass (the statically resolved "promises").
+    """
+
+    reads: ClassVar[frozenset[str]] = frozenset({"inputs", "output"})
+    #: Rules that only make sense for ops with a single relevant input (Pass) say so here.
+    unary: ClassVar[bool] = False
+
+    @property
+    def name(self) -> str:
+        return repr(self)
+
+    def __call__(self, op: Operation, R: Any) -> Relevances:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Epsilon(Rule):
+    """LRP-epsilon: ``R_i = x_i ⊙ J_iᵀ (R ⊘ stab(z))`` for every relevant input ``x_i``.
+
+    For a layer ``z = W x + b`` this is ``R_x = x ⊙ Wᵀ (R ⊘ stab(z))``; for ``z = a + b`` the signed
+    proportional split ``R_a = a ⊘ stab(a + b) ⊙ R``. Constants (biases) absorb their share.
+    ``eps = 0`` is LRP-0, which equals gradient x input on ReLU networks.
+    """
+
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.eps < 0:
+            raise RuleError(f"Epsilon: eps must be >= 0, got {self.eps}")
+
+    def __call__(self, op: Operation, R: Any) -> Relevances:
+        if op.linear_map is not None:  # normalization with frozen statistics
+            return _linearized(op, _main(R), self.eps)
+        return _times_inputs(op, op.vjp(divide(_main(R), op.z, self.eps)))
+
+
+def _linearized(op: Operation, R: Tensor, eps: float) -> Relevances:
+    """Epsilon through ``op.linear_map`` (the op with its statistics held constant)."""
+    x = op.inputs[0]
+    assert op.linear_map is not None
+    _, pullback = torch.func.vjp(op.linear_map, x)
+    (g,) = pullback(divide(R, op.z, eps))
+    return (x * g,) + (None,) * (len(op.inputs) - 1)
+
+
+@dataclass(frozen=True)
+class Pass(Rule):
+    """Identity: ``R_x = R``. For elementwise nonlinearities (ReLU, GELU, SiLU, tanh, ...)."""
+
+    reads: ClassVar[frozenset[str]] = frozenset()
+    unary: ClassVar[bool] = True
+
+    def __call__(self, op: Operation, R: Any) -> Relevances:
+        return tuple(_main(R) if r else None for r in op.relevant)
+
+
+@dataclass(frozen=True)
+class Route(Rule):
+    """Gradient routing: ``R_i = J_iᵀ R``. For ops that only move values (view, permute, slice, cat,
+    index, max pooling's winner-take-all, ...): relevance goes exactly where the gradient would."""
+
+    reads: ClassVar[frozenset[str]] = frozenset({"inputs"})
+
+    def __call__(self, op: Operation, R: Any) -> Relevances:
+        return op.vjp(R)
+
+
+@dataclass(frozen=True)
+class Gradient(Rule):
+    """Gradient x input locally (LRP-0 read through the gradient): ``R_i = x_i ⊙ J_iᵀ (R ⊘ z)``.
+
+    The fallback for ops without a dedicated rule (``on_unsupported="warn"``); exact LRP-0 for ops
+    linear in their inputs.
+    """
+
+    def __call__(self, op: Operation, R: Any) -> Relevances:
+        outs = _as_tuple(op.output)
+        rel = _as_tuple(R)
+        scaled = tuple(
+            None if r is None else divide(r, o, 0.0) for r, o in zip(rel, outs)
+        )
+        cot = scaled if isinstance(op.output, (tuple, list)) else scaled[0]
+        return _times_inputs(op, op.vjp(cot))
+
+
+@dataclass(frozen=True)
+class UniformProduct(Rule):
+    """AttnLRP's uniform rule for a product of ``k`` activations (``a * b``, ``A @ B``):
+    ``R_i = (1/k) x_i ⊙ J_iᵀ (R ⊘ stab(z))``: each operand gets ``1/k`` of its epsilon share."""
+
+    eps: float = 1e-6
+
+    def __call__(self, op: Operation, R: Any) -> Relevances:
+        k = sum(op.relevant)
+        return _times_inputs(op, op.vjp(divide(_main(R), op.z, self.eps)), 1.0 / max(k, 1))
+
+
+@dataclass(frozen=True)
+class Softmax(Rule):
+    """AttnLRP's softmax rule: ``R_x = x ⊙ (R - s ⊙ Σ R)`` with ``s`` the softmax output and the sum
+    over the softmax dimension. Positions with ``s == 0`` (masked, ``x = -inf``) get no relevance."""
+
+    def __call__(self, op: Operation, R: Any) -> Relevances:
+        x, s, r = op.inputs[0], op.z, _main(R)
+        out = x * (r - s * r.sum(op.dim, keepdim=True))
+        return (torch.where(s == 0, 0.0, out),) + (None,) * (len(op.inputs) - 1)
+
+
+@dataclass(frozen=True)
+class Embedding(Rule):
+    """Token relevance: the relevance at the embedding output summed over the hidden dimension
+    ``R_token = Σ_h R[..., h]``, given to the integer indices; the table gets none."""
+
+    reads: ClassVar[frozenset[str]] = frozenset()
+
+    def __call__(self, op: Operation, R: Any) -> Relevances:
+        # aten.embedding(weight, indices, ...): the indices are the second tensor argument.
+        return (None, _main(R).sum(-1)) + (None,) * (len(op.inputs) - 2)
+
+
+@dataclass(frozen=True)
+class Stop(Rule):
+    """No relevance flows to any input (the op absorbs it)."""
+
+    reads: ClassVar[frozenset[str]] = frozenset()
+
+    def __call__(self, op: Operation, R: Any) -> Relevances:
+        return (None,) * len(op.inputs)
+
+
+__all__ = [
+    "Operation",
+    "Rule",
+    "Epsilon",
+    "Pass",
+    "Route",
+    "Gradient",
+    "UniformProduct",
+    "Softmax",
+    "Embedding",
+    "Stop",
+    "stabilize",
+    "divide",
+]

@@ -1,0 +1,90 @@
+"""Targets and seeds: which output the relevance pass starts from, and with how much relevance.
+
+``target`` selects output entries: ``None`` (each sample's arg max), an ``int``, a LongTensor with one
+index per sample, or a callable ``output -> seed`` for anything else. For sequence outputs ``(B, T, V)``
+an index selects a class at the last position. ``seed="logit"`` (default) puts in the selected output
+value, so input relevance sums to the logit up to what biases absorb (LXT, the LRP papers);
+``seed="one"`` puts in 1.0 (Zennit, DynamicLRP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+from torch import Tensor
+
+from .errors import LRPCError
+
+Seed = Literal["logit", "one"]
+TargetMode = Literal["argmax", "index", "callable"]
+SEEDS = ("logit", "one")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """The compile-time part of a target: its mode (and the callable itself, traced into the program)."""
+
+    mode: TargetMode
+    seed: Seed
+    fn: Callable[[Tensor], Tensor] | None = None
+
+
+def parse(target: Any, seed: str) -> tuple[TargetSpec, Any]:
+    """Split a user's ``target`` into what the program is compiled for and the per-call value."""
+    if seed not in SEEDS:
+        raise LRPCError(f"seed must be one of {SEEDS}, got {seed!r}")
+    if target is None:
+        return TargetSpec("argmax", seed), None
+    if callable(target) and not isinstance(target, Tensor):
+        return TargetSpec("callable", seed, target), None
+    if isinstance(target, bool) or not isinstance(target, (int, Tensor)):
+        raise LRPCError(
+            f"target must be None, an int, a LongTensor of per-sample indices or a callable, got {type(target).__name__}"
+        )
+    return TargetSpec("index", seed), target
+
+
+def index_tensor(target: int | Tensor, batch: int, device: torch.device) -> Tensor:
+    """The per-sample class indices, shape ``(batch,)``."""
+    if isinstance(target, int):
+        return torch.full((batch,), target, dtype=torch.long, device=device)
+    if target.dtype in (torch.float16, torch.float32, torch.float64, torch.bfloat16, torch.bool):
+        raise LRPCError(f"target tensor must hold integer class indices, got dtype {target.dtype}")
+    target = target.to(device=device, dtype=torch.long).reshape(-1)
+    if target.numel() == 1 and batch != 1:
+        target = target.expand(batch)
+    if target.numel() != batch:
+        raise LRPCError(f"target has {target.numel()} indices for a batch of {batch}")
+    return target
+
+
+def seed_relevance(output: Tensor, spec: TargetSpec, index: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The relevance put in at the output, and the class index used per sample (``None`` if not a class)."""
+    if spec.mode == "callable":
+        assert spec.fn is not None
+        seed = spec.fn(output)
+        if not isinstance(seed, Tensor) or seed.shape != output.shape:
+            raise LRPCError(
+                f"a callable target must return a seed tensor shaped like the output {tuple(output.shape)}, "
+                f"got {getattr(seed, 'shape', type(seed).__name__)}"
+            )
+        return seed.to(output.dtype), None
+    if output.dim() <= 1:  # one score per sample (or a scalar): explain it
+        return (output if spec.seed == "logit" else torch.ones_like(output)), None
+    if output.dim() > 3:
+        raise LRPCError(
+            f"cannot pick a class in an output of shape {tuple(output.shape)}; pass target= a callable "
+            "that returns the seed tensor"
+        )
+    scores = output[:, -1] if output.dim() == 3 else output  # sequences: the last position
+    if index is None:
+        index = scores.argmax(-1)
+    classes = torch.arange(scores.shape[-1], device=output.device)
+    mask = (classes == index.unsqueeze(-1)).to(output.dtype)
+    if output.dim() == 3:
+        positions = torch.arange(output.shape[1], device=output.device)
+        mask = mask.unsqueeze(1) * (positions == output.shape[1] - 1).to(output.dtype).unsqueeze(-1)
+    seed = mask * output if spec.seed == "logit" else mask
+    return seed, index

@@ -1,0 +1,293 @@
+"""Tracing: a model and example inputs -> an aten graph (``torch.export``, non-strict), with the ops
+whose LRP rule is defined at that level kept whole and everything else decomposed to core aten.
+
+The model is never changed: it is wrapped (inputs flattened, the explained output selected), put in
+eval mode only for the duration of the export, and its flags restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+from torch.export import Dim, ExportedProgram
+from torch.export.graph_signature import InputKind
+
+from .errors import TraceError
+
+aten = torch.ops.aten
+
+#: Ops kept whole by the decomposition: their LRP rules are defined at this level.
+PRESERVED_OPS = (
+    aten.linear.default,
+    aten.silu.default,
+    aten.hardswish.default,
+    aten.hardsigmoid.default,
+    aten.softplus.default,
+    aten.mish.default,
+    aten.relu6.default,
+    aten.rms_norm.default,
+)
+
+_WRAPPED = "model"  # attribute under which the user's model sits inside the export wrapper
+
+OutputSelector = Callable[[Any], Tensor] | int | str | None
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """lrpc's decomposition of SDPA: ``softmax(Q Kᵀ * scale + mask) V``, so that the product and softmax
+    rules apply to its parts. Dropout is not applied (explanations use eval semantics). Unlike the
+    default decomposition it returns a contiguous tensor (GPT-2 ``view``s the result) and has no
+    all-masked-row guard."""
+    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    if enable_gqa:
+        repeat = query.size(-3) // key.size(-3)
+        key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+    if is_causal:
+        L, S = query.size(-2), key.size(-2)
+        causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril(S - L)
+        scores = scores.masked_fill(causal.logical_not(), float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(attn_mask.logical_not(), float("-inf"))
+        else:
+            scores = scores + attn_mask
+    return torch.matmul(torch.softmax(scores, dim=-1), value).contiguous()
+
+
+def decomposition_table() -> dict:
+    """The table passed to ``ExportedProgram.run_decompositions``."""
+    table = torch.export.default_decompositions()
+    for op in PRESERVED_OPS:
+        if op in table:
+            del table[op]
+    table[aten.scaled_dot_product_attention.default] = scaled_dot_product_attention
+    return table
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One tensor input of the traced program: its name, dtype and shape (``int`` or a symbol name)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int | str, ...]
+
+
+@dataclass
+class Traced:
+    """The result of tracing: the decomposed aten graph and what is needed to call it."""
+
+    program: ExportedProgram
+    graph: fx.Graph
+    inputs: list[InputSpec]  # user tensor inputs, in placeholder order
+    state: list[Tensor]  # parameters, buffers and constants, in placeholder order
+    ranges: dict[str, tuple[int, float]]  # symbol -> (lower, upper) for dynamic dimensions
+    seconds: float = 0.0
+
+    @property
+    def user_placeholders(self) -> list[fx.Node]:
+        return [n for n in self.graph.nodes if n.op == "placeholder"][len(self.state) :]
+
+
+class _Explained(nn.Module):
+    """Takes the flat tensor inputs, rebuilds the user's call and returns the explained output."""
+
+    def __init__(self, model: nn.Module, spec: pytree.TreeSpec, leaves: list[Any], select: OutputSelector):
+        super().__init__()
+        setattr(self, _WRAPPED, model)
+        self._spec, self._leaves, self._select = spec, leaves, select
+        self._tensor_slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+
+    def forward(self, *tensors: Tensor) -> Tensor:
+        leaves = list(self._leaves)
+        for slot, t in zip(self._tensor_slots, tensors):
+            leaves[slot] = t
+        args, kwargs = pytree.tree_unflatten(leaves, self._spec)
+        return select_output(getattr(self, _WRAPPED)(*args, **kwargs), self._select)
+
+
+def select_output(out: Any, select: OutputSelector) -> Tensor:
+    """The output to explain: ``select(out)`` for a callable, ``out[select]`` for an int or str, else
+    the first tensor in ``out`` (Hugging Face outputs: the first field that is set, e.g. ``logits``)."""
+    if callable(select):
+        picked = select(out)
+    elif select is None:
+        leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, Tensor)]
+        if not leaves:
+            raise TraceError(f"the model returned no tensor (got {type(out).__name__}); nothing to explain")
+        picked = leaves[0]
+    elif isinstance(select, str) and not isinstance(out, dict) and hasattr(out, select):
+        picked = getattr(out, select)
+    else:
+        picked = out[select]
+    if not isinstance(picked, Tensor):
+        raise TraceError(f"output selector {select!r} picked a {type(picked).__name__}, not a tensor")
+    return picked
+
+
+def flatten_inputs(model: nn.Module, args: tuple, kwargs: dict) -> tuple[list[Any], pytree.TreeSpec, list[str]]:
+    """Flatten a call into leaves; name every leaf after the forward parameter it belongs to."""
+    leaves_with_path, spec = pytree.tree_flatten_with_path((args, kwargs))
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        params = []
+    names = []
+    for path, _ in leaves_with_path:
+        head, rest = path[1], path[2:]
+        if path[0].idx == 0:  # positional
+            i = head.idx
+            base = params[i] if i < len(params) and params[i] not in ("args", "kwargs") else f"args[{i}]"
+        else:
+            base = str(head.key)
+        names.append(base + "".join(pytree.keystr((k,)) for k in rest) if rest else base)
+    return [leaf for _, leaf in leaves_with_path], spec, names
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode for the duration, then restore each one's own flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def _dynamic_shapes(tensors: Sequence[Tensor]) -> tuple:
+    """Batch (dim 0) dynamic for every input; also the sequence (dim 1) for integer inputs (token ids).
+    Shaped for the wrapper's ``forward(*tensors)``: one entry, the tuple of per-tensor specs."""
+    spec = []
+    for t in tensors:
+        dims = {}
+        if t.dim() >= 1:
+            dims[0] = Dim.AUTO
+        if t.dim() >= 2 and not t.is_floating_point():
+            dims[1] = Dim.AUTO
+        spec.append(dims)
+    return (tuple(spec),)
+
+
+def trace(
+    model: nn.Module, args: tuple, kwargs: dict, *, output: OutputSelector = None, dynamic: bool = True
+) -> Traced:
+    """Export ``model(*args, **kwargs)`` and decompose it with :func:`decomposition_table`."""
+    import time
+
+    start = time.perf_counter()
+    leaves, spec, names = flatten_inputs(model, args, kwargs)
+    tensors = [x for x in leaves if isinstance(x, Tensor)]
+    tensor_names = [n for n, x in zip(names, leaves) if isinstance(x, Tensor)]
+    wrapper = _Explained(model, spec, leaves, output)
+    if model.training:
+        warnings.warn(
+            f"{type(model).__name__} is in training mode; lrpc explains it in eval semantics "
+            "(dropout off, batch norm running statistics). The model's own mode is left unchanged.",
+            stacklevel=3,
+        )
+    with eval_mode(model), torch.no_grad():
+        errors = []
+        for shapes in ([_dynamic_shapes(tensors)] if dynamic else []) + [None]:
+            try:
+                program = torch.export.export(wrapper, tuple(tensors), dynamic_shapes=shapes, strict=False)
+                break
+            except Exception as e:  # noqa: BLE001 - reported below with the export's own message
+                errors.append(e)
+        else:
+            raise TraceError(_export_message(model, errors[-1])) from errors[-1]
+        try:
+            program = program.run_decompositions(decomposition_table())
+        except Exception as e:  # noqa: BLE001
+            raise TraceError(f"decomposing the exported graph of {type(model).__name__} failed: {e}") from e
+    return _traced(program, wrapper, tensor_names, time.perf_counter() - start)
+
+
+def _export_message(model: nn.Module, error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    head = "\n".join(text[:12])
+    return (
+        f"torch.export could not trace {type(model).__name__}:\n{head}\n"
+        "lrpc needs a model that torch.export can trace (non-strict). Data-dependent Python control flow "
+        "and Python-side state are the usual causes: rewrite the branch with torch.where / torch.cond, or "
+        "explain the traceable part of the model (pass output= or wrap the submodule)."
+    )
+
+
+def _traced(program: ExportedProgram, wrapper: nn.Module, names: list[str], seconds: float) -> Traced:
+    state: list[Tensor] = []
+    for spec in program.graph_signature.input_specs:
+        if spec.kind == InputKind.PARAMETER:
+            state.append(wrapper.get_parameter(spec.target))
+        elif spec.kind == InputKind.BUFFER:
+            state.append(wrapper.get_buffer(spec.target))
+        elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
+            state.append(program.constants[spec.target])
+        elif spec.kind != InputKind.USER_INPUT:
+            raise TraceError(f"unsupported exported input kind {spec.kind} for '{spec.target}'")
+    graph = program.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    users = placeholders[len(state) :]
+    inputs = []
+    for name, node in zip(names, users):
+        val = node.meta["val"]
+        shape = tuple(int(d) if isinstance(d, int) else str(d.node.expr) for d in val.shape)
+        inputs.append(InputSpec(name, val.dtype, shape))
+    ranges = {}
+    for sym, vr in program.range_constraints.items():
+        ranges[str(sym)] = (_bound(vr.lower, 0), _bound(vr.upper, math.inf))
+    return Traced(program, graph, inputs, state, ranges, seconds)
+
+
+def _bound(value: Any, infinite: float) -> Any:
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return infinite
+
+
+def module_path(node: fx.Node) -> str:
+    """The path of the innermost user module a node was created in (``""`` for the top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return _strip(path)
+
+
+def module_stack(node: fx.Node) -> list[tuple[str, type | str]]:
+    """``(path, type)`` of every module a node was created in, outermost first, wrapper excluded."""
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for path, typ in stack.values():
+        p = _strip(path)
+        if p is not None and p != "":
+            out.append((p, typ))
+    return out
+
+
+def _strip(path: str) -> str:
+    if path == _WRAPPED:
+        return ""
+    prefix = _WRAPPED + "."
+    return path[len(prefix) :] if path.startswith(prefix) else path
