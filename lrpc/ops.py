@@ -111,8 +111,16 @@ def register_rule(op: Any, rule: "Rule | None", *, frozen: tuple[str, ...] = ())
 
     if rule is not None and not isinstance(rule, Rule):
         raise TypeError(f"rule must be an lrpc.rules.Rule, got {type(rule).__name__}")
+    global _version
     existing = lookup(op)
     if existing is None and rule is None:
+        return
+    if rule is None and existing is not None and existing.family is Family.CUSTOM:
+        # An op lrpc only knows through register_rule: forget it again (unsupported, as before).
+        for key in (op, getattr(op, "overloadpacket", None)):
+            if key is not None and _TABLE.get(key) is existing:
+                del _TABLE[key]
+        _version += 1
         return
     if existing is None:
         spec = OpSpec(Family.CUSTOM, frozen=frozenset(frozen), rule=rule)

@@ -80,7 +80,12 @@ class Operation:
             out = self.fn(*full)
             return tuple(out[i] for i in float_outputs) if multi else out
 
-        _, pullback = torch.func.vjp(fn, *primals)
+        try:
+            _, pullback = torch.func.vjp(fn, *primals)
+        except RuntimeError as e:  # torch.library custom ops: their autograd formula is not functorch-aware
+            if "functorch transforms" not in str(e):
+                raise
+            pullback = _autograd_pullback(fn, primals)
         if multi:
             cots = _as_tuple(cotangent)
             outs = _as_tuple(self.output)
@@ -93,6 +98,23 @@ class Operation:
         for i, g in zip(index, grads):
             result[i] = g
         return tuple(result)
+
+
+def _autograd_pullback(fn: Callable[..., Any], primals: Sequence[Tensor]) -> Callable[[Any], tuple]:
+    """The pullback of ``fn`` at ``primals`` through ``torch.autograd.grad``, for ops that
+    ``torch.func.vjp`` cannot differentiate (custom ops registered with ``torch.library``)."""
+    leaves = [p.detach().requires_grad_() for p in primals]
+    with torch.enable_grad():
+        out = fn(*leaves)
+
+    def pullback(cotangent: Any) -> tuple:
+        pairs = [(o, c) for o, c in zip(_as_tuple(out), _as_tuple(cotangent)) if o.requires_grad]
+        grads = torch.autograd.grad(
+            [o for o, _ in pairs], leaves, [c for _, c in pairs], allow_unused=True
+        ) if pairs else (None,) * len(leaves)
+        return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads))
+
+    return pullback
 
 
 def _as_tuple(value: Any) -> tuple:

@@ -54,23 +54,31 @@ def scaled_dot_product_attention(
 ) -> Tensor:
     """lrpc's decomposition of SDPA: ``softmax(Q Kᵀ * scale + mask) V``, so that the product and softmax
     rules apply to its parts. Dropout is not applied (explanations use eval semantics). Unlike the
-    default decomposition it returns a contiguous tensor (GPT-2 ``view``s the result) and has no
-    all-masked-row guard."""
+    default decomposition it returns a contiguous tensor (GPT-2 ``view``s the result).
+
+    Masked scores are set to the dtype's lowest finite value (not ``-inf``), and a query row whose keys
+    are all masked (left padding under a causal mask) attends to nothing, as in torch's own SDPA: its
+    weights are zeroed after the softmax. With ``-inf`` such a row's softmax is NaN, which spreads
+    through the following layers to the whole sample's output and relevance."""
     scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
     if enable_gqa:
         repeat = query.size(-3) // key.size(-3)
         key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
     scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+    lowest = torch.finfo(scores.dtype).min
     if is_causal:
         L, S = query.size(-2), key.size(-2)
         causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril(S - L)
-        scores = scores.masked_fill(causal.logical_not(), float("-inf"))
+        scores = scores.masked_fill(causal.logical_not(), lowest)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(attn_mask.logical_not(), float("-inf"))
+            scores = scores.masked_fill(attn_mask.logical_not(), lowest)
         else:
-            scores = scores + attn_mask
-    return torch.matmul(torch.softmax(scores, dim=-1), value).contiguous()
+            scores = (scores + attn_mask).clamp_min(lowest)  # -inf in an additive mask
+    weights = torch.softmax(scores, dim=-1)
+    if is_causal or attn_mask is not None:
+        weights = weights.masked_fill((scores <= lowest).all(-1, keepdim=True), 0.0)
+    return torch.matmul(weights, value).contiguous()
 
 
 def decomposition_table() -> dict:
