@@ -64,7 +64,8 @@ class Program:
     backend: str
     run: Callable[..., tuple]
     timings: dict[str, float] = field(default_factory=dict)
-    static: bool = False  # the relevance pass specialized a dynamic dim: only the traced shapes match
+    symbols: dict[str, int] = field(default_factory=dict)  # dynamic-dim values of the example it was traced on
+    static: bool = False  # the relevance pass specialized a dynamic dim: only the traced sizes match
     calls: int = 0
 
     def bind(self, tensors: Sequence[Tensor]) -> dict[str, int] | None:
@@ -87,16 +88,12 @@ class Program:
             lower, upper = self.traced.ranges.get(sym, (0, math.inf))
             if not lower <= value <= upper:
                 return None
-            if self.static and self.traced_values.get(sym) != value:
+            if self.static and self.symbols.get(sym) != value:
                 return None
         for expr, got in exprs:
             if int(sympy.sympify(expr).subs(values)) != got:
                 return None
         return values
-
-    @property
-    def traced_values(self) -> dict[str, int]:
-        return self.timings.get("_symbols", {})  # type: ignore[return-value]
 
     def code(self) -> str:
         """The generated relevance program as readable Python."""
@@ -220,7 +217,7 @@ class Attributor:
                 self.stats["hits"] += 1
                 self._last = program
                 return program, tensors
-        program = self._compile(args, kwargs, spec)
+        program = self._compile(args, kwargs, spec, tensors)
         self._cache.setdefault(key, []).append(program)
         self._cache.move_to_end(key)
         while sum(len(v) for v in self._cache.values()) > self.cache_size:
@@ -231,7 +228,7 @@ class Attributor:
         self._last = program
         return program, tensors
 
-    def _compile(self, args: tuple, kwargs: dict, spec: TargetSpec) -> Program:
+    def _compile(self, args: tuple, kwargs: dict, spec: TargetSpec, tensors: list[Tensor]) -> Program:
         self.stats["traces"] += 1
         traced = trace(self.model, args, kwargs, output=self.output, dynamic=self.dynamic)
         start = time.perf_counter()
@@ -245,20 +242,25 @@ class Attributor:
         shape_env = _shape_env(examples)
         before = _symbol_state(shape_env)
         gm, signature = generate(the_plan, spec, examples)
-        static = _symbol_state(shape_env) != before
+        after = _symbol_state(shape_env)
+        # A symbol replaced by a value: the program only fits the traced shapes. A narrowed range (a guard
+        # like the convolution's backend choice, batch < 16): the program fits that range.
+        static = after is not None and after[0] != before[0]
+        if after != before and not static:
+            _narrow_ranges(traced, shape_env)
         generated = time.perf_counter()
         if self.backend == backends.INTERPRET:
             run, _ = relevance_function(the_plan, spec)
         else:
             run = backends.get(self.backend)(gm)
-        symbols = _example_symbols(traced, args, kwargs, self.model)
-        timings: dict[str, Any] = {
-            "trace": traced.seconds,
-            "plan": planned - start,
-            "codegen": generated - planned,
-            "_symbols": symbols,
+        symbols = {
+            want: got
+            for s, t in zip(traced.inputs, tensors)
+            for want, got in zip(s.shape, t.shape)
+            if isinstance(want, str) and want.isidentifier()
         }
-        return Program(traced, the_plan, gm, signature, spec, self.backend, run, timings, static=static)
+        timings = {"trace": traced.seconds, "plan": planned - start, "codegen": generated - planned}
+        return Program(traced, the_plan, gm, signature, spec, self.backend, run, timings, symbols, static)
 
     # -- results -------------------------------------------------------------------------------
     def _batch(self, program: Program, tensors: list[Tensor]) -> int:
@@ -340,29 +342,23 @@ def _symbol_state(shape_env: Any) -> Any:
     )
 
 
-def _example_symbols(traced: Traced, args: tuple, kwargs: dict, model: nn.Module) -> dict[str, int]:
-    leaves, _, _ = flatten_inputs(model, args, kwargs)
-    tensors = [x for x in leaves if isinstance(x, Tensor)]
-    values: dict[str, int] = {}
-    for spec, t in zip(traced.inputs, tensors):
-        for want, got in zip(spec.shape, t.shape):
-            if isinstance(want, str) and want.isidentifier():
-                values[want] = got
-    return values
+def _narrow_ranges(traced: Traced, shape_env: Any) -> None:
+    """Intersect the traced ranges of the dynamic dims with what the relevance tracing guarded on."""
+    for sym, vr in shape_env.var_to_range.items():
+        name = str(sym)
+        if name in traced.ranges:
+            lower, upper = traced.ranges[name]
+            traced.ranges[name] = (max(lower, _int_bound(vr.lower, lower)), min(upper, _int_bound(vr.upper, upper)))
 
 
-def compile(
-    model: nn.Module,
-    *,
-    rules: str | Preset = "epsilon",
-    layers: Sequence[str] = (),
-    backend: str = "auto",
-    seed: str = "logit",
-    output: OutputSelector = None,
-    on_unsupported: str = "error",
-    dynamic: bool = True,
-    cache_size: int = 16,
-) -> Attributor:
+def _int_bound(value: Any, default: Any) -> Any:
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return default
+
+
+def compile(model: nn.Module, **options: Any) -> Attributor:
     """Prepare ``model`` for LRP explanations. Nothing is traced until the first call.
 
     Args:
@@ -380,14 +376,4 @@ def compile(
         dynamic: mark the batch (and token sequence) dimension dynamic where export allows.
         cache_size: how many compiled programs to keep (least recently used are dropped).
     """
-    return Attributor(
-        model,
-        rules=rules,
-        layers=layers,
-        backend=backend,
-        seed=seed,
-        output=output,
-        on_unsupported=on_unsupported,
-        dynamic=dynamic,
-        cache_size=cache_size,
-    )
+    return Attributor(model, **options)
