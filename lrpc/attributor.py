@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import sympy
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from . import backends, ops
@@ -30,7 +31,7 @@ from .errors import LRPCError
 from .planning import Plan, plan as make_plan
 from .presets import Preset, resolve as resolve_preset
 from .targets import TargetSpec, index_tensor, parse as parse_target
-from .tracing import OutputSelector, Traced, flatten_inputs, trace
+from .tracing import OutputSelector, Traced, trace
 
 ON_UNSUPPORTED = ("error", "warn")
 
@@ -152,6 +153,7 @@ class Attributor:
         extra = []
         if spec.mode == "index":
             extra.append(index_tensor(index, self._batch(program, tensors), tensors[0].device))
+            _check_classes(extra[-1], program)
         start = time.perf_counter()
         with torch.no_grad():
             outs = program.run(*program.traced.state, *tensors, *extra)
@@ -185,7 +187,7 @@ class Attributor:
 
     # -- compiling -----------------------------------------------------------------------------
     def _key(self, args: tuple, kwargs: dict, spec: TargetSpec) -> tuple[tuple, list[Tensor]]:
-        leaves, tree, _ = flatten_inputs(self.model, args, kwargs)
+        leaves, tree = pytree.tree_flatten((args, kwargs))  # names are only needed when compiling
         tensors = [x for x in leaves if isinstance(x, Tensor)]
         if not tensors:
             raise LRPCError("the call has no tensor inputs to explain")
@@ -303,6 +305,15 @@ class Attributor:
             layers=layers,
             target=used_index,
         )
+
+
+def _check_classes(index: Tensor, program: Program) -> None:
+    """A class index outside the output's class dimension selects nothing: say so before running."""
+    out = program.plan.graph.find_nodes(op="output")[0].args[0][0].meta["val"]
+    classes = out.shape[-1] if out.dim() >= 2 else None
+    if isinstance(classes, int) and index.numel() and (int(index.min()) < 0 or int(index.max()) >= classes):
+        bad = index[(index < 0) | (index >= classes)].unique()[:8].tolist()
+        raise LRPCError(f"target index out of range: {bad}; the output {tuple(out.shape)} has {classes} classes")
 
 
 def _seed_total(output: Tensor, index: Tensor | None, spec: TargetSpec) -> Tensor:
