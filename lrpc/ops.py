@@ -75,6 +75,7 @@ class OpSpec:
 
 
 _TABLE: dict[Any, OpSpec] = {}
+_USER_RULES: dict[Any, tuple["Rule", frozenset[str]]] = {}  # lrpc.register_rule: op -> (rule, frozen args)
 _version = 0  # bumped by every registration: part of the compile cache key
 
 
@@ -97,8 +98,9 @@ def register_op(ops: Any, spec: OpSpec) -> None:
 
 
 def register_rule(op: Any, rule: "Rule | None", *, frozen: tuple[str, ...] = ()) -> None:
-    """Use ``rule`` at every call of ``op`` (an aten overload, a packet, a custom op), above any preset;
-    ``rule=None`` removes it again (the preset decides).
+    """Use ``rule`` at every call of ``op`` (an aten overload, a packet, a name such as ``"tanh"``, a
+    custom op), above any preset; ``rule=None`` removes it again (the preset decides, or, for an op lrpc
+    does not know, it is unsupported again).
 
     ``frozen`` names tensor arguments (by schema name) that never receive relevance. For an op lrpc
     already knows, its argument roles are kept and only the rule changes.
@@ -109,24 +111,17 @@ def register_rule(op: Any, rule: "Rule | None", *, frozen: tuple[str, ...] = ())
     """
     from .rules import Rule
 
+    global _version
     if rule is not None and not isinstance(rule, Rule):
         raise TypeError(f"rule must be an lrpc.rules.Rule, got {type(rule).__name__}")
-    global _version
-    existing = lookup(op)
-    if existing is None and rule is None:
-        return
-    if rule is None and existing is not None and existing.family is Family.CUSTOM:
-        # An op lrpc only knows through register_rule: forget it again (unsupported, as before).
-        for key in (op, getattr(op, "overloadpacket", None)):
-            if key is not None and _TABLE.get(key) is existing:
-                del _TABLE[key]
-        _version += 1
-        return
-    if existing is None:
-        spec = OpSpec(Family.CUSTOM, frozen=frozenset(frozen), rule=rule)
+    key = _resolve(op) if isinstance(op, str) else op
+    if key is None:
+        raise ValueError(f"register_rule: torch.ops.aten has no op named {op!r}")
+    if rule is None:
+        _USER_RULES.pop(key, None)
     else:
-        spec = replace(existing, rule=rule, frozen=existing.frozen | frozenset(frozen))
-    register_op(op, spec)
+        _USER_RULES[key] = (rule, frozenset(frozen))
+    _version += 1
 
 
 def _resolve(name: str) -> Any:
@@ -136,11 +131,16 @@ def _resolve(name: str) -> Any:
 
 
 def lookup(target: Any) -> OpSpec | None:
-    """The spec of an op overload, falling back to its overload packet."""
-    spec = _TABLE.get(target)
-    if spec is None and isinstance(target, torch._ops.OpOverload):
-        spec = _TABLE.get(target.overloadpacket)
-    return spec
+    """The spec of an op overload (falling back to its overload packet), with a user rule applied."""
+    packet = target.overloadpacket if isinstance(target, torch._ops.OpOverload) else None
+    spec = _TABLE.get(target) or _TABLE.get(packet)
+    user = _USER_RULES.get(target) or _USER_RULES.get(packet)
+    if user is None:
+        return spec
+    rule, frozen = user
+    if spec is None:
+        return OpSpec(Family.CUSTOM, frozen=frozen, rule=rule)
+    return replace(spec, rule=rule, frozen=spec.frozen | frozen)
 
 
 def arg_names(target: Any, n_args: int) -> list[str]:

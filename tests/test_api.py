@@ -1,0 +1,883 @@
+"""The behaviour a user of ``lrpc.compile`` relies on.
+
+* the program cache: one trace per signature, dynamic batch (and token) dims reused, a new program for a
+  new static shape, dtype or target mode (checked against a freshly compiled attributor), bounded size,
+  invalidated by ``lrpc.register_rule``;
+* the model is left exactly as it was (parameters, buffers, hooks, training flags); a model in training
+  mode is explained in eval semantics with a warning;
+* unsupported ops (a ``torch.library`` custom op): a precise error, the ``on_unsupported="warn"`` gradient
+  fallback, and covering the op with ``lrpc.register_rule``;
+* token-id models (per-token relevance, attention masks get none) and tiny random Hugging Face models
+  (BERT, GPT-2, Llama with grouped-query attention), padded batches included;
+* target modes and seeds, checked against gradient x input on a bias-free ReLU network (LRP-0 equals it
+  there), and the errors for bad arguments;
+* several inputs and structured outputs.
+
+Everything runs with ``backend="eager"`` except the backend tests (``interpret`` is fast; ``inductor`` is
+marked slow).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lrpc
+
+# --- helpers ----------------------------------------------------------------------------------------
+
+
+def compile_eager(model: nn.Module, **options) -> lrpc.Attributor:
+    return lrpc.compile(model, backend="eager", **options)
+
+
+def nonzero(t: torch.Tensor) -> torch.Tensor:
+    """``t``, after checking that it is not all zero (a comparison against it would be vacuous)."""
+    assert t.abs().max() > 0, "reference is all zero"
+    return t
+
+
+def grad_x_input(model: nn.Module, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gradient x input of ``model(x)[i, index[i]]`` (summed over the batch: samples are independent)."""
+    x = x.detach().clone().requires_grad_(True)
+    out = model(x)
+    out.gather(1, index.view(-1, 1)).sum().backward()
+    return (x * x.grad).detach()
+
+
+def relu_net(bias: bool = False, d_in: int = 6, classes: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(d_in, 16, bias=bias), nn.ReLU(), nn.Linear(16, 16, bias=bias), nn.ReLU(), nn.Linear(16, classes, bias=bias)
+    ).eval()
+
+
+def conv_net(pool: nn.Module | None = None, features: int = 4 * 8 * 8) -> nn.Module:
+    """Conv -> ReLU -> (pool) -> flatten -> linear. With ``pool=None`` the linear layer fixes the image
+    size at 8x8."""
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()]
+    if pool is not None:
+        layers.append(pool)
+    layers += [nn.Flatten(), nn.Linear(features, 5)]
+    return nn.Sequential(*layers).eval()
+
+
+def n_programs(a: lrpc.Attributor) -> int:
+    return sum(len(v) for v in a._cache.values())
+
+
+# --- the program cache ------------------------------------------------------------------------------
+
+
+def test_nothing_is_traced_before_the_first_call() -> None:
+    a = compile_eager(relu_net())
+    assert a.stats == {"traces": 0, "hits": 0, "calls": 0}
+    with pytest.raises(lrpc.LRPCError, match="after the first call"):
+        a.report()
+
+
+def test_same_signature_traces_once() -> None:
+    model = relu_net()
+    a = compile_eager(model)
+    x = torch.randn(3, 6)
+    first = a(x).relevance
+    for _ in range(3):
+        again = a(x).relevance
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert a.stats == {"traces": 1, "hits": 3, "calls": 4}
+    # new values, same signature: still one program, and the right answer for the new values
+    y = torch.randn(3, 6)
+    torch.testing.assert_close(a(y).relevance, compile_eager(model)(y).relevance)
+    assert a.stats["traces"] == 1
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_other_batch_size_reuses_the_program(kind: str) -> None:
+    if kind == "mlp":
+        model, shape = relu_net(bias=True), (6,)
+    else:
+        model, shape = conv_net(), (3, 8, 8)
+    a = compile_eager(model)
+    a(torch.randn(2, *shape))
+    for batch in (5, 3, 7):
+        x = torch.randn(batch, *shape)
+        res = a(x)
+        assert res.relevance.shape == x.shape
+        fresh = compile_eager(model, dynamic=False)(x)
+        torch.testing.assert_close(res.relevance, nonzero(fresh.relevance))
+        torch.testing.assert_close(res.output, model(x).detach())
+    assert a.stats["traces"] == 1, a.stats
+
+
+def test_conv_batch_sizes_share_few_programs() -> None:
+    """Tracing a convolution's VJP guards on the batch size (CPU backend choice at 16): the program is
+    valid on a range of batch sizes, not only on the traced one."""
+    model = conv_net()
+    a = compile_eager(model)
+    for batch in (2, 9, 15, 16, 40, 3, 33):
+        x = torch.randn(batch, 3, 8, 8)
+        torch.testing.assert_close(a(x).relevance, compile_eager(model, dynamic=False)(x).relevance)
+    assert a.stats["traces"] <= 2, a.stats
+
+
+def test_new_image_size_gets_a_new_program() -> None:
+    model = conv_net(nn.AdaptiveAvgPool2d(2), features=4 * 2 * 2)
+    a = compile_eager(model)
+    a(torch.randn(2, 3, 8, 8))
+    x = torch.randn(2, 3, 12, 12)
+    res = a(x)
+    assert a.stats["traces"] == 2
+    assert res.relevance.shape == x.shape
+    torch.testing.assert_close(res.relevance, nonzero(compile_eager(model)(x).relevance))
+    # and the first program is still cached and still right
+    y = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(a(y).relevance, compile_eager(model)(y).relevance)
+    assert a.stats["traces"] == 2
+
+
+def test_image_size_that_the_model_cannot_take_is_a_trace_error() -> None:
+    a = compile_eager(conv_net())
+    a(torch.randn(2, 3, 8, 8))
+    with pytest.raises(lrpc.TraceError, match="could not trace"):
+        a(torch.randn(2, 3, 10, 10))
+
+
+class Casting(nn.Module):
+    """Accepts any float dtype (casts to its own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x.float())
+
+
+def test_new_dtype_gets_a_new_program() -> None:
+    model = Casting().eval()
+    a = compile_eager(model)
+    x = torch.randn(3, 5)
+    r32 = a(x)
+    r64 = a(x.double())
+    assert a.stats["traces"] == 2
+    assert r32.relevance.dtype == torch.float32 and r64.relevance.dtype == torch.float64
+    torch.testing.assert_close(r64.relevance, compile_eager(model)(x.double()).relevance)
+    torch.testing.assert_close(r64.relevance.float(), r32.relevance)
+
+
+def test_target_mode_gets_its_own_program() -> None:
+    model = relu_net()
+    a = compile_eager(model)
+    x = torch.randn(4, 6)
+
+    def everything(out: torch.Tensor) -> torch.Tensor:
+        return out
+
+    a(x)  # argmax
+    a(x, target=1)  # index
+    a(x, target=everything)  # callable
+    assert a.stats["traces"] == 3
+    # the index is a runtime input: other ints and per-sample tensors reuse the index program
+    a(x, target=2)
+    a(x, target=torch.tensor([0, 1, 2, 3]))
+    a(x, target=everything)
+    a(x)
+    assert a.stats["traces"] == 3
+    assert a.stats["hits"] == 4
+
+
+def test_cache_is_bounded_and_least_recently_used() -> None:
+    model = relu_net()
+    x = torch.randn(2, 6)
+
+    def seed(out: torch.Tensor) -> torch.Tensor:
+        return out
+
+    def sequence(a: lrpc.Attributor) -> None:
+        a(x)  # argmax
+        a(x, target=0)  # index
+        a(x)  # hit: argmax is now the most recently used
+        a(x, target=seed)  # callable: with room for 2, evicts the index program
+        a(x)  # still cached
+        a(x, target=1)  # index again
+
+    small = compile_eager(model, cache_size=2)
+    sequence(small)
+    assert small.stats["traces"] == 4
+    assert n_programs(small) <= 2
+    big = compile_eager(model)
+    sequence(big)
+    assert big.stats["traces"] == 3
+    assert n_programs(big) == 3
+
+
+# --- the model is left alone ------------------------------------------------------------------------
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 6 * 6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(torch.relu(self.bn(self.conv(x)))))
+
+
+def trained_net() -> Net:
+    """Batch norm with non-trivial running statistics and affine parameters (fresh BN hides bugs)."""
+    net = Net()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(8, 3, 6, 6) * 2 + 0.5)
+        net.bn.weight.uniform_(0.5, 1.5)
+        net.bn.bias.uniform_(-0.5, 0.5)
+    return net
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {
+        "params": {n: (p, p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()},
+        "buffers": {n: (b, b.detach().clone()) for n, b in model.named_buffers()},
+        "hooks": {
+            n: tuple(
+                list(getattr(m, h).items())
+                for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_forward_hooks_with_kwargs")
+            )
+            for n, m in model.named_modules()
+        },
+        "training": {n: m.training for n, m in model.named_modules()},
+        "modules": {n: m for n, m in model.named_modules()},
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after["params"].keys() == before["params"].keys()
+    for name, (p, value, requires_grad) in before["params"].items():
+        q, now, rg = after["params"][name]
+        assert q is p, f"parameter {name} was replaced"
+        assert torch.equal(now, value), f"parameter {name} changed"
+        assert rg == requires_grad, f"parameter {name}: requires_grad changed"
+    assert after["buffers"].keys() == before["buffers"].keys()
+    for name, (b, value) in before["buffers"].items():
+        c, now = after["buffers"][name]
+        assert c is b, f"buffer {name} was replaced"
+        assert torch.equal(now, value), f"buffer {name} changed"
+    assert after["hooks"] == before["hooks"]
+    assert after["training"] == before["training"]
+    assert after["modules"] == before["modules"]
+
+
+@pytest.mark.parametrize("mode", ["eval", "train", "mixed"])
+def test_model_is_unchanged(mode: str) -> None:
+    net = trained_net()
+    net.train(mode == "train")
+    if mode == "mixed":
+        net.head.train()  # the user's own mix of flags must survive too
+    calls = []
+    net.head.register_forward_hook(lambda m, i, o: calls.append("fwd"))
+    net.conv.register_forward_pre_hook(lambda m, i: calls.append("pre"))
+    before = snapshot(net)
+    x = torch.randn(2, 3, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = compile_eager(net, layers=["bn"])
+        assert_unchanged(net, before)
+        a(x)
+        a(torch.randn(5, 3, 6, 6), target=1)
+        a.report()
+    assert_unchanged(net, before)
+    # the user's hooks still work
+    calls.clear()
+    net(x)
+    assert calls == ["pre", "fwd"]
+
+
+def test_training_model_warns_and_is_explained_in_eval_semantics() -> None:
+    net = trained_net().train()
+    x = torch.randn(4, 3, 6, 6)
+    a = compile_eager(net)
+    with pytest.warns(UserWarning, match="training mode"):
+        first = a(x)
+    second = a(x)  # dropout would make two calls differ
+    torch.testing.assert_close(second.relevance, first.relevance, rtol=0, atol=0)
+    assert all(m.training for m in net.modules())
+    net_eval = trained_net().eval()  # same weights and statistics
+    expected = compile_eager(net_eval)(x)
+    torch.testing.assert_close(first.relevance, nonzero(expected.relevance))
+    with torch.no_grad():
+        torch.testing.assert_close(first.output, net_eval(x))
+    # batch norm ran with its running statistics: the buffers did not move
+    torch.testing.assert_close(net.bn.running_mean, net_eval.bn.running_mean, rtol=0, atol=0)
+
+
+def test_eval_model_does_not_warn() -> None:
+    a = compile_eager(relu_net())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a(torch.randn(2, 6))
+
+
+# --- unsupported ops: a torch.library custom op -------------------------------------------------------
+
+
+def _weird_impl(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(x)  # SiLU, so that aten.silu is a reference
+
+
+if not hasattr(torch.ops.lrpctest, "weird"):
+
+    @torch.library.custom_op("lrpctest::weird", mutates_args=(), device_types="cpu")
+    def _weird(x: torch.Tensor) -> torch.Tensor:
+        return _weird_impl(x)
+
+    @_weird.register_fake
+    def _(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    def _weird_setup(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    def _weird_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return grad * (s + x * s * (1 - s))
+
+    _weird.register_autograd(_weird_backward, setup_context=_weird_setup)
+
+if not hasattr(torch.ops.lrpctest, "noautograd"):
+
+    @torch.library.custom_op("lrpctest::noautograd", mutates_args=(), device_types="cpu")
+    def _noautograd(x: torch.Tensor) -> torch.Tensor:
+        return _weird_impl(x)
+
+    @_noautograd.register_fake
+    def _(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x)
+
+
+WEIRD = torch.ops.lrpctest.weird.default
+
+
+class Act(nn.Module):
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op = op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Block(nn.Module):
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 8)
+        self.act = Act(op)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.lin(x))
+
+
+class WithOp(nn.Module):
+    """``head(act(lin(x)))`` where ``act`` calls ``op``: the custom op, or ``F.silu`` as its reference."""
+
+    def __init__(self, op) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = Block(op)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(x))
+
+
+def test_unsupported_op_error_names_op_node_and_module() -> None:
+    a = compile_eager(WithOp(torch.ops.lrpctest.weird).eval())
+    with pytest.raises(lrpc.UnsupportedOperatorError) as info:
+        a(torch.randn(2, 6))
+    err = info.value
+    assert isinstance(err, lrpc.LRPCError)
+    message = str(err)
+    assert "lrpctest.weird.default" in message
+    assert f"'{err.node}'" in message and "weird" in err.node
+    assert "block.act" in message and err.module == "block.act"
+    assert "register_rule" in message and "on_unsupported" in message
+
+
+def test_unsupported_op_warn_falls_back_to_the_gradient() -> None:
+    model = WithOp(torch.ops.lrpctest.weird).eval()
+    x = torch.randn(3, 6)
+    a = compile_eager(model, on_unsupported="warn")
+    with pytest.warns(UserWarning, match=r"lrpctest\.weird"):
+        res = a(x)
+    assert res.relevance.shape == x.shape and torch.isfinite(res.relevance).all()
+    report = a.report()
+    assert report.coverage < 1.0
+    assert any("lrpctest.weird.default" in f and "block.act" in f for f in report.fallbacks)
+    assert "fallback" in str(report)
+    # the fallback is the Gradient rule: the same as aten.silu with lrpc.rules.Gradient()
+    reference = WithOp(nn.functional.silu).eval()
+    silu = torch.ops.aten.silu.default
+    try:
+        lrpc.register_rule(silu, lrpc.rules.Gradient())
+        expected = compile_eager(reference)(x).relevance
+    finally:
+        lrpc.register_rule(silu, None)
+    torch.testing.assert_close(res.relevance, nonzero(expected))
+    # ... which is not what the Pass rule (the preset's rule for silu) gives
+    assert not torch.allclose(res.relevance, compile_eager(reference)(x).relevance)
+
+
+def test_fallback_without_autograd_formula_names_the_op() -> None:
+    a = compile_eager(WithOp(torch.ops.lrpctest.noautograd).eval(), on_unsupported="warn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(Exception, match=r"lrpctest\.noautograd"):
+            a(torch.randn(2, 6))
+
+
+def test_register_rule_covers_the_op_and_invalidates_the_cache() -> None:
+    model = WithOp(torch.ops.lrpctest.weird).eval()
+    x = torch.randn(3, 6)
+    a = compile_eager(model, on_unsupported="warn")
+    with pytest.warns(UserWarning):
+        fallback = a(x).relevance
+    assert a.stats["traces"] == 1
+    try:
+        lrpc.register_rule(WEIRD, lrpc.rules.Pass())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            covered = a(x)
+            assert a.stats["traces"] == 2, "a registry change must invalidate cached programs"
+            assert a.report().coverage == 1.0 and a.report().fallbacks == []
+            strict = compile_eager(model)(x)  # on_unsupported="error" compiles now
+        # Pass at the custom op is what the preset does at aten.silu
+        expected = compile_eager(WithOp(nn.functional.silu).eval())(x).relevance
+        torch.testing.assert_close(covered.relevance, nonzero(expected))
+        torch.testing.assert_close(strict.relevance, expected)
+        assert not torch.allclose(covered.relevance, fallback)
+    finally:
+        lrpc.register_rule(WEIRD, None)
+    # removed again: unsupported as before, and nothing stale is reused
+    with pytest.raises(lrpc.UnsupportedOperatorError):
+        compile_eager(model)(x)
+    with pytest.warns(UserWarning, match=r"lrpctest\.weird"):
+        again = a(x)
+    assert a.stats["traces"] == 3
+    torch.testing.assert_close(again.relevance, fallback)
+
+
+def test_register_rule_rejects_non_rules() -> None:
+    with pytest.raises(TypeError):
+        lrpc.register_rule(WEIRD, lambda op, R: R)
+
+
+# --- token ids ----------------------------------------------------------------------------------------
+
+
+class BagOfEmbeddings(nn.Module):
+    """Masked mean of token embeddings, then a bias-free linear head."""
+
+    def __init__(self, vocab: int = 50, dim: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, classes, bias=False)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        e = self.emb(ids)
+        if mask is None:
+            return self.head(e.mean(1))
+        m = mask.to(e.dtype).unsqueeze(-1)
+        return self.head((e * m).sum(1) / m.sum(1))
+
+
+def test_token_ids_get_per_token_relevance() -> None:
+    model = BagOfEmbeddings().eval()
+    ids = torch.randint(0, 50, (3, 7))
+    a = compile_eager(model, rules="lrp0")
+    res = a(ids)
+    assert set(res.inputs) == {"ids"}
+    assert res.relevance.shape == (3, 7) and res.relevance.is_floating_point()
+    # by hand: LRP-0 through a mean and a bias-free linear layer gives token t: e_t . W_c / T
+    c = res.target
+    expected = (model.emb.weight[ids] * model.head.weight[c].unsqueeze(1)).sum(-1).detach() / 7
+    torch.testing.assert_close(res.relevance, nonzero(expected))
+    # another batch size and sequence length: the same program
+    res2 = a(torch.randint(0, 50, (5, 4)))
+    assert res2.relevance.shape == (5, 4)
+    assert a.stats["traces"] == 1
+
+
+def test_attention_mask_gets_no_relevance_entry() -> None:
+    model = BagOfEmbeddings().eval()
+    ids = torch.randint(0, 50, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    res = compile_eager(model)(ids, mask)
+    assert set(res.inputs) == {"ids"}
+    assert isinstance(res.relevance, torch.Tensor) and res.relevance.shape == (2, 6)
+    assert torch.equal(res.relevance[1, 4:], torch.zeros(2))  # masked-out tokens: no relevance
+    assert (res.relevance[:, :4] != 0).all()
+
+
+# --- tiny Hugging Face models ---------------------------------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+
+
+def _bert():
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, initializer_range=0.1, num_labels=3,
+    )
+    return transformers.BertForSequenceClassification(config), "bert.encoder.layer.0"
+
+
+def _gpt2():
+    config = transformers.GPT2Config(
+        vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.1,
+        bos_token_id=1, eos_token_id=2,
+    )
+    return transformers.GPT2LMHeadModel(config), "transformer.h.0"
+
+
+def _llama():
+    config = transformers.LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1,
+    )
+    return transformers.LlamaForCausalLM(config), "model.layers.0"
+
+
+@pytest.mark.parametrize("build", [_bert, _gpt2, _llama], ids=["bert", "gpt2", "llama"])
+def test_hugging_face_tiny_models(build) -> None:
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model, layer = build()
+    model.eval()
+    a = compile_eager(model, layers=[layer])
+    ids = torch.randint(3, 100, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    # decoders: left padding (under a causal mask the first rows attend to nothing); BERT: right padding
+    # (its pooler reads position 0)
+    pad = slice(5, 7) if "bert" in layer else slice(0, 2)
+    mask[1, pad] = 0
+    res = a(input_ids=ids, attention_mask=mask)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+
+    torch.testing.assert_close(res.output, logits)  # the program computes the model's own output
+    assert set(res.inputs) == {"input_ids"}  # no entry for the attention mask
+    assert res.relevance.shape == (2, 7)
+    assert torch.isfinite(res.relevance).all()
+    assert (res.relevance[0] != 0).all()
+    assert (res.relevance[1, :5] != 0).all() if "bert" in layer else (res.relevance[1, 2:] != 0).all()
+    torch.testing.assert_close(res.relevance[1, pad], torch.zeros(2))  # padding explains nothing
+    scores = logits[:, -1] if logits.dim() == 3 else logits  # sequences: the last position
+    assert torch.equal(res.target, scores.argmax(-1))
+
+    hidden = res.layers[layer]
+    assert hidden.shape == (2, 7, model.config.hidden_size)
+    assert torch.isfinite(hidden).all() and hidden.abs().sum() > 0
+    torch.testing.assert_close(hidden[1, pad], torch.zeros(2, model.config.hidden_size))
+
+    report = a.report()
+    assert report.coverage == 1.0 and report.fallbacks == [], str(report)
+
+    ids2 = torch.randint(3, 100, (3, 5))
+    res2 = a(input_ids=ids2, attention_mask=torch.ones(3, 5, dtype=torch.long))
+    assert a.stats["traces"] == 1, "another batch size and sequence length must not retrace"
+    assert res2.relevance.shape == (3, 5) and torch.isfinite(res2.relevance).all()
+    assert res2.layers[layer].shape == (3, 5, model.config.hidden_size)
+
+    # an explicit class (for sequence outputs: at the last position) other than sample 0's argmax
+    c = int(res.target[0] + 1) % logits.shape[-1]
+    res3 = a(input_ids=ids, attention_mask=mask, target=c)
+    assert torch.equal(res3.target, torch.tensor([c, c]))
+    assert not torch.allclose(res3.relevance[0], res.relevance[0])
+    assert a.stats["traces"] == 2
+
+
+# --- targets and seeds ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lrp0():
+    model = relu_net()
+    torch.manual_seed(1)
+    x = torch.randn(4, 6)
+    return model, x, compile_eager(model, rules="lrp0"), model(x).detach()
+
+
+def test_target_none_is_the_argmax(lrp0) -> None:
+    model, x, a, out = lrp0
+    res = a(x)
+    assert torch.equal(res.target, out.argmax(-1))
+    torch.testing.assert_close(res.output, out)
+    torch.testing.assert_close(res.relevance, nonzero(grad_x_input(model, x, out.argmax(-1))))
+
+
+def test_target_int(lrp0) -> None:
+    model, x, a, out = lrp0
+    for c in (0, 3):
+        res = a(x, target=c)
+        assert torch.equal(res.target, torch.full((4,), c))
+        torch.testing.assert_close(res.relevance, nonzero(grad_x_input(model, x, torch.full((4,), c))))
+
+
+def test_target_per_sample(lrp0) -> None:
+    model, x, a, out = lrp0
+    index = torch.tensor([3, 0, 2, 1])
+    res = a(x, target=index)
+    assert torch.equal(res.target, index)
+    torch.testing.assert_close(res.relevance, nonzero(grad_x_input(model, x, index)))
+    # a one-element tensor is broadcast over the batch
+    res1 = a(x, target=torch.tensor([2]))
+    torch.testing.assert_close(res1.relevance, a(x, target=2).relevance)
+
+
+def test_target_callable_is_the_seed(lrp0) -> None:
+    model, x, a, out = lrp0
+    index = torch.tensor([1, 1, 3, 0])
+
+    def seed(output: torch.Tensor) -> torch.Tensor:
+        onehot = torch.nn.functional.one_hot(torch.tensor([1, 1, 3, 0]), output.shape[-1]).to(output.dtype)
+        return output * onehot
+
+    res = a(x, target=seed)
+    assert res.target is None
+    torch.testing.assert_close(res.relevance, a(x, target=index).relevance)
+
+    # a seed on two classes at once is the sum of the two explanations (LRP-0 is linear in the seed)
+    res2 = a(x, target=lambda o: o * torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    expected = a(x, target=0).relevance + a(x, target=2).relevance
+    torch.testing.assert_close(res2.relevance, expected)
+
+
+@pytest.mark.parametrize("seed", ["logit", "one"])
+def test_seed_logit_and_one(lrp0, seed: str) -> None:
+    model, x, _, out = lrp0
+    a = compile_eager(model, rules="lrp0", seed=seed)
+    res = a(x)
+    logit = out.gather(1, res.target.view(-1, 1)).squeeze(1)
+    totals = res.relevance.sum(1)
+    # LRP-0 on a bias-free ReLU network conserves the seed
+    torch.testing.assert_close(totals, nonzero(logit) if seed == "logit" else torch.ones(4))
+    # the per-call seed overrides the compiled one
+    other = "one" if seed == "logit" else "logit"
+    res_other = a(x, seed=other)
+    torch.testing.assert_close(res_other.relevance.sum(1), logit if other == "logit" else torch.ones(4))
+    report = a.report()
+    assert report.conservation == pytest.approx(1.0, abs=1e-4)
+
+
+def test_scalar_output_is_explained_as_is() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8, bias=False), nn.ReLU(), nn.Linear(8, 1, bias=False), nn.Flatten(0)).eval()
+    x = torch.randn(3, 5)
+    res = compile_eager(model, rules="lrp0")(x)
+    assert res.target is None and res.output.shape == (3,)
+    torch.testing.assert_close(res.relevance.sum(1), nonzero(model(x).detach()))
+
+
+@pytest.mark.parametrize(
+    "target, match",
+    [
+        (torch.tensor([0.0, 1.0, 2.0, 0.0]), "integer class indices"),
+        (torch.tensor([True, False, True, False]), "integer class indices"),
+        (torch.tensor([0, 1]), "2 indices for a batch of 4"),
+        (7, r"out of range.*4 classes"),
+        (-1, r"out of range.*4 classes"),
+        (torch.tensor([0, 1, 9, 0]), r"out of range"),
+        ("cat", "target must be"),
+        (True, "target must be"),
+        (1.5, "target must be"),
+        (lambda out: out[:, :1], "seed tensor shaped like the output"),
+    ],
+    ids=["float", "bool", "length", "big", "negative", "per-sample", "str", "bool-scalar", "float-scalar", "callable-shape"],
+)
+def test_bad_target_is_a_clear_error(lrp0, target, match: str) -> None:
+    _, x, a, _ = lrp0
+    with pytest.raises(lrpc.LRPCError, match=match):
+        a(x, target=target)
+
+
+def test_bad_options_are_clear_errors() -> None:
+    model = relu_net()
+    with pytest.raises(lrpc.LRPCError, match=r"unknown rules preset 'nope'.*epsilon"):
+        lrpc.compile(model, rules="nope")
+    with pytest.raises(lrpc.LRPCError, match=r"unknown backend 'nope'.*eager"):
+        lrpc.compile(model, backend="nope")
+    with pytest.raises(lrpc.LRPCError, match=r"no submodule '5\.weight'"):
+        lrpc.compile(model, layers=["5.weight"])
+    with pytest.raises(lrpc.LRPCError, match=r"no submodule 'encoder'"):
+        lrpc.compile(model, layers=["encoder"])
+    with pytest.raises(lrpc.LRPCError, match="seed must be one of"):
+        lrpc.compile(model, seed="two")
+    with pytest.raises(lrpc.LRPCError, match="on_unsupported must be one of"):
+        lrpc.compile(model, on_unsupported="ignore")
+    with pytest.raises(lrpc.LRPCError, match="seed must be one of"):
+        compile_eager(model)(torch.randn(2, 6), seed="two")
+    with pytest.raises(TypeError, match="nn.Module"):
+        lrpc.compile(lambda x: x)
+
+
+def test_layer_not_on_the_explained_path_is_an_error() -> None:
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(4, 2)
+            self.unused = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    with pytest.raises(lrpc.LRPCError, match="layer 'unused'"):
+        compile_eager(Unused().eval(), layers=["unused"])(torch.randn(2, 4))
+
+
+def test_layer_relevance_is_conserved(lrp0) -> None:
+    model, x, _, out = lrp0
+    res = compile_eager(model, rules="lrp0", layers=["0", "2"])(x)
+    logit = out.gather(1, res.target.view(-1, 1)).squeeze(1)
+    assert set(res.layers) == {"0", "2"}
+    assert res.layers["0"].shape == (4, 16) and res.layers["2"].shape == (4, 16)
+    torch.testing.assert_close(res.layers["2"].sum(1), nonzero(logit))
+    torch.testing.assert_close(res.layers["0"].sum(1), logit)
+
+
+# --- several inputs, structured outputs -----------------------------------------------------------------
+
+
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.la = nn.Linear(3, 8, bias=False)
+        self.lb = nn.Linear(2, 8, bias=False)
+        self.head = nn.Linear(8, 4, bias=False)
+        self.aux = nn.Linear(3, 5, bias=False)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.relu(self.la(a) + self.lb(b))
+        return {"logits": self.head(h), "aux": self.aux(a)}
+
+
+def test_two_float_inputs() -> None:
+    model = TwoInputs().eval()
+    xa, xb = torch.randn(3, 3), torch.randn(3, 2)
+    res = compile_eager(model, rules="lrp0")(xa, xb)
+    assert isinstance(res.relevance, tuple) and len(res.relevance) == 2
+    assert list(res.inputs) == ["a", "b"]
+    assert res.inputs["a"] is res.relevance[0] and res.inputs["b"] is res.relevance[1]
+    assert res.relevance[0].shape == xa.shape and res.relevance[1].shape == xb.shape
+    # against gradient x input of the explained logit
+    a_, b_ = xa.clone().requires_grad_(), xb.clone().requires_grad_()
+    logits = model(a_, b_)["logits"]
+    logits.gather(1, res.target.view(-1, 1)).sum().backward()
+    torch.testing.assert_close(res.inputs["a"], nonzero(a_ * a_.grad).detach())
+    torch.testing.assert_close(res.inputs["b"], nonzero(b_ * b_.grad).detach())
+    torch.testing.assert_close(res.output, logits.detach())
+    # keyword arguments: the same names
+    res_kw = compile_eager(model, rules="lrp0")(b=xb, a=xa)
+    torch.testing.assert_close(res_kw.inputs["a"], res.inputs["a"])
+    torch.testing.assert_close(res_kw.inputs["b"], res.inputs["b"])
+
+
+def test_dict_output_first_tensor_and_output_selector() -> None:
+    model = TwoInputs().eval()
+    xa, xb = torch.randn(3, 3), torch.randn(3, 2)
+    with torch.no_grad():
+        out = model(xa, xb)
+    default = compile_eager(model)(xa, xb)
+    torch.testing.assert_close(default.output, out["logits"])
+    aux = compile_eager(model, output="aux")(xa, xb)
+    torch.testing.assert_close(aux.output, out["aux"])
+    assert torch.equal(aux.target, out["aux"].argmax(-1))
+    assert torch.equal(aux.inputs["b"], torch.zeros_like(xb))  # b does not reach "aux"
+    assert (aux.inputs["a"] != 0).any()
+    picked = compile_eager(model, output=lambda o: o["aux"])(xa, xb)
+    torch.testing.assert_close(picked.relevance[0], aux.relevance[0])
+
+
+def test_tuple_output_first_tensor_and_index_selector() -> None:
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.a = nn.Linear(4, 3)
+            self.b = nn.Linear(4, 6)
+
+        def forward(self, x):
+            return self.a(x), self.b(x)
+
+    model = Pair().eval()
+    x = torch.randn(2, 4)
+    first = compile_eager(model)(x)
+    second = compile_eager(model, output=1)(x)
+    with torch.no_grad():
+        torch.testing.assert_close(first.output, model.a(x))
+        torch.testing.assert_close(second.output, model.b(x))
+    assert second.output.shape == (2, 6)
+    assert not torch.allclose(first.relevance, second.relevance)
+
+
+def test_attribution_fields_and_introspection() -> None:
+    model = relu_net()
+    a = compile_eager(model, layers=["2"])
+    x = torch.randn(2, 6)
+    res = a(x)
+    assert isinstance(res, lrpc.Attribution)
+    assert set(res.inputs) == {"input"}
+    assert isinstance(a.program(x), lrpc.Program)
+    gm = a.graph_module(x)
+    assert isinstance(gm, torch.fx.GraphModule)
+    assert "relu" in a.program(x).code()
+    plan = a.plan(x)
+    assert plan.coverage == 1.0 and "aten.linear.default" in str(plan)
+    assert a.stats["traces"] == 1  # introspection reuses the cached program
+    report = a.report()
+    assert report.model == "Sequential" and report.coverage == 1.0
+    assert report.as_dict()["nodes"] == report.nodes > 0
+
+
+# --- backends ----------------------------------------------------------------------------------------------
+
+
+def test_interpret_backend_matches_eager() -> None:
+    model = conv_net(nn.MaxPool2d(2), features=4 * 4 * 4)
+    x = torch.randn(3, 3, 8, 8)
+    eager = compile_eager(model)(x)
+    interp = lrpc.compile(model, backend="interpret")(x)
+    torch.testing.assert_close(interp.relevance, nonzero(eager.relevance))
+
+
+def test_interpret_backend_runs_the_custom_op_fallback() -> None:
+    model = WithOp(torch.ops.lrpctest.weird).eval()
+    x = torch.randn(2, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eager = compile_eager(model, on_unsupported="warn")(x)
+        interp = lrpc.compile(model, backend="interpret", on_unsupported="warn")(x)
+    torch.testing.assert_close(interp.relevance, nonzero(eager.relevance))
+
+
+@pytest.mark.slow
+def test_inductor_backend_matches_eager_and_reuses_programs() -> None:
+    model = relu_net(bias=True)
+    a = lrpc.compile(model, backend="inductor")
+    for batch in (2, 5):
+        x = torch.randn(batch, 6)
+        torch.testing.assert_close(a(x).relevance, nonzero(compile_eager(model)(x).relevance))
+    assert a.stats["traces"] == 1
+    assert a.report().backend == "inductor"
