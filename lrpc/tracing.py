@@ -212,7 +212,7 @@ def trace(
         warnings.warn(
             f"{type(model).__name__} is in training mode; lrpc explains it in eval semantics "
             "(dropout off, batch norm running statistics). The model's own mode is left unchanged.",
-            stacklevel=3,
+            stacklevel=5,  # the user's call: trace <- _compile <- _program <- __call__ / program()
         )
     with eval_mode(model), torch.no_grad():
         errors = []
