@@ -13,7 +13,15 @@ from torch import nn
 
 import lrpc
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """These checks compare to 1e-10: run them in float64, and leave the default as it was."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
