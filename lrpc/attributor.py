@@ -277,9 +277,9 @@ class Attributor:
 
     def _result(self, program: Program, tensors: list[Tensor], outs: tuple) -> Attribution:
         sig = program.signature
-        output, used_index = outs[0], outs[1]
-        rel_values = outs[2 : 2 + len(sig.relevance_names)]
-        layer_values = outs[2 + len(sig.relevance_names) :]
+        output, used_index, seed_total = outs[0], outs[1], outs[2]
+        rel_values = outs[3 : 3 + len(sig.relevance_names)]
+        layer_values = outs[3 + len(sig.relevance_names) :]
         name_to_tensor = dict(zip(sig.input_names, tensors))
         inputs: dict[str, Tensor] = {}
         for name, r in zip(sig.relevance_names, rel_values):
@@ -296,7 +296,7 @@ class Attributor:
         values = tuple(inputs.values())
         self._last_conservation = (
             sum(v.sum() for v in values) if values else output.new_zeros(()),
-            _seed_total(output, used_index, program.target),
+            seed_total,
         )
         return Attribution(
             output=output,
@@ -314,18 +314,6 @@ def _check_classes(index: Tensor, program: Program) -> None:
     if isinstance(classes, int) and index.numel() and (int(index.min()) < 0 or int(index.max()) >= classes):
         bad = index[(index < 0) | (index >= classes)].unique()[:8].tolist()
         raise LRPCError(f"target index out of range: {bad}; the output {tuple(out.shape)} has {classes} classes")
-
-
-def _seed_total(output: Tensor, index: Tensor | None, spec: TargetSpec) -> Tensor:
-    """The total relevance put in at the output (for the conservation line of the report)."""
-    if spec.mode == "callable":
-        return output.new_tensor(float("nan"))
-    if index is None:
-        return output.sum() if spec.seed == "logit" else output.new_tensor(float(output.numel()))
-    if spec.seed == "one":
-        return output.new_tensor(float(index.numel()))
-    scores = output[:, -1] if output.dim() == 3 else output
-    return scores.gather(-1, index.unsqueeze(-1)).sum()
 
 
 def _index_example(graph: fx.Graph, the_plan: Plan) -> Tensor:

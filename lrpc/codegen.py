@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from .errors import LRPCError
 from .ops import SIDE_EFFECT_OPS, lookup
 from .planning import Plan, Step, bind
 from .rules import Operation
@@ -41,7 +42,7 @@ class Signature:
 
 def relevance_function(plan: Plan, target: TargetSpec) -> tuple[Callable[..., tuple], Signature]:
     """The program as a Python function of ``(*state, *inputs[, index])`` returning
-    ``(output, index_or_None, *input_relevances, *layer_relevances)``."""
+    ``(output, index_or_None, seed_total, *input_relevances, *layer_relevances)``."""
     graph = plan.graph
     nodes = list(graph.nodes)
     by_name = {n.name: n for n in nodes}
@@ -80,11 +81,19 @@ def relevance_function(plan: Plan, target: TargetSpec) -> tuple[Callable[..., tu
             step = steps[node.name]
             with fx_traceback.set_current_meta(node), _annotate(step):
                 op, tensor_inputs = _operation(node, env, step)
-                results = step.rule(op, r)
+                try:
+                    results = step.rule(op, r)
+                except LRPCError:
+                    raise
+                except Exception as e:  # name the node: the rule's own error does not say where it was
+                    raise LRPCError(
+                        f"{step.rule.name} failed at node '{step.node}' ({step.op}, module "
+                        f"'{step.module}'): {type(e).__name__}: {e}"
+                    ) from e
             for (_, inp), res in zip(tensor_inputs, results):
                 if res is not None and inp.name in step.receivers:
                     _accumulate(relevance, inp, res)
-        outs: list[Any] = [output, used_index]
+        outs: list[Any] = [output, used_index, seed.sum()]
         for name, node in input_nodes.items():
             outs.append(relevance.get(node))
         for path in plan.layers:
