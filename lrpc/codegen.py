@@ -144,6 +144,15 @@ def _operation(node: fx.Node, env: dict[fx.Node, Any], step: Step) -> tuple[Oper
     linear_map = None
     if op_spec is not None and op_spec.linearize is not None and step.family == "norm":
         linear_map = op_spec.linearize(bound, output)
+    def role(name: str, t: fx.Node) -> str:
+        if t.name in step.receivers:
+            return "input"
+        if op_spec is not None and name in op_spec.bias:
+            return "bias"
+        if op_spec is not None and name in op_spec.factors:
+            return "weight"
+        return "other"
+
     op = Operation(
         fn=fn,
         inputs=tuple(env[t] for _, t in tensor_inputs),
@@ -151,6 +160,7 @@ def _operation(node: fx.Node, env: dict[fx.Node, Any], step: Step) -> tuple[Oper
         relevant=tuple(t.name in step.receivers for _, t in tensor_inputs),
         dim=op_spec.dim(bound) if op_spec is not None and op_spec.dim is not None else None,
         linear_map=linear_map,
+        roles=tuple(role(name, t) for name, t in tensor_inputs),
     )
     return op, tensor_inputs
 

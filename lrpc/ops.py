@@ -60,6 +60,7 @@ class OpSpec:
     family: Family
     frozen: frozenset[str] = frozenset()
     factors: frozenset[str] = frozenset()
+    bias: frozenset[str] = frozenset()  # additive constant arguments of a layer (what gamma & co. modify)
     dim: Callable[[Mapping[str, Any]], int] | None = None
     linearize: Callable[[Mapping[str, Any], Any], Callable[[Tensor], Tensor]] | None = None
     rule: "Rule | None" = None  # a rule of this op's own (lrpc.register_rule), above any preset
@@ -223,11 +224,11 @@ def _linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     return out.view(*input.shape[:-1], weight.shape[0])
 
 
-register_op("linear", _spec(Family.LINEAR, factors={"input", "weight"}, impl=_linear))
+register_op("linear", _spec(Family.LINEAR, factors={"input", "weight"}, bias={"bias"}, impl=_linear))
 register_op(["mm", "bmm"], _spec(Family.LINEAR, factors={"self", "mat2"}))
-register_op("addmm", _spec(Family.LINEAR, factors={"mat1", "mat2"}))
-register_op("baddbmm", _spec(Family.LINEAR, factors={"batch1", "batch2"}))
-register_op("convolution", _spec(Family.CONV, factors={"input", "weight"}))
+register_op("addmm", _spec(Family.LINEAR, factors={"mat1", "mat2"}, bias={"self"}))
+register_op("baddbmm", _spec(Family.LINEAR, factors={"batch1", "batch2"}, bias={"self"}))
+register_op("convolution", _spec(Family.CONV, factors={"input", "weight"}, bias={"bias"}))
 register_op("mul", _spec(Family.SCALE, factors={"self", "other"}))
 # The divisor is treated as a normalizing constant: relevance flows to the numerator only.
 register_op("div", _spec(Family.SCALE, frozen={"other"}))

@@ -54,6 +54,34 @@ class Operation:
     relevant: tuple[bool, ...]
     dim: int | None = None
     linear_map: Callable[[Tensor], Tensor] | None = None
+    roles: tuple[str, ...] = ()  # per input: "input" (relevant), "weight", "bias", "negated" or "other"
+
+    def role(self, name: str) -> Tensor | None:
+        """The value of the (first) input with this role, or ``None``."""
+        return next((x for x, r in zip(self.inputs, self.roles) if r == name), None)
+
+    def layer(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """The op evaluated at a modified input, weight and bias (``None`` zeroes the bias), and the
+        pullback ``g -> J_xᵀ g`` at those values. What the parameter rules (ZPlus, Gamma, ...) are made of."""
+        values = list(self.inputs)
+        slot = self.roles.index("input")
+        for i, r in enumerate(self.roles):
+            if r == "weight":
+                values[i] = weight
+            elif r == "bias":
+                values[i] = torch.zeros_like(values[i]) if bias is None else bias
+
+        def f(t: Tensor) -> Tensor:
+            values[slot] = t
+            out = self.fn(*values)
+            return out[0] if isinstance(out, (tuple, list)) else out
+
+        z, pullback = torch.func.vjp(f, x)
+        return z, lambda g: pullback(g)[0]
+
+    def place(self, relevance: Tensor) -> Relevances:
+        """Relevance for the op's one relevant input, in argument order."""
+        return tuple(relevance if r == "input" else None for r in self.roles)
 
     @property
     def z(self) -> Tensor:
@@ -154,6 +182,8 @@ class Rule:
     reads: ClassVar[frozenset[str]] = frozenset({"inputs", "output"})
     #: Rules that only make sense for ops with a single relevant input (Pass) say so here.
     unary: ClassVar[bool] = False
+    #: Op families (:class:`lrpc.ops.Family` values) the rule can serve; ``None``: any.
+    serves: ClassVar[frozenset[str] | None] = None
 
     @property
     def name(self) -> str:
@@ -191,6 +221,157 @@ def _linearized(op: Operation, R: Tensor, eps: float) -> Relevances:
     _, pullback = torch.func.vjp(op.linear_map, x)
     (g,) = pullback(divide(R, op.z, eps))
     return (x * g,) + (None,) * (len(op.inputs) - 1)
+
+
+def _parts(op: Operation, rule: Rule) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Input, weight and bias of a parameterized linear op (linear, conv, mm with a constant)."""
+    if op.roles.count("input") != 1 or "weight" not in op.roles:
+        raise RuleError(f"{rule.name} needs a layer with one relevant input and a weight (roles {op.roles})")
+    return op.role("input"), op.role("weight"), op.role("bias")  # type: ignore[return-value]
+
+
+def _pos(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.clamp(min=0)
+
+
+def _neg(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.clamp(max=0)
+
+
+def _gamma(t: Tensor | None, gamma: float, part: Callable[[Tensor | None], Tensor | None]) -> Tensor | None:
+    return None if t is None else t + gamma * part(t)  # type: ignore[operator]
+
+
+#: Families a parameter rule can serve.
+LAYERS = frozenset({"linear", "conv", "conv_transpose"})
+
+
+@dataclass(frozen=True)
+class ZPlus(Rule):
+    """LRP-z⁺ (Zennit's ``ZPlus``, alpha=1 beta=0 with negative inputs allowed):
+    ``R_x = x⁺ ⊙ W⁺ᵀ(R ⊘ s) + x⁻ ⊙ W⁻ᵀ(R ⊘ s)`` with ``s = stab(W⁺x⁺ + b⁺ + W⁻x⁻)``."""
+
+    stabilizer: float = 1e-6
+    serves: ClassVar[frozenset[str] | None] = LAYERS
+
+    def __call__(self, op: Operation, R: Any) -> Relevances:
+        x, w, b = _parts(op, self)
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        z1, back1 = op.layer(xp, w.clamp(min=0), _pos(b))
+        z2, back2 = op.layer(xn, w.clamp(max=0), None)
+        g = divide(_main(R), z1 + z2, self.stabilizer)
+        return op.place(xp * back1(g) + xn * back2(g))
+
+
+@dataclass(frozen=True)
+class AlphaBeta(Rule):
+    """LRP-αβ (Zennit's ``AlphaBeta``): positive contributions weighted by α, negative by β,
+    ``R_x = α (x⁺⊙W⁺ᵀg⁺ + x⁻⊙W⁻ᵀg⁺) − β (x⁺⊙W⁻ᵀg⁻ + x⁻⊙W⁺ᵀg⁻)`` with
+    ``g⁺ = R ⊘ stab(W⁺x⁺ + b⁺ + W⁻x⁻)``, ``g⁻ = R ⊘ stab(W⁻x⁺ + b⁻ + W⁺x⁻)``; requires α − β = 1."""
+
+    alpha: float = 2.0
+    beta: float = 1.0
+    stabilizer: float = 1e-6
+    serves: ClassVar[frozenset[str] | None] = LAYERS
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0 or self.beta < 0 or self.alpha - self.beta != 1:
+            raise RuleError(f"AlphaBeta needs alpha, beta >= 0 and alpha - beta == 1, got {self.alpha}, {self.beta}")
+
+    def __call__(self, op: Operation, R: Any) -> Relevances:
+        x, w, b = _parts(op, self)
+        xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), w.clamp(min=0), w.clamp(max=0)
+        z1, back1 = op.layer(xp, wp, _pos(b))
+        z2, back2 = op.layer(xn, wn, None)
+        z3, back3 = op.layer(xp, wn, _neg(b))
+        z4, back4 = op.layer(xn, wp, None)
+        r = _main(R)
+        gp, gn = divide(r, z1 + z2, self.stabilizer), divide(r, z3 + z4, self.stabilizer)
+        positive = xp * back1(gp) + xn * back2(gp)
+        negative = xp * back3(gn) + xn * back4(gn)
+        return op.place(self.alpha * positive - self.beta * negative)
+
+
+@dataclass(frozen=True)
+class Gamma(Rule):
+    """Generalized LRP-γ (Zennit's ``Gamma``): positive and negative outputs handled separately,
+    ``R_x = x⁺⊙W₁ᵀg₁ + x⁻⊙W₂ᵀg₁ + x⁺⊙W₂ᵀg₂ + x⁻⊙W₁ᵀg₂`` with ``W₁ = W + γW⁺``, ``W₂ = W + γW⁻``,
+    ``g₁ = 1[z>0] ⊙ R ⊘ stab(W₁x⁺ + b₁ + W₂x⁻)``, ``g₂ = 1[z<0] ⊙ R ⊘ stab(W₂x⁺ + b₂ + W₁x⁻)``,
+    ``b₁ = b + γb⁺``, ``b₂ = b + γb⁻``."""
+
+    gamma: float = 0.25
+    stabilizer: float = 1e-6
+    serves: ClassVar[frozenset[str] | None] = LAYERS
+
+    def __post_init__(self) -> None:
+        if self.gamma < 0:
+            raise RuleError(f"Gamma needs gamma >= 0, got {self.gamma}")
+
+    def __call__(self, op: Operation, R: Any) -> Relevances:
+        x, w, b = _parts(op, self)
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        w1, w2 = _gamma(w, self.gamma, _pos), _gamma(w, self.gamma, _neg)
+        z1, back1 = op.layer(xp, w1, _gamma(b, self.gamma, _pos))  # type: ignore[arg-type]
+        z2, back2 = op.layer(xn, w2, None)  # type: ignore[arg-type]
+        z3, back3 = op.layer(xp, w2, _gamma(b, self.gamma, _neg))  # type: ignore[arg-type]
+        z4, back4 = op.layer(xn, w1, None)  # type: ignore[arg-type]
+        r, z = _main(R), op.z
+        g1 = (z > 0).to(r.dtype) * divide(r, z1 + z2, self.stabilizer)
+        g2 = (z < 0).to(r.dtype) * divide(r, z3 + z4, self.stabilizer)
+        return op.place(xp * back1(g1) + xn * back2(g1) + xp * back3(g2) + xn * back4(g2))
+
+
+@dataclass(frozen=True)
+class Flat(Rule):
+    """LRP-flat (Zennit's ``Flat``): inputs and weights taken as 1, bias 0:
+    ``R_x = 1ᵀ(R ⊘ stab(1·1))``: relevance spread uniformly over each receptive field."""
+
+    stabilizer: float = 1e-6
+    serves: ClassVar[frozenset[str] | None] = LAYERS
+
+    def __call__(self, op: Operation, R: Any) -> Relevances:
+        x, w, _ = _parts(op, self)
+        z, back = op.layer(torch.ones_like(x), torch.ones_like(w), None)
+        return op.place(back(divide(_main(R), z, self.stabilizer)))
+
+
+@dataclass(frozen=True)
+class WSquare(Rule):
+    """LRP-w² (Zennit's ``WSquare``): ``R_x = (W²)ᵀ(R ⊘ stab(W²·1 + b²))``."""
+
+    stabilizer: float = 1e-6
+    serves: ClassVar[frozenset[str] | None] = LAYERS
+
+    def __call__(self, op: Operation, R: Any) -> Relevances:
+        x, w, b = _parts(op, self)
+        z, back = op.layer(torch.ones_like(x), w * w, None if b is None else b * b)
+        return op.place(back(divide(_main(R), z, self.stabilizer)))
+
+
+@dataclass(frozen=True)
+class ZBox(Rule):
+    """LRP-z^B (Zennit's ``ZBox``) for inputs bounded by ``low <= x <= high`` (floats or tensors that
+    broadcast against one sample, e.g. per channel ``(3, 1, 1)``):
+    ``R_x = x⊙Wᵀg − l⊙W⁺ᵀg − h⊙W⁻ᵀg`` with ``g = R ⊘ stab(Wx + b − (W⁺l + b⁺) − (W⁻h + b⁻))``."""
+
+    low: Any = None
+    high: Any = None
+    stabilizer: float = 1e-6
+    serves: ClassVar[frozenset[str] | None] = LAYERS
+
+    def __post_init__(self) -> None:
+        if self.low is None or self.high is None:
+            raise RuleError("ZBox needs the input bounds: ZBox(low=..., high=...)")
+
+    def __call__(self, op: Operation, R: Any) -> Relevances:
+        x, w, b = _parts(op, self)
+        low = torch.as_tensor(self.low, dtype=x.dtype, device=x.device).expand_as(x)
+        high = torch.as_tensor(self.high, dtype=x.dtype, device=x.device).expand_as(x)
+        z1, back1 = op.layer(x, w, b)
+        z2, back2 = op.layer(low, w.clamp(min=0), _pos(b))
+        z3, back3 = op.layer(high, w.clamp(max=0), _neg(b))
+        g = divide(_main(R), z1 - z2 - z3, self.stabilizer)
+        return op.place(x * back1(g) - low * back2(g) - high * back3(g))
 
 
 @dataclass(frozen=True)
@@ -286,6 +467,12 @@ __all__ = [
     "Route",
     "Gradient",
     "UniformProduct",
+    "ZPlus",
+    "AlphaBeta",
+    "Gamma",
+    "Flat",
+    "WSquare",
+    "ZBox",
     "Softmax",
     "Embedding",
     "Stop",
