@@ -16,6 +16,7 @@ from .attributor import Attribution, Attributor, Program, compile
 from .backends import register_backend
 from .errors import LRPCError, RuleError, TraceError, UnsupportedOperatorError
 from .ops import register_op, register_rule
+from .presets import Preset, composite
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,8 @@ __all__ = [
     "register_backend",
     "rules",
     "presets",
+    "Preset",
+    "composite",
     "LRPCError",
     "TraceError",
     "RuleError",

@@ -236,7 +236,14 @@ class Attributor:
         start = time.perf_counter()
         graph = canonicalize(traced.graph)
         inputs = {s.name: n for s, n in zip(traced.inputs, traced.user_placeholders)}
-        the_plan = make_plan(graph, self.preset, inputs, layers=self.layers, on_unsupported=self.on_unsupported)
+        the_plan = make_plan(
+            graph,
+            self.preset,
+            inputs,
+            layers=self.layers,
+            on_unsupported=self.on_unsupported,
+            modules=dict(self.model.named_modules()),
+        )
         planned = time.perf_counter()
         examples: list[Any] = [n.meta["val"] for n in graph.nodes if n.op == "placeholder"]
         if spec.mode == "index":

@@ -11,11 +11,12 @@ import operator
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch import nn
 
 from .canonize import FROZEN_META, FUSED_META
 from .errors import LRPCError, RuleError, UnsupportedOperatorError
@@ -130,10 +131,11 @@ def frozen_args(node: fx.Node, spec: OpSpec | None) -> frozenset[str]:
     return (spec.frozen if spec else frozenset()) | node.meta.get(FROZEN_META, frozenset())
 
 
-def carriers(graph: fx.Graph, inputs: Sequence[fx.Node]) -> set[fx.Node]:
+def carriers(graph: fx.Graph, inputs: Sequence[fx.Node], constants: frozenset[Family] = frozenset()) -> set[fx.Node]:
     """Nodes that can carry relevance: float values computed from a float input, and integer values
     (token ids) moved by routing ops. An int -> float conversion (a mask turned into a bias) starts a
-    constant, so attention masks never receive relevance; embeddings turn ids into relevance sinks."""
+    constant, so attention masks never receive relevance; embeddings turn ids into relevance sinks.
+    Outputs of ops in the ``constants`` families (CP-LRP: softmax) are constants too."""
     carry: set[fx.Node] = {n for n in inputs if _is_float(n) or _is_int(n)}
     for node in graph.nodes:
         if node.op != "call_function" or node in carry:
@@ -144,6 +146,8 @@ def carriers(graph: fx.Graph, inputs: Sequence[fx.Node]) -> set[fx.Node]:
                 carry.add(node)
             continue
         spec = lookup(node.target)
+        if spec is not None and spec.family in constants:
+            continue
         _, tensors = bind(node)
         frozen = frozen_args(node, spec)
         live = [(name, t) for name, t in tensors if t in carry and name not in frozen]
@@ -170,9 +174,14 @@ def plan(
     *,
     layers: Sequence[str] = (),
     on_unsupported: str = "error",
+    modules: Mapping[str, nn.Module] | None = None,
 ) -> Plan:
-    """Walk ``graph`` in reverse topological order and assign a rule to every node relevance reaches."""
-    carry = carriers(graph, list(inputs.values()))
+    """Walk ``graph`` in reverse topological order and assign a rule to every node relevance reaches.
+
+    ``modules`` (path -> module) lets overrides keyed by module type match subclasses."""
+    carry = carriers(graph, list(inputs.values()), preset.constants)
+    first = _first_layer(graph, preset, carry)
+    context = _Context(preset, carry, on_unsupported, first, modules or {})
     output_node = next(n for n in graph.nodes if n.op == "output")
     explained = output_node.args[0][0] if isinstance(output_node.args[0], (tuple, list)) else output_node.args[0]
     if explained not in carry:
@@ -188,7 +197,7 @@ def plan(
         if node.target is operator.getitem:
             reached.add(node.args[0])
             continue
-        steps.append(_step(node, preset, carry, reached, on_unsupported))
+        steps.append(_step(node, context, reached))
     layer_nodes = {path: find_layer_output(graph, path).name for path in layers}
     call_nodes = [n for n in graph.nodes if n.op == "call_function" and n.target not in SIDE_EFFECT_OPS]
     return Plan(
@@ -203,15 +212,59 @@ def plan(
     )
 
 
-def _step(node: fx.Node, preset: Preset, carry: set[fx.Node], reached: set[fx.Node], on_unsupported: str) -> Step:
-    spec = lookup(node.target)
+@dataclass(frozen=True)
+class _Context:
+    preset: Preset
+    carry: set[fx.Node]
+    on_unsupported: str
+    first: fx.Node | None
+    modules: Mapping[str, nn.Module]
+
+
+def _relevant(node: fx.Node, spec: OpSpec | None, carry: set[fx.Node]) -> tuple[dict[str, Any], list, list]:
     args, tensors = bind(node)
     frozen = frozen_args(node, spec)
-    relevant = [(name, t) for name, t in tensors if t in carry and name not in frozen]
+    return args, tensors, [(name, t) for name, t in tensors if t in carry and name not in frozen]
+
+
+def _first_layer(graph: fx.Graph, preset: Preset, carry: set[fx.Node]) -> fx.Node | None:
+    """The first parameterized layer reached from the input (Zennit's "first layer"), if the preset
+    has a rule for it."""
+    if preset.first is None:
+        return None
+    for node in graph.nodes:
+        if node.op != "call_function" or node not in carry:
+            continue
+        spec = lookup(node.target)
+        if spec is None:
+            continue
+        args, _, relevant = _relevant(node, spec, carry)
+        if spec.family_for({name for name, _ in relevant}, args) in preset.first_families:
+            return node
+    return None
+
+
+def _choose(node: fx.Node, spec: OpSpec, family: Family, ctx: _Context) -> Rule:
+    """User rule for the op > module override > first-layer rule > the preset's rule for the family."""
+    if spec.rule is not None:
+        return spec.rule
+    if ctx.preset.overrides:
+        stack = [(path, ctx.modules.get(path)) for path, _ in module_stack(node)]
+        rule = ctx.preset.override_for(family, stack)
+        if rule is not None:
+            return rule
+    if node is ctx.first and ctx.preset.first is not None:
+        return ctx.preset.first
+    return ctx.preset.rule_for(family)
+
+
+def _step(node: fx.Node, ctx: _Context, reached: set[fx.Node]) -> Step:
+    spec = lookup(node.target)
+    args, tensors, relevant = _relevant(node, spec, ctx.carry)
     module = module_path(node)
     fallback = False
     if spec is None:
-        if on_unsupported == "error":
+        if ctx.on_unsupported == "error":
             val = node.meta.get("val")
             raise UnsupportedOperatorError(op_name(node), node.name, module, getattr(val, "shape", None))
         warnings.warn(
@@ -222,7 +275,12 @@ def _step(node: fx.Node, preset: Preset, carry: set[fx.Node], reached: set[fx.No
         family, rule, fallback = Family.GRADIENT, Gradient(), True
     else:
         family = spec.family_for({name for name, _ in relevant}, args)
-        rule = spec.rule if spec.rule is not None else preset.rule_for(family)
+        rule = _choose(node, spec, family, ctx)
+    if rule.serves is not None and family.value not in rule.serves:
+        raise RuleError(
+            f"{rule.name} serves {sorted(rule.serves)} ops, but {op_name(node)} at node '{node.name}' "
+            f"(module '{module}') is a '{family.value}' op"
+        )
     if rule.unary and len(relevant) != 1:
         raise RuleError(
             f"{rule.name} needs exactly one relevant input, but {op_name(node)} at node '{node.name}' "

@@ -1,18 +1,61 @@
-"""Presets: which rule each op family gets. A preset is a name plus a table ``Family -> Rule``."""
+"""Presets: which rule each op family gets, which rule the first layer gets, and per-module overrides.
+
+A :class:`Preset` is plain data: a name, a table ``Family -> Rule``, an optional rule for the first layer
+(the first parameterized op reached from the input, found in the graph as Zennit's composites find it
+among modules), overrides keyed by module path glob or module type, and the families whose outputs are
+treated as constants (CP-LRP: softmax).
+
+============================  =============================================================================
+``"epsilon"`` (default)       LRP-ε everywhere linear (layers, sums, pooling, norms with frozen statistics),
+                              identity through nonlinearities, gradient routing, AttnLRP's uniform product
+                              and softmax rules
+``"lrp0"``                    the same with ε = 0 (equals gradient x input on ReLU networks)
+``"epsilon-plus-flat"``       Zennit ``EpsilonPlusFlat``: first layer Flat, convolutions z⁺, dense ε
+``"epsilon-gamma-box"``       Zennit ``EpsilonGammaBox``: first convolution z^B(low, high), convolutions γ=0.25,
+                              dense ε
+``"epsilon-alpha2-beta1"``    Zennit ``EpsilonAlpha2Beta1``: convolutions α2β1, dense ε
+============================  =============================================================================
+
+In the Zennit presets, sums and average pooling use Zennit's ``Norm`` (ε-proportional with stabilizer
+1e-6), activations and unfolded batch norms ``Pass``, and every op Zennit leaves unhooked follows the
+gradient, exactly as Zennit does; op families Zennit has no rule for get the ``"epsilon"`` rules.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Mapping
+import fnmatch
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+from torch import nn
 
 from .errors import RuleError
 from .ops import Family
-from .rules import Embedding, Epsilon, Gradient, Pass, Route, Rule, Softmax, UniformProduct
+from .rules import (
+    AlphaBeta,
+    Embedding,
+    Epsilon,
+    Flat,
+    Gamma,
+    Gradient,
+    Pass,
+    Route,
+    Rule,
+    Softmax,
+    UniformProduct,
+    ZBox,
+    ZPlus,
+)
+
+#: Families that count as a "layer" for first-layer rules.
+LAYER_FAMILIES = frozenset({Family.LINEAR, Family.CONV, Family.CONV_TRANSPOSE})
+
+OverrideKey = str | type
 
 
 @dataclass(frozen=True)
 class Preset:
-    """A named assignment of rules to op families.
+    """A named assignment of rules to op families, with first-layer rule and overrides.
 
     >>> from lrpc.presets import epsilon
     >>> epsilon(eps=0.0).rule_for(Family.LINEAR)
@@ -21,6 +64,10 @@ class Preset:
 
     name: str
     rules: Mapping[Family, Rule] = field(hash=False)
+    first: Rule | None = None
+    first_families: frozenset[Family] = LAYER_FAMILIES
+    overrides: tuple[tuple[OverrideKey, Rule], ...] = ()
+    constants: frozenset[Family] = frozenset()
 
     def rule_for(self, family: Family) -> Rule:
         try:
@@ -28,10 +75,30 @@ class Preset:
         except KeyError:
             raise RuleError(f"preset '{self.name}' has no rule for op family '{family.value}'") from None
 
+    def override_for(self, family: Family, stack: list[tuple[str, nn.Module | None]]) -> Rule | None:
+        """The first override whose key matches a module the node was created in and whose rule can
+        serve the node's family. ``stack`` lists ``(path, module)`` from the outermost module inwards."""
+        for key, rule in self.overrides:
+            if rule.serves is not None and family.value not in rule.serves:
+                continue
+            for path, module in reversed(stack):
+                if isinstance(key, str) and fnmatch.fnmatchcase(path, key):
+                    return rule
+                if isinstance(key, type) and module is not None and isinstance(module, key):
+                    return rule
+        return None
+
     @property
     def key(self) -> tuple:
         """What identifies the preset in the compile cache."""
-        return (self.name, tuple(sorted((f.value, repr(r)) for f, r in self.rules.items())))
+        return (
+            self.name,
+            tuple(sorted((f.value, repr(r)) for f, r in self.rules.items())),
+            repr(self.first),
+            tuple(sorted(f.value for f in self.first_families)),
+            tuple((repr(k), repr(r)) for k, r in self.overrides),
+            tuple(sorted(f.value for f in self.constants)),
+        )
 
     def __hash__(self) -> int:
         return hash(self.key)
@@ -67,7 +134,77 @@ def epsilon(eps: float = 1e-6) -> Preset:
     )
 
 
-PRESETS = {"epsilon": epsilon, "lrp0": lambda: epsilon(0.0)}
+def _zennit(name: str, conv: Rule, *, first: Rule | None = None, first_families=LAYER_FAMILIES, eps: float = 1e-6) -> Preset:
+    """A Zennit ``LayerMapComposite``: its ``layer_map_base`` plus a convolution and a dense rule."""
+    norm = Epsilon(1e-6)  # Zennit's Norm: the epsilon formula with its stabilizer
+    rules = dict(epsilon().rules)
+    rules.update(
+        {
+            Family.PASS: Pass(),
+            Family.SUM: norm,
+            Family.AVGPOOL: norm,
+            Family.BATCHNORM: Pass(),
+            Family.CONV: conv,
+            Family.CONV_TRANSPOSE: conv,
+            Family.LINEAR: Epsilon(eps),
+        }
+    )
+    return Preset(name, rules, first=first, first_families=first_families)
+
+
+def epsilon_plus_flat(eps: float = 1e-6) -> Preset:
+    """Zennit's ``EpsilonPlusFlat``: Flat on the first layer, z⁺ on convolutions, ε on dense layers."""
+    return _zennit("epsilon-plus-flat", ZPlus(), first=Flat())
+
+
+def epsilon_gamma_box(low: Any = None, high: Any = None, gamma: float = 0.25, eps: float = 1e-6) -> Preset:
+    """Zennit's ``EpsilonGammaBox``: z^B(low, high) on the first convolution, γ on convolutions, ε on dense
+    layers. ``low`` and ``high`` bound the input (floats, or tensors broadcasting against one sample)."""
+    if low is None or high is None:
+        raise RuleError("epsilon-gamma-box needs the input bounds: lrpc.presets.epsilon_gamma_box(low=..., high=...)")
+    conv = frozenset({Family.CONV, Family.CONV_TRANSPOSE})
+    return _zennit("epsilon-gamma-box", Gamma(gamma), first=ZBox(low, high), first_families=conv, eps=eps)
+
+
+def epsilon_alpha2_beta1(eps: float = 1e-6) -> Preset:
+    """Zennit's ``EpsilonAlpha2Beta1``: α2β1 on convolutions, ε on dense layers."""
+    return _zennit("epsilon-alpha2-beta1", AlphaBeta(2.0, 1.0), eps=eps)
+
+
+PRESETS = {
+    "epsilon": epsilon,
+    "lrp0": lambda: epsilon(0.0),
+    "epsilon-plus-flat": epsilon_plus_flat,
+    "epsilon-gamma-box": epsilon_gamma_box,
+    "epsilon-alpha2-beta1": epsilon_alpha2_beta1,
+}
+
+
+def composite(
+    preset: str | Preset = "epsilon",
+    overrides: Mapping[OverrideKey, Rule] | None = None,
+    *,
+    first: Rule | None = None,
+) -> Preset:
+    """A preset plus overrides keyed by module path glob (``"features.0"``, ``"*.attn.*"``) or module type
+    (``nn.Linear``). An override applies to the ops created inside matching modules that its rule can
+    serve (a ``ZPlus`` override on ``"features"`` changes the convolutions there, not the ReLUs); the
+    first matching key wins, in the order given. ``first`` replaces the preset's first-layer rule.
+
+    >>> import torch.nn as nn, lrpc
+    >>> rules = lrpc.composite("epsilon-plus-flat", {nn.Linear: lrpc.rules.Epsilon(1e-3)})
+    >>> rules.name
+    'epsilon-plus-flat+overrides'
+    """
+    base = resolve(preset)
+    items = tuple((overrides or {}).items())
+    for key, rule in items:
+        if not isinstance(key, (str, type)):
+            raise RuleError(f"override keys are module path globs or module types, got {key!r}")
+        if not isinstance(rule, Rule):
+            raise RuleError(f"override for {key!r} must be an lrpc.rules.Rule, got {type(rule).__name__}")
+    name = base.name + ("+overrides" if items else "")
+    return replace(base, name=name, overrides=items + base.overrides, first=first or base.first)
 
 
 def resolve(rules: str | Preset) -> Preset:

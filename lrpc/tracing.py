@@ -295,7 +295,7 @@ def module_stack(node: fx.Node) -> list[tuple[str, type | str]]:
 
 
 def _strip(path: str) -> str:
-    if path == _WRAPPED:
+    if path == _WRAPPED or path.startswith("_empty_nn_module_stack"):
         return ""
     prefix = _WRAPPED + "."
     return path[len(prefix) :] if path.startswith(prefix) else path
