@@ -116,7 +116,7 @@ class Attributor:
         rules: str | Preset = "epsilon",
         layers: Sequence[str] = (),
         backend: str = "auto",
-        seed: str = "logit",
+        seed: str | None = None,
         output: OutputSelector = None,
         on_unsupported: str = "error",
         dynamic: bool = True,
@@ -131,9 +131,10 @@ class Attributor:
                 model.get_submodule(path)
             except AttributeError:
                 raise LRPCError(f"layers: {type(model).__name__} has no submodule '{path}'") from None
+        self.preset = resolve_preset(rules)
+        seed = seed or self.preset.seed
         parse_target(None, seed)  # validates seed
         self.model = model
-        self.preset = resolve_preset(rules)
         self.layers = tuple(layers)
         self.backend = backends.resolve(backend)
         self.seed = seed
@@ -234,7 +235,7 @@ class Attributor:
         self.stats["traces"] += 1
         traced = trace(self.model, args, kwargs, output=self.output, dynamic=self.dynamic)
         start = time.perf_counter()
-        graph = canonicalize(traced.graph)
+        graph = canonicalize(traced.graph, fold=self.preset.fold_batch_norm)
         inputs = {s.name: n for s, n in zip(traced.inputs, traced.user_placeholders)}
         the_plan = make_plan(
             graph,
@@ -374,7 +375,8 @@ def compile(model: nn.Module, **options: Any) -> Attributor:
         layers: module paths whose output relevance is returned too (``res.layers``), same pass.
         backend: ``"auto"`` (Inductor), ``"inductor"``, ``"eager"`` (the generated program as is) or
             ``"interpret"`` (the rules run eagerly without tracing: the reference).
-        seed: ``"logit"`` puts the selected output value in as relevance; ``"one"`` puts in 1.0.
+        seed: ``"logit"`` puts the selected output value in as relevance; ``"one"`` puts in 1.0. Default:
+            the preset's (``"one"`` for ``"dynamiclrp"``, else ``"logit"``).
         output: which model output to explain: a callable on the output, an index or a key/attribute
             name; default the first tensor (``logits`` for Hugging Face models).
         on_unsupported: ``"error"`` raises :class:`lrpc.UnsupportedOperatorError` for an op with no

@@ -31,9 +31,10 @@ FUSED_META = "lrpc_fused_modules"
 _BATCH_NORM = (aten._native_batch_norm_legit_no_training.default,)
 
 
-def canonicalize(graph: fx.Graph) -> fx.Graph:
-    """All canonicalization passes, in order."""
-    graph = fold_batch_norm(graph)
+def canonicalize(graph: fx.Graph, *, fold: bool = True) -> fx.Graph:
+    """All canonicalization passes, in order (``fold=False`` keeps batch norms as they are)."""
+    if fold:
+        graph = fold_batch_norm(graph)
     graph = freeze_normalizers(graph)
     graph.eliminate_dead_code()
     graph.lint()

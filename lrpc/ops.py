@@ -61,6 +61,7 @@ class OpSpec:
     frozen: frozenset[str] = frozenset()
     factors: frozenset[str] = frozenset()
     bias: frozenset[str] = frozenset()  # additive constant arguments of a layer (what gamma & co. modify)
+    negated: frozenset[str] = frozenset()  # arguments that enter the output with a minus sign
     dim: Callable[[Mapping[str, Any]], int] | None = None
     linearize: Callable[[Mapping[str, Any], Any], Callable[[Tensor], Tensor]] | None = None
     rule: "Rule | None" = None  # a rule of this op's own (lrpc.register_rule), above any preset
@@ -234,9 +235,11 @@ register_op("mul", _spec(Family.SCALE, factors={"self", "other"}))
 register_op("div", _spec(Family.SCALE, frozen={"other"}))
 
 # --- additive ops: the signed proportional (epsilon) split ------------------------------------------
+register_op("sub", _spec(Family.SUM, negated={"other"}))
+register_op("rsub", _spec(Family.SUM, negated={"self"}))
 register_op(
     [
-        "add", "sub", "rsub", "sum", "mean", "cumsum", "scatter_add", "index_add",
+        "add", "sum", "mean", "cumsum", "scatter_add", "index_add",
         "upsample_bilinear2d", "upsample_linear1d", "upsample_trilinear3d", "upsample_bicubic2d",
         "col2im", "im2col", "trace",
     ],

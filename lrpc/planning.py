@@ -127,11 +127,24 @@ def _is_int(node: fx.Node) -> bool:
     return any(isinstance(v, torch.Tensor) and not v.is_floating_point() and v.dtype != torch.bool for v in vals)
 
 
-def frozen_args(node: fx.Node, spec: OpSpec | None) -> frozenset[str]:
-    return (spec.frozen if spec else frozenset()) | node.meta.get(FROZEN_META, frozenset())
+def frozen_args(node: fx.Node, spec: OpSpec | None, gates_constant: bool = False) -> frozenset[str]:
+    """Tensor arguments the node treats as constants: the op's own (a divisor, indices), normalizer
+    statistics marked by canonicalization, and, under CP-LRP, an activated gate in ``act(g) * u``."""
+    frozen = (spec.frozen if spec else frozenset()) | node.meta.get(FROZEN_META, frozenset())
+    if gates_constant and node.target is torch.ops.aten.mul.Tensor:
+        gates = {name for name, arg in zip(("self", "other"), node.args) if _is_activation(arg)}
+        if len(gates) == 1:
+            frozen |= gates
+    return frozen
 
 
-def carriers(graph: fx.Graph, inputs: Sequence[fx.Node], constants: frozenset[Family] = frozenset()) -> set[fx.Node]:
+def _is_activation(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and _family(node) is Family.PASS
+
+
+def carriers(
+    graph: fx.Graph, inputs: Sequence[fx.Node], constants: frozenset[Family] = frozenset(), gates_constant: bool = False
+) -> set[fx.Node]:
     """Nodes that can carry relevance: float values computed from a float input, and integer values
     (token ids) moved by routing ops. An int -> float conversion (a mask turned into a bias) starts a
     constant, so attention masks never receive relevance; embeddings turn ids into relevance sinks.
@@ -149,7 +162,7 @@ def carriers(graph: fx.Graph, inputs: Sequence[fx.Node], constants: frozenset[Fa
         if spec is not None and spec.family in constants:
             continue
         _, tensors = bind(node)
-        frozen = frozen_args(node, spec)
+        frozen = frozen_args(node, spec, gates_constant)
         live = [(name, t) for name, t in tensors if t in carry and name not in frozen]
         if not live:
             continue
@@ -179,7 +192,7 @@ def plan(
     """Walk ``graph`` in reverse topological order and assign a rule to every node relevance reaches.
 
     ``modules`` (path -> module) lets overrides keyed by module type match subclasses."""
-    carry = carriers(graph, list(inputs.values()), preset.constants)
+    carry = carriers(graph, list(inputs.values()), preset.constants, preset.gates_constant)
     first = _first_layer(graph, preset, carry)
     context = _Context(preset, carry, on_unsupported, first, modules or {})
     output_node = next(n for n in graph.nodes if n.op == "output")
@@ -221,9 +234,11 @@ class _Context:
     modules: Mapping[str, nn.Module]
 
 
-def _relevant(node: fx.Node, spec: OpSpec | None, carry: set[fx.Node]) -> tuple[dict[str, Any], list, list]:
+def _relevant(
+    node: fx.Node, spec: OpSpec | None, carry: set[fx.Node], gates_constant: bool = False
+) -> tuple[dict[str, Any], list, list]:
     args, tensors = bind(node)
-    frozen = frozen_args(node, spec)
+    frozen = frozen_args(node, spec, gates_constant)
     return args, tensors, [(name, t) for name, t in tensors if t in carry and name not in frozen]
 
 
@@ -238,7 +253,7 @@ def _first_layer(graph: fx.Graph, preset: Preset, carry: set[fx.Node]) -> fx.Nod
         spec = lookup(node.target)
         if spec is None:
             continue
-        args, _, relevant = _relevant(node, spec, carry)
+        args, _, relevant = _relevant(node, spec, carry, preset.gates_constant)
         if spec.family_for({name for name, _ in relevant}, args) in preset.first_families:
             return node
     return None
@@ -260,7 +275,7 @@ def _choose(node: fx.Node, spec: OpSpec, family: Family, ctx: _Context) -> Rule:
 
 def _step(node: fx.Node, ctx: _Context, reached: set[fx.Node]) -> Step:
     spec = lookup(node.target)
-    args, tensors, relevant = _relevant(node, spec, ctx.carry)
+    args, tensors, relevant = _relevant(node, spec, ctx.carry, ctx.preset.gates_constant)
     module = module_path(node)
     fallback = False
     if spec is None:

@@ -14,6 +14,10 @@ treated as constants (CP-LRP: softmax).
 ``"epsilon-gamma-box"``       Zennit ``EpsilonGammaBox``: first convolution z^B(low, high), convolutions γ=0.25,
                               dense ε
 ``"epsilon-alpha2-beta1"``    Zennit ``EpsilonAlpha2Beta1``: convolutions α2β1, dense ε
+``"attnlrp"``                 LXT's AttnLRP (efficient mode): LRP-0, identity nonlinearities, uniform
+                              products, AttnLRP softmax, norms with frozen statistics
+``"cp-lrp"``                  LXT's CP-LRP: AttnLRP with attention weights and activated gates constant
+``"dynamiclrp"``              the DynamicLRP paper's rules: |a|/(|a|+|b|) splits, identity norms, ε = 1e-11
 ============================  =============================================================================
 
 In the Zennit presets, sums and average pooling use Zennit's ``Norm`` (ε-proportional with stabilizer
@@ -32,6 +36,7 @@ from torch import nn
 from .errors import RuleError
 from .ops import Family
 from .rules import (
+    AbsProportional,
     AlphaBeta,
     Embedding,
     Epsilon,
@@ -39,6 +44,7 @@ from .rules import (
     Gamma,
     Gradient,
     Pass,
+    ProportionalProduct,
     Route,
     Rule,
     Softmax,
@@ -68,6 +74,9 @@ class Preset:
     first_families: frozenset[Family] = LAYER_FAMILIES
     overrides: tuple[tuple[OverrideKey, Rule], ...] = ()
     constants: frozenset[Family] = frozenset()
+    gates_constant: bool = False  # CP-LRP: in act(g) * u, the activated gate is a constant
+    fold_batch_norm: bool = True
+    seed: str = "logit"  # the seed a call uses unless it asks for another
 
     def rule_for(self, family: Family) -> Rule:
         try:
@@ -98,6 +107,9 @@ class Preset:
             tuple(sorted(f.value for f in self.first_families)),
             tuple((repr(k), repr(r)) for k, r in self.overrides),
             tuple(sorted(f.value for f in self.constants)),
+            self.gates_constant,
+            self.fold_batch_norm,
+            self.seed,
         )
 
     def __hash__(self) -> int:
@@ -171,9 +183,47 @@ def epsilon_alpha2_beta1(eps: float = 1e-6) -> Preset:
     return _zennit("epsilon-alpha2-beta1", AlphaBeta(2.0, 1.0), eps=eps)
 
 
+def attnlrp() -> Preset:
+    """AttnLRP as LXT implements it (``lxt.efficient``, the gradient x input framework): LRP-0 through
+    every linear op (layers, sums, norms with frozen statistics), identity through elementwise
+    nonlinearities, the uniform rule (each operand half) for products of activations, AttnLRP's softmax
+    rule. Equal to ``epsilon(0)``; named for the reference it reproduces."""
+    return replace(epsilon(0.0), name="attnlrp")
+
+
+def cp_lrp() -> Preset:
+    """CP-LRP as LXT implements it: AttnLRP, but the attention weights (softmax outputs) and activated
+    gates (``act(g)`` in ``act(g) * u``) are constants, so relevance flows only through the value path
+    and the gated branch."""
+    return replace(attnlrp(), name="cp-lrp", constants=frozenset({Family.SOFTMAX}), gates_constant=True)
+
+
+def dynamiclrp() -> Preset:
+    """The DynamicLRP paper's rule set: ε = 1e-11 (with sign) on layers, sums and reductions split by
+    absolute contribution ``|a| / (|a| + |b|)``, products split by magnitude, layer and batch norm as
+    identity (batch norm is not folded), average pooling split uniformly over each window, max pooling
+    winner takes all, seed 1.0 at the target. Scaling by a constant gives all relevance to the
+    activation; softmax uses AttnLRP's rule (the paper does not specify these two)."""
+    eps = 1e-11
+    rules = dict(epsilon(eps).rules)
+    rules.update(
+        {
+            Family.SUM: AbsProportional(eps),
+            Family.AVGPOOL: Route(),
+            Family.PRODUCT: ProportionalProduct(eps),
+            Family.NORM: Pass(),
+            Family.BATCHNORM: Pass(),
+        }
+    )
+    return Preset("dynamiclrp", rules, fold_batch_norm=False, seed="one")
+
+
 PRESETS = {
     "epsilon": epsilon,
     "lrp0": lambda: epsilon(0.0),
+    "attnlrp": attnlrp,
+    "cp-lrp": cp_lrp,
+    "dynamiclrp": dynamiclrp,
     "epsilon-plus-flat": epsilon_plus_flat,
     "epsilon-gamma-box": epsilon_gamma_box,
     "epsilon-alpha2-beta1": epsilon_alpha2_beta1,

@@ -54,7 +54,8 @@ class Operation:
     relevant: tuple[bool, ...]
     dim: int | None = None
     linear_map: Callable[[Tensor], Tensor] | None = None
-    roles: tuple[str, ...] = ()  # per input: "input" (relevant), "weight", "bias", "negated" or "other"
+    roles: tuple[str, ...] = ()  # per input: "input" (relevant), "weight", "bias" or "other"
+    signs: tuple[int, ...] = ()  # per input: -1 where it enters the output negated (sub's subtrahend)
 
     def role(self, name: str) -> Tensor | None:
         """The value of the (first) input with this role, or ``None``."""
@@ -427,6 +428,67 @@ class UniformProduct(Rule):
 
 
 @dataclass(frozen=True)
+class AbsProportional(Rule):
+    """DynamicLRP's split for additive ops: each input gets its share by absolute contribution,
+    ``R_i = |x_i| ⊙ |J_i|ᵀ (R ⊘ stab(Σ_j |J_j| |x_j|))``: for ``a + b`` (or ``a - b``),
+    ``R_a = |a| / (|a| + |b|) ⊙ R``; for ``sum(x)``, ``R_i = |x_i| / Σ|x| ⊙ R``. Constants absorb their share."""
+
+    eps: float = 1e-11
+    serves: ClassVar[frozenset[str] | None] = frozenset({"sum", "scale"})
+
+    def __call__(self, op: Operation, R: Any) -> Relevances:
+        signs = op.signs or (1,) * len(op.inputs)
+        magnitudes = tuple(
+            x.abs() * s if x.is_floating_point() else x for x, s in zip(op.inputs, signs)
+        )
+        out = op.fn(*magnitudes)
+        total = out[0] if isinstance(out, (tuple, list)) else out
+        grads = op.vjp(divide(_main(R), total, self.eps), inputs=magnitudes)
+        return tuple(None if g is None else m * g for m, g in zip(magnitudes, grads))
+
+
+@dataclass(frozen=True)
+class ProportionalProduct(Rule):
+    """DynamicLRP's split for a product of two activations: each product term ``a·b`` first gets its
+    epsilon share of ``R``, which is then split between its factors by magnitude, ``|a| / (|a| + |b|)``.
+    For ``a * b`` elementwise that is ``R_a = |a| / (|a| + |b|) ⊙ R``; for ``A @ B`` the terms
+    ``A_ik B_kj`` are formed explicitly (memory ``i·k·j`` per batch)."""
+
+    eps: float = 1e-11
+    serves: ClassVar[frozenset[str] | None] = frozenset({"product"})
+
+    def __call__(self, op: Operation, R: Any) -> Relevances:
+        index = [i for i, r in enumerate(op.relevant) if r]
+        if len(index) != 2:
+            raise RuleError(f"{self.name} splits products of two activations, got {len(index)}")
+        a, b = (op.inputs[i] for i in index)
+        r = _main(R)
+        if op.z.shape == torch.broadcast_shapes(a.shape, b.shape):  # elementwise
+            share = divide(r, op.z, self.eps) * op.z
+            total = a.abs() + b.abs()
+            ra = _reduce_to(divide(share * a.abs(), total, self.eps), a.shape)
+            rb = _reduce_to(divide(share * b.abs(), total, self.eps), b.shape)
+        else:  # (batched) matrix product: terms t[..., i, k, j] = A[..., i, k] B[..., k, j]
+            g = divide(r, op.z, self.eps).unsqueeze(-2)  # [..., i, 1, j]
+            A, B = a.unsqueeze(-1), b.unsqueeze(-3)  # [..., i, k, 1], [..., 1, k, j]
+            term = A * B * g
+            frac = divide(A.abs(), A.abs() + B.abs(), self.eps)
+            ra = _reduce_to((term * frac).sum(-1), a.shape)
+            rb = _reduce_to((term * (1 - frac)).sum(-3), b.shape)
+        out: list[Tensor | None] = [None] * len(op.inputs)
+        out[index[0]], out[index[1]] = ra, rb
+        return tuple(out)
+
+
+def _reduce_to(t: Tensor, shape: torch.Size) -> Tensor:
+    """Sum a broadcast result back to an operand's shape."""
+    while t.dim() > len(shape):
+        t = t.sum(0)
+    dims = [d for d, (have, want) in enumerate(zip(t.shape, shape)) if want == 1 and have != 1]
+    return t.sum(dims, keepdim=True) if dims else t
+
+
+@dataclass(frozen=True)
 class Softmax(Rule):
     """AttnLRP's softmax rule: ``R_x = x ⊙ (R - s ⊙ Σ R)`` with ``s`` the softmax output and the sum
     over the softmax dimension. Positions with ``s == 0`` (masked, ``x = -inf``) get no relevance."""
@@ -473,6 +535,8 @@ __all__ = [
     "Flat",
     "WSquare",
     "ZBox",
+    "AbsProportional",
+    "ProportionalProduct",
     "Softmax",
     "Embedding",
     "Stop",
