@@ -56,28 +56,30 @@ def scaled_dot_product_attention(
     rules apply to its parts. Dropout is not applied (explanations use eval semantics). Unlike the
     default decomposition it returns a contiguous tensor (GPT-2 ``view``s the result).
 
-    Masked scores are set to the dtype's lowest finite value (not ``-inf``), and a query row whose keys
-    are all masked (left padding under a causal mask) attends to nothing, as in torch's own SDPA: its
-    weights are zeroed after the softmax. With ``-inf`` such a row's softmax is NaN, which spreads
-    through the following layers to the whole sample's output and relevance."""
+    It computes what ``torch.nn.functional.scaled_dot_product_attention`` computes: positions masked by
+    ``is_causal``, a boolean mask or ``-inf`` get the dtype's lowest finite score (no NaN from ``-inf``),
+    and a query row with every key masked that way attends to nothing (output 0, as torch's SDPA
+    returns); finite additive masks (``finfo.min``) are added as they are."""
     scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
     if enable_gqa:
         repeat = query.size(-3) // key.size(-3)
         key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
     scores = torch.matmul(query, key.transpose(-2, -1)) * scale
-    lowest = torch.finfo(scores.dtype).min
+    masked = None
     if is_causal:
         L, S = query.size(-2), key.size(-2)
-        causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril(S - L)
-        scores = scores.masked_fill(causal.logical_not(), lowest)
+        masked = torch.ones(L, S, dtype=torch.bool, device=query.device).tril().logical_not()  # top-left, as torch
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(attn_mask.logical_not(), lowest)
+            blocked = attn_mask.logical_not()
         else:
-            scores = (scores + attn_mask).clamp_min(lowest)  # -inf in an additive mask
-    weights = torch.softmax(scores, dim=-1)
-    if is_causal or attn_mask is not None:
-        weights = weights.masked_fill((scores <= lowest).all(-1, keepdim=True), 0.0)
+            blocked = attn_mask == float("-inf")
+            scores = scores + attn_mask.masked_fill(blocked, 0.0)
+        masked = blocked if masked is None else masked | blocked
+    if masked is None:
+        return torch.matmul(torch.softmax(scores, dim=-1), value).contiguous()
+    scores = scores.masked_fill(masked, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1).masked_fill(masked.all(-1, keepdim=True), 0.0)
     return torch.matmul(weights, value).contiguous()
 
 

@@ -291,3 +291,37 @@ def test_plan_and_program_are_printable() -> None:
     assert "Epsilon" in text and "Pass" in text and "aten.convolution.default" in text
     code = program.code()
     assert "convolution_backward" in code and "lrpc_rule" in code
+
+
+def _mask_cases():
+    lowest = torch.finfo(torch.float64).min
+    neg_inf = torch.zeros(2, 1, 4, 5)
+    neg_inf[1, :, 0, :] = float("-inf")  # a query row with every key masked
+    neg_inf[0, :, :, 1] = float("-inf")
+    finite = torch.zeros(2, 1, 4, 5)
+    finite[1, :, 0, :] = lowest  # Hugging Face 4.x masks: finfo.min, a fully masked row attends uniformly
+    finite[0, :, :, 2] = lowest
+    boolean = torch.rand(2, 1, 4, 5, generator=torch.Generator().manual_seed(0)) > 0.3
+    boolean[0, :, 1, :] = False
+    return {
+        "none": {},
+        "causal": {"is_causal": True},
+        "neg_inf": {"attn_mask": neg_inf},
+        "finite_min": {"attn_mask": finite},
+        "bool": {"attn_mask": boolean},
+        "scale": {"scale": 0.3},
+    }
+
+
+@pytest.mark.parametrize("case", list(_mask_cases()))
+def test_sdpa_decomposition_computes_what_torch_computes(case: str) -> None:
+    """The forward must be the model's own: lrpc's SDPA decomposition against torch's SDPA, including
+    fully masked rows (0 for -inf / boolean masks, uniform for finite masks, as torch does)."""
+    from lrpc.tracing import scaled_dot_product_attention
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, n, 8, generator=g) for n in (4, 5, 5))
+    kwargs = _mask_cases()[case]
+    expected = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert torch.isfinite(expected).all()
+    torch.testing.assert_close(scaled_dot_product_attention(q, k, v, **kwargs), expected)
