@@ -313,7 +313,7 @@ def _mask_cases():
     }
 
 
-@pytest.mark.parametrize("case", list(_mask_cases()))
+@pytest.mark.parametrize("case", ["none", "causal", "neg_inf", "finite_min", "bool", "scale"])
 def test_sdpa_decomposition_computes_what_torch_computes(case: str) -> None:
     """The forward must be the model's own: lrpc's SDPA decomposition against torch's SDPA, including
     fully masked rows (0 for -inf / boolean masks, uniform for finite masks, as torch does)."""
