@@ -235,7 +235,7 @@ class Attributor:
         self.stats["traces"] += 1
         traced = trace(self.model, args, kwargs, output=self.output, dynamic=self.dynamic)
         start = time.perf_counter()
-        graph = canonicalize(traced.graph, fold=self.preset.fold_batch_norm)
+        graph = canonicalize(traced.graph, traced.user_placeholders, fold=self.preset.fold_batch_norm)
         inputs = {s.name: n for s, n in zip(traced.inputs, traced.user_placeholders)}
         the_plan = make_plan(
             graph,

@@ -6,14 +6,17 @@ Each pass takes an ``fx.Graph`` and returns it (rewritten in place), in the styl
   part of that layer (weights and bias folded in the graph, so gamma-style rules see the folded weights);
 * :func:`freeze_normalizers`: in ``x * s`` where ``s`` is a statistic of ``x`` (``rsqrt(mean(x²) + eps)``
   in a hand-written RMSNorm, ``1/std`` in a decomposed layer norm), ``s`` is marked constant, so the
-  normalization passes relevance like the composite norm ops do (AttnLRP).
+  normalization passes relevance like the composite norm ops do (AttnLRP);
+* :func:`group_activations`: an elementwise function of one tensor written with primitive ops
+  (GPT-2's ``0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))``, ``x·sigmoid(1.702x)``) is marked as one
+  activation, so it gets the activation rule (identity) instead of a product rule inside it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import operator
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -27,15 +30,19 @@ aten = torch.ops.aten
 FROZEN_META = "lrpc_frozen_args"
 #: Module paths whose output a rewritten node now produces (batch norm folded into a conv).
 FUSED_META = "lrpc_fused_modules"
+#: On the output of an elementwise activation written with primitives: ``(source node, region nodes)``.
+ACTIVATION_META = "lrpc_activation"
 
 _BATCH_NORM = (aten._native_batch_norm_legit_no_training.default,)
 
 
-def canonicalize(graph: fx.Graph, *, fold: bool = True) -> fx.Graph:
-    """All canonicalization passes, in order (``fold=False`` keeps batch norms as they are)."""
+def canonicalize(graph: fx.Graph, inputs: Sequence[fx.Node] = (), *, fold: bool = True) -> fx.Graph:
+    """All canonicalization passes, in order. ``inputs``: the user-input placeholders; ``fold=False``
+    keeps batch norms as they are."""
     if fold:
         graph = fold_batch_norm(graph)
     graph = freeze_normalizers(graph)
+    graph = group_activations(graph, inputs)
     graph.eliminate_dead_code()
     graph.lint()
     return graph
@@ -158,3 +165,68 @@ def freeze_normalizers(graph: fx.Graph) -> fx.Graph:
         elif _statistic_of(a, b):
             node.meta[FROZEN_META] = frozenset({"self"})
     return graph
+
+
+#: Shape-preserving ops that only convert or copy (allowed inside an activation region).
+_COPIES = {aten._to_copy.default, aten.clone.default, aten.alias.default, aten.detach.default}
+
+
+def _elementwise(node: fx.Node) -> bool:
+    """A pointwise aten op (its tag says so) or a copy / dtype conversion."""
+    if node.op != "call_function" or not isinstance(node.meta.get("val"), torch.Tensor):
+        return False
+    target = node.target
+    return target in _COPIES or (isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags)
+
+
+def _region(y: fx.Node, depends: Callable[[fx.Node], bool]) -> tuple[fx.Node, list[fx.Node]] | None:
+    """The elementwise region computing ``y`` from one same-shaped source, if there is one: grow from
+    ``y`` through elementwise ops whose every user is already inside; what stays outside must be one
+    same-shaped source plus constants (parameters, scalars)."""
+    shape = y.meta["val"].shape
+    region, frontier = {y}, set(y.all_input_nodes)
+    grown = True
+    while grown:
+        grown = False
+        for arg in list(frontier):
+            val = arg.meta.get("val")
+            same = isinstance(val, torch.Tensor) and val.shape == shape
+            if same and _elementwise(arg) and all(u in region for u in arg.users):
+                region.add(arg)
+                frontier.discard(arg)
+                frontier.update(a for a in arg.all_input_nodes if a not in region)
+                grown = True
+    sources = [a for a in frontier if isinstance(a.meta.get("val"), torch.Tensor) and depends(a)]
+    if len(region) < 2 or len(sources) != 1 or sources[0].meta["val"].shape != shape:
+        return None
+    if not any((spec := lookup(n.target)) is not None and spec.family is Family.PASS for n in region):
+        return None  # purely linear: the ops' own rules already compose
+    return sources[0], [n for n in y.graph.nodes if n in region]
+
+
+def group_activations(graph: fx.Graph, inputs: Sequence[fx.Node] = ()) -> fx.Graph:
+    """Mark elementwise activations written with primitive ops (see the module docstring). ``inputs``
+    are the user-input placeholders: what does not depend on them is a constant."""
+    depends = _dependence(graph, inputs)
+    claimed: set[fx.Node] = set()
+    for y in reversed(list(graph.nodes)):
+        if y in claimed or not _elementwise(y) or not _is_float(y) or not depends(y):
+            continue
+        found = _region(y, depends)
+        if found is not None:
+            y.meta[ACTIVATION_META] = found
+            claimed.update(found[1])
+    return graph
+
+
+def _dependence(graph: fx.Graph, inputs: Sequence[fx.Node]) -> Callable[[fx.Node], bool]:
+    dependent = set(inputs)
+    for node in graph.nodes:
+        if any(a in dependent for a in node.all_input_nodes):
+            dependent.add(node)
+    return dependent.__contains__
+
+
+def _is_float(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.is_floating_point()

@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from .canonize import ACTIVATION_META
 from .errors import LRPCError
 from .ops import SIDE_EFFECT_OPS, lookup
 from .planning import Plan, Step, bind
@@ -123,8 +124,27 @@ def _accumulate_slot(relevance: dict[fx.Node, Any], parent: fx.Node, slot: int, 
     relevance[parent] = slots
 
 
+def _activation(node: fx.Node, env: dict[fx.Node, Any], step: Step) -> tuple[Operation, list[tuple[str, fx.Node]]]:
+    """A grouped elementwise activation as one op: a function of its one source tensor."""
+    source, region = node.meta[ACTIVATION_META]
+
+    def fn(x: Tensor) -> Tensor:
+        local: dict[fx.Node, Any] = {source: x}
+        for n in region:
+            args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: local[a] if a in local else env[a])
+            local[n] = n.target(*args, **kwargs)
+        return local[node]
+
+    op = Operation(
+        fn=fn, inputs=(env[source],), output=env[node], relevant=(source.name in step.receivers,), roles=("input",)
+    )
+    return op, [("input", source)]
+
+
 def _operation(node: fx.Node, env: dict[fx.Node, Any], step: Step) -> tuple[Operation, list[tuple[str, fx.Node]]]:
     """Bind a node and its forward values into the :class:`Operation` its rule sees."""
+    if ACTIVATION_META in node.meta:
+        return _activation(node, env, step)
     names, tensor_inputs = bind(node)
     leaves, spec = pytree.tree_flatten((node.args, node.kwargs))
     slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, fx.Node) and isinstance(leaf.meta.get("val"), Tensor)]

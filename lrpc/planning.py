@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-from .canonize import FROZEN_META, FUSED_META
+from .canonize import ACTIVATION_META, FROZEN_META, FUSED_META
 from .errors import LRPCError, RuleError, UnsupportedOperatorError
 from .ops import SIDE_EFFECT_OPS, Family, OpSpec, arg_names, lookup
 from .presets import Preset
@@ -259,9 +259,9 @@ def _first_layer(graph: fx.Graph, preset: Preset, carry: set[fx.Node]) -> fx.Nod
     return None
 
 
-def _choose(node: fx.Node, spec: OpSpec, family: Family, ctx: _Context) -> Rule:
+def _choose(node: fx.Node, spec: OpSpec | None, family: Family, ctx: _Context) -> Rule:
     """User rule for the op > module override > first-layer rule > the preset's rule for the family."""
-    if spec.rule is not None:
+    if spec is not None and spec.rule is not None:
         return spec.rule
     if ctx.preset.overrides:
         stack = [(path, ctx.modules.get(path)) for path, _ in module_stack(node)]
@@ -274,6 +274,8 @@ def _choose(node: fx.Node, spec: OpSpec, family: Family, ctx: _Context) -> Rule:
 
 
 def _step(node: fx.Node, ctx: _Context, reached: set[fx.Node]) -> Step:
+    if ACTIVATION_META in node.meta:
+        return _activation_step(node, ctx, reached)
     spec = lookup(node.target)
     args, tensors, relevant = _relevant(node, spec, ctx.carry, ctx.preset.gates_constant)
     module = module_path(node)
@@ -318,6 +320,29 @@ def _step(node: fx.Node, ctx: _Context, reached: set[fx.Node]) -> Step:
         reads=tuple(dict.fromkeys(reads)),
         module=module,
         fallback=fallback,
+    )
+
+
+def activation_name(region: Sequence[fx.Node]) -> str:
+    """How an elementwise activation written with primitive ops shows in plans and reports."""
+    return "activation(" + ", ".join(op_name(n).removeprefix("aten.").split(".")[0] for n in region) + ")"
+
+
+def _activation_step(node: fx.Node, ctx: _Context, reached: set[fx.Node]) -> Step:
+    """One step for a whole elementwise activation region (canonicalization grouped it)."""
+    source, region = node.meta[ACTIVATION_META]
+    rule = _choose(node, None, Family.PASS, ctx)
+    receivers = (source,) if source in ctx.carry else ()
+    reached.update(receivers)
+    reads = ([source.name] if "inputs" in rule.reads else []) + ([node.name] if "output" in rule.reads else [])
+    return Step(
+        node=node.name,
+        op=activation_name(region),
+        family=Family.PASS.value,
+        rule=rule,
+        receivers=tuple(r.name for r in receivers),
+        reads=tuple(reads),
+        module=module_path(node),
     )
 
 

@@ -325,3 +325,57 @@ def test_sdpa_decomposition_computes_what_torch_computes(case: str) -> None:
     expected = F.scaled_dot_product_attention(q, k, v, **kwargs)
     assert torch.isfinite(expected).all()
     torch.testing.assert_close(scaled_dot_product_attention(q, k, v, **kwargs), expected)
+
+
+class NewGELU(nn.Module):
+    """GPT-2's activation, written with primitive ops as Hugging Face does."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class HandSiLU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+class Gated(nn.Module):
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(6, 8), act, nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(self.act(self.fc(x)))
+
+
+@pytest.mark.parametrize(
+    "hand,composite", [(NewGELU(), nn.GELU(approximate="tanh")), (HandSiLU(), nn.SiLU())], ids=["new_gelu", "silu"]
+)
+def test_activation_written_with_primitives_is_one_activation(hand, composite) -> None:
+    """Grouped into one activation, it gets the identity rule, exactly as the composite op does (a
+    product rule inside it would halve the relevance)."""
+    torch.manual_seed(8)
+    a, b = Gated(hand), Gated(composite)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 6)
+    ra, rb = explain(a, x, target=2), explain(b, x, target=2)
+    assert rel_err(ra.output, rb.output) < 1e-12
+    assert rel_err(ra.relevance, rb.relevance) < 1e-10
+    steps = [s for s in lrpc.compile(a, backend="eager").plan(x).steps if s.family == "pass"]
+    assert len(steps) == 1 and steps[0].op.startswith("activation(") and steps[0].rule == lrpc.rules.Pass()
+
+
+def test_a_gate_of_two_tensors_is_not_an_activation() -> None:
+    """silu(g) * u multiplies two different activations: the product rule applies, not the identity."""
+
+    class SwiGLU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g, self.u, self.out = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.out(F.silu(self.g(x)) * self.u(x))
+
+    plan = lrpc.compile(SwiGLU().eval(), backend="eager").plan(torch.randn(2, 6))
+    assert any(s.family == "product" for s in plan.steps)
+    assert not any(s.op.startswith("activation(") for s in plan.steps)
