@@ -463,7 +463,7 @@ class ProportionalProduct(Rule):
             raise RuleError(f"{self.name} splits products of two activations, got {len(index)}")
         a, b = (op.inputs[i] for i in index)
         r = _main(R)
-        if op.z.shape == torch.broadcast_shapes(a.shape, b.shape):  # elementwise
+        if _broadcasts_to(a.shape, op.z.shape) and _broadcasts_to(b.shape, op.z.shape):  # elementwise
             share = divide(r, op.z, self.eps) * op.z
             total = a.abs() + b.abs()
             ra = _reduce_to(divide(share * a.abs(), total, self.eps), a.shape)
@@ -478,6 +478,10 @@ class ProportionalProduct(Rule):
         out: list[Tensor | None] = [None] * len(op.inputs)
         out[index[0]], out[index[1]] = ra, rb
         return tuple(out)
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    return len(shape) <= len(target) and all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
 
 
 def _reduce_to(t: Tensor, shape: torch.Size) -> Tensor:
