@@ -334,15 +334,20 @@ def _weird_impl(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x)  # SiLU, so that aten.silu is a reference
 
 
-if not hasattr(torch.ops.lrpctest, "weird"):
-
-    @torch.library.custom_op("lrpctest::weird", mutates_args=(), device_types="cpu")
-    def _weird(x: torch.Tensor) -> torch.Tensor:
+def _custom_op(name: str):
+    @torch.library.custom_op(f"lrpctest::{name}", mutates_args=(), device_types="cpu")
+    def impl(x: torch.Tensor) -> torch.Tensor:
         return _weird_impl(x)
 
-    @_weird.register_fake
+    @impl.register_fake
     def _(x: torch.Tensor) -> torch.Tensor:
         return torch.empty_like(x)
+
+    return impl
+
+
+if not hasattr(torch.ops.lrpctest, "weird"):
+    _weird = _custom_op("weird")
 
     def _weird_setup(ctx, inputs, output) -> None:
         ctx.save_for_backward(inputs[0])
@@ -355,14 +360,7 @@ if not hasattr(torch.ops.lrpctest, "weird"):
     _weird.register_autograd(_weird_backward, setup_context=_weird_setup)
 
 if not hasattr(torch.ops.lrpctest, "noautograd"):
-
-    @torch.library.custom_op("lrpctest::noautograd", mutates_args=(), device_types="cpu")
-    def _noautograd(x: torch.Tensor) -> torch.Tensor:
-        return _weird_impl(x)
-
-    @_noautograd.register_fake
-    def _(x: torch.Tensor) -> torch.Tensor:
-        return torch.empty_like(x)
+    _custom_op("noautograd")  # no autograd formula: the gradient fallback cannot differentiate it
 
 
 WEIRD = torch.ops.lrpctest.weird.default
