@@ -43,6 +43,7 @@ from .rules import (
     Flat,
     Gamma,
     Gradient,
+    Norm,
     Pass,
     ProportionalProduct,
     Route,
@@ -148,7 +149,7 @@ def epsilon(eps: float = 1e-6) -> Preset:
 
 def _zennit(name: str, conv: Rule, *, first: Rule | None = None, first_families=LAYER_FAMILIES, eps: float = 1e-6) -> Preset:
     """A Zennit ``LayerMapComposite``: its ``layer_map_base`` plus a convolution and a dense rule."""
-    norm = Epsilon(1e-6)  # Zennit's Norm: the epsilon formula with its stabilizer
+    norm = Norm(1e-6)
     rules = dict(epsilon().rules)
     rules.update(
         {

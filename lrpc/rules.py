@@ -215,6 +215,12 @@ class Epsilon(Rule):
         return _times_inputs(op, op.vjp(divide(_main(R), op.z, self.eps)))
 
 
+@dataclass(frozen=True)
+class Norm(Epsilon):
+    """Zennit's ``Norm``: the epsilon formula with ``eps`` only a stabilizer, for ops without parameters
+    (sums, average pooling): ``R_i = x_i ⊙ J_iᵀ (R ⊘ stab(z))``, the signed proportional split."""
+
+
 def _linearized(op: Operation, R: Tensor, eps: float) -> Relevances:
     """Epsilon through ``op.linear_map`` (the op with its statistics held constant)."""
     x = op.inputs[0]
@@ -529,6 +535,7 @@ __all__ = [
     "Operation",
     "Rule",
     "Epsilon",
+    "Norm",
     "Pass",
     "Route",
     "Gradient",

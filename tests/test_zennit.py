@@ -214,3 +214,46 @@ def test_rule_on_the_wrong_op_family_is_an_error() -> None:
             lrpc.compile(model, backend="eager").plan(torch.randn(1, 3, 32, 32, dtype=D))
     finally:
         lrpc.register_rule(torch.ops.aten.add.Tensor, None)
+
+
+# --- the written equations, with explicit matrices (independent of Zennit and of lrpc's code) --------
+def _stab(z: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return z + eps * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+
+
+def _equation(name: str, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """R_x for z = x Wᵀ + b, written out with the positive and negative parts of x, W and b."""
+    xp, xn, Wp, Wn, bp, bn = x.clamp(min=0), x.clamp(max=0), W.clamp(min=0), W.clamp(max=0), b.clamp(min=0), b.clamp(max=0)
+    if name == "gamma":
+        g = 0.25
+        W1, W2, b1, b2 = W + g * Wp, W + g * Wn, b + g * bp, b + g * bn
+        z = x @ W.T + b
+        g1 = (z > 0) * R / _stab(xp @ W1.T + b1 + xn @ W2.T)
+        g2 = (z < 0) * R / _stab(xp @ W2.T + b2 + xn @ W1.T)
+        return xp * (g1 @ W1) + xn * (g1 @ W2) + xp * (g2 @ W2) + xn * (g2 @ W1)
+    if name == "alpha_beta":
+        gp = R / _stab(xp @ Wp.T + bp + xn @ Wn.T)
+        gn = R / _stab(xp @ Wn.T + bn + xn @ Wp.T)
+        return 2 * (xp * (gp @ Wp) + xn * (gp @ Wn)) - 1 * (xp * (gn @ Wn) + xn * (gn @ Wp))
+    if name == "zbox":
+        lo, hi = torch.full_like(x, -1.5), torch.full_like(x, 2.0)
+        g = R / _stab(x @ W.T + b - (lo @ Wp.T + bp) - (hi @ Wn.T + bn))
+        return x * (g @ W) - lo * (g @ Wp) - hi * (g @ Wn)
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize(
+    "name,rule",
+    [("gamma", Gamma(0.25)), ("alpha_beta", AlphaBeta(2.0, 1.0)), ("zbox", ZBox(-1.5, 2.0))],
+    ids=["gamma", "alpha_beta", "zbox"],
+)
+def test_parameter_rule_equals_written_equation(name: str, rule) -> None:
+    torch.manual_seed(9)
+    layer = nn.Linear(7, 5).to(D)
+    x = torch.randn(4, 7, dtype=D)
+    seed = torch.randn(4, 5, dtype=D)
+    res = lrpc.compile(nn.Sequential(layer).eval(), rules=lrpc.composite("epsilon", {nn.Linear: rule}), backend="eager")(
+        x, target=lambda out: seed
+    )
+    expected = _equation(name, x, layer.weight.detach(), layer.bias.detach(), seed)
+    assert rel_err(res.relevance, expected) < 1e-10
