@@ -30,6 +30,7 @@ from .codegen import Signature, generate, relevance_function
 from .errors import LRPCError
 from .planning import Plan, plan as make_plan
 from .presets import Preset, resolve as resolve_preset
+from .report import Report
 from .targets import TargetSpec, index_tensor, parse as parse_target
 from .tracing import OutputSelector, Traced, trace
 
@@ -178,10 +179,8 @@ class Attributor:
         """The plan (rule per node, values kept) for a call with these arguments."""
         return self.program(*args, target=target, **kwargs).plan
 
-    def report(self) -> "Report":
+    def report(self) -> Report:
         """Coverage, rules and timings of the most recently used program."""
-        from .report import Report
-
         if self._last is None:
             raise LRPCError("report() is available after the first call")
         return Report.build(self.model, self._last, self._last_conservation)

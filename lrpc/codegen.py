@@ -95,7 +95,7 @@ def relevance_function(plan: Plan, target: TargetSpec) -> tuple[Callable[..., tu
                 if res is not None and inp.name in step.receivers:
                     _accumulate(relevance, inp, res)
         outs: list[Any] = [output, used_index, seed.sum()]
-        for name, node in input_nodes.items():
+        for node in input_nodes.values():
             outs.append(relevance.get(node))
         for path in plan.layers:
             outs.append(layers.get(path))

@@ -80,7 +80,7 @@ class Plan:
     def __str__(self) -> str:
         lines = [f"Plan: preset {self.preset.name}, {len(self.steps)} rule steps over {self.node_count} nodes"]
         lines.append(f"  explained output: {self.output}")
-        lines.append(f"  explained inputs: " + ", ".join(f"{k} ({v})" for k, v in self.inputs.items()))
+        lines.append("  explained inputs: " + ", ".join(f"{k} ({v})" for k, v in self.inputs.items()))
         if self.layers:
             lines.append("  layers: " + ", ".join(f"{k} -> {v}" for k, v in self.layers.items()))
         width = max([len(s.node) for s in self.steps] + [4])
