@@ -50,7 +50,7 @@ def main(spec_path: str, out_path: str) -> None:
         x = embed
     scores = logits[:, -1] if logits.dim() == 3 else logits
     scores.gather(-1, target[:, None]).sum().backward()
-    relevance = x * x.grad
+    relevance = (x * x.grad).detach()
     torch.save(relevance if kind == "vit" else relevance.sum(-1), out_path)
 
 
