@@ -1,5 +1,5 @@
 """The ``lrpc`` command line. ``lrpc demo`` compiles a small built-in model, explains a batch and prints
-the report and timings."""
+the report and timings; ``lrpc coverage MODEL`` prints how every op of a model is covered."""
 
 from __future__ import annotations
 
@@ -59,6 +59,70 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_model(spec: str, input_shape: Sequence[int] | None = None) -> tuple[nn.Module, tuple, dict]:
+    """A model and an example call from a CLI spec: ``zoo:NAME`` (or a bare zoo name),
+    ``torchvision:NAME``, ``hf:PATH`` (a local config file or folder; random weights) or
+    ``package.module:factory`` (returning a model or ``(model, args, kwargs)``)."""
+    from . import zoo
+
+    kind, _, rest = spec.partition(":")
+    if not rest and kind in zoo.names():
+        kind, rest = "zoo", kind
+    if kind == "zoo":
+        try:
+            return zoo.build(rest)
+        except KeyError as e:
+            raise LRPCError(str(e.args[0])) from None
+    if kind == "torchvision":
+        import torchvision
+
+        try:
+            model = torchvision.models.get_model(rest, weights=None)
+        except ValueError as e:
+            raise LRPCError(f"torchvision has no model '{rest}': {e}") from None
+        shape = tuple(input_shape or (1, 3, 224, 224))
+        return model.eval(), (torch.randn(*shape),), {}
+    if kind == "hf":
+        import transformers
+
+        try:
+            config = transformers.AutoConfig.from_pretrained(rest, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise LRPCError(f"cannot read a Hugging Face config at '{rest}' (a local file or folder): {e}") from None
+        auto = transformers.AutoModelForCausalLM if any("CausalLM" in a for a in config.architectures or []) else transformers.AutoModel
+        model = auto.from_config(config).eval()
+        shape = tuple(input_shape or (1, 16))
+        ids = torch.randint(0, getattr(config, "vocab_size", 100), shape)
+        return model, (), {"input_ids": ids}
+    module, _, factory = spec.rpartition(":")
+    if not module:
+        raise LRPCError(f"unknown model '{spec}': use zoo:NAME, torchvision:NAME, hf:PATH or package.module:factory")
+    import importlib
+
+    try:
+        made = getattr(importlib.import_module(module), factory)()
+    except (ImportError, AttributeError) as e:
+        raise LRPCError(f"cannot load '{spec}': {e}") from None
+    if isinstance(made, nn.Module):
+        if input_shape is None:
+            raise LRPCError(f"'{spec}' returned a bare model: give --input SHAPE (e.g. --input 1 3 224 224)")
+        return made.eval(), (torch.randn(*input_shape),), {}
+    return made
+
+
+def coverage(args: argparse.Namespace) -> int:
+    model, call_args, call_kwargs = load_model(args.model, args.input)
+    attributor = lrpc_compile(model, rules=args.rules, backend="eager", on_unsupported="warn")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        attributor(*call_args, **call_kwargs)
+    report = attributor.report()
+    print(report)
+    return 0 if report.coverage == 1.0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lrpc", description="LRP explanations for PyTorch models, compiled.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeat", type=int, default=10, help="timed repetitions after the first call")
     p.set_defaults(func=demo)
+    c = sub.add_parser("coverage", help="trace a model, print which rule covers each op, coverage and fallbacks")
+    c.add_argument("model", help="zoo:NAME | torchvision:NAME | hf:CONFIG-PATH | package.module:factory")
+    c.add_argument("--rules", default="epsilon")
+    c.add_argument("--input", type=int, nargs="+", help="input shape for models built without an example")
+    c.set_defaults(func=coverage)
     return parser
 
 

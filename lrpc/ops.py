@@ -161,6 +161,13 @@ SIDE_EFFECT_OPS = {
     aten._assert_tensor_metadata.default,
     aten._assert_async.msg,
 }
+#: Ops whose values do not depend on their tensor arguments' values (only on shapes and dtypes): their
+#: outputs are constants, whatever they are computed from.
+CONSTANT_OPS = {
+    getattr(aten, name).default
+    for name in ("full_like", "zeros_like", "ones_like", "empty_like", "rand_like", "randn_like", "new_zeros", "new_ones", "new_full", "new_empty")
+    if hasattr(aten, name)
+}
 #: ``operator.getitem`` picks one output of a multi-output op; the codegen routes it structurally.
 GETITEM = operator.getitem
 
@@ -309,6 +316,20 @@ def _group_norm_map(args: Mapping[str, Any], output: Any) -> Callable[[Tensor], 
     return f
 
 
+def _instance_stats_map(args: Mapping[str, Any], output: Any) -> Callable[[Tensor], Tensor]:
+    """Batch norm computed with the batch's own statistics (instance norm exports as this on a
+    ``(1, N*C, ...)`` view): ``(x - mean_c) * rstd_c * w_c`` with ``rstd`` (third output) constant."""
+    rstd, weight = output[2], args.get("weight")
+
+    def f(x: Tensor) -> Tensor:
+        dims = [0] + list(range(2, x.dim()))
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = (x - x.mean(dims, keepdim=True)) * rstd.reshape(shape)
+        return y if weight is None else y * weight.reshape(shape)
+
+    return f
+
+
 _NORM_FROZEN = {"weight", "bias", "running_mean", "running_var"}
 register_op("native_layer_norm", _spec(Family.NORM, frozen=_NORM_FROZEN, linearize=_layer_norm_map))
 register_op("rms_norm", _spec(Family.NORM, frozen=_NORM_FROZEN, linearize=_rms_norm_map))
@@ -317,6 +338,7 @@ register_op(
     [aten._native_batch_norm_legit_no_training, aten.native_batch_norm],
     _spec(Family.BATCHNORM, frozen=_NORM_FROZEN),
 )
+register_op("_native_batch_norm_legit", _spec(Family.NORM, frozen=_NORM_FROZEN, linearize=_instance_stats_map))
 register_op("embedding", _spec(Family.EMBEDDING, frozen={"weight"}))
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from .canonize import ACTIVATION_META, FROZEN_META, FUSED_META
 from .errors import LRPCError, RuleError, UnsupportedOperatorError
-from .ops import SIDE_EFFECT_OPS, Family, OpSpec, arg_names, lookup
+from .ops import CONSTANT_OPS, SIDE_EFFECT_OPS, Family, OpSpec, arg_names, lookup
 from .presets import Preset
 from .rules import Gradient, Rule
 from .tracing import module_path, module_stack
@@ -159,7 +159,7 @@ def carriers(
                 carry.add(node)
             continue
         spec = lookup(node.target)
-        if spec is not None and spec.family in constants:
+        if node.target in CONSTANT_OPS or (spec is not None and spec.family in constants):
             continue
         _, tensors = bind(node)
         frozen = frozen_args(node, spec, gates_constant)

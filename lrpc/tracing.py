@@ -187,13 +187,14 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 def _dynamic_shapes(tensors: Sequence[Tensor]) -> tuple:
     """Batch (dim 0) dynamic for every input; also the sequence (dim 1) for integer inputs (token ids).
-    Shaped for the wrapper's ``forward(*tensors)``: one entry, the tuple of per-tensor specs."""
+    Sizes 0 and 1 are left static (export would specialize them anyway, with a warning). Shaped for the
+    wrapper's ``forward(*tensors)``: one entry, the tuple of per-tensor specs."""
     spec = []
     for t in tensors:
         dims = {}
-        if t.dim() >= 1:
+        if t.dim() >= 1 and t.shape[0] > 1:
             dims[0] = Dim.AUTO
-        if t.dim() >= 2 and not t.is_floating_point():
+        if t.dim() >= 2 and not t.is_floating_point() and t.shape[1] > 1:
             dims[1] = Dim.AUTO
         spec.append(dims)
     return (tuple(spec),)

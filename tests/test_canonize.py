@@ -379,3 +379,22 @@ def test_a_gate_of_two_tensors_is_not_an_activation() -> None:
     plan = lrpc.compile(SwiGLU().eval(), backend="eager").plan(torch.randn(2, 6))
     assert any(s.family == "product" for s in plan.steps)
     assert not any(s.op.startswith("activation(") for s in plan.steps)
+
+
+def test_instance_norm_holds_its_statistics_constant() -> None:
+    """InstanceNorm exports as a batch norm on a (1, N*C, ...) view with the batch's own statistics:
+    each (sample, channel) plane is centred and scaled by its frozen rstd, then epsilon (here LRP-0)."""
+    torch.manual_seed(10)
+    norm = nn.InstanceNorm2d(3, affine=True)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.3, 0.3)
+    x = torch.randn(2, 3, 4, 4)
+    seed = torch.randn(2, 3, 4, 4)
+    res = explain(nn.Sequential(norm), x, rules="lrp0", target=lambda out: seed)
+    y = norm(x)
+    mean = x.mean((2, 3), keepdim=True)
+    rstd = 1 / torch.sqrt(x.var((2, 3), unbiased=False, keepdim=True) + norm.eps)
+    gw = seed / y * norm.weight[None, :, None, None] * rstd  # the VJP of (x - mean) * rstd * w, rstd constant
+    expected = x * (gw - gw.mean((2, 3), keepdim=True))
+    assert rel_err(res.relevance, expected) < 1e-9

@@ -30,7 +30,7 @@ class ZooModel:
 
 
 _REGISTRY: dict[str, ZooModel] = {}
-_MODULES = ("lrpc.zoo.plain", "lrpc.zoo.vision", "lrpc.zoo.hf")
+_MODULES = ("lrpc.zoo.plain", "lrpc.zoo.vision", "lrpc.zoo.hf")  # hf: Hugging Face from_config
 _loaded = False
 
 
