@@ -12,6 +12,7 @@ torch.Size([2, 4])
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import time
 from collections import OrderedDict
@@ -35,6 +36,7 @@ from .targets import TargetSpec, index_tensor, parse as parse_target
 from .tracing import OutputSelector, Traced, trace
 
 ON_UNSUPPORTED = ("error", "warn")
+DEFAULT_CONSTANTS = ("*mask*",)
 
 
 @dataclass
@@ -122,6 +124,7 @@ class Attributor:
         on_unsupported: str = "error",
         dynamic: bool = True,
         cache_size: int = 16,
+        constants: Sequence[str] = DEFAULT_CONSTANTS,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"lrpc.compile expects an nn.Module, got {type(model).__name__}")
@@ -143,6 +146,7 @@ class Attributor:
         self.on_unsupported = on_unsupported
         self.dynamic = dynamic
         self.cache_size = cache_size
+        self.constants = (constants,) if isinstance(constants, str) else tuple(constants)
         self._cache: OrderedDict[tuple, list[Program]] = OrderedDict()
         self.stats = {"traces": 0, "hits": 0, "calls": 0}
         self._last: Program | None = None
@@ -243,6 +247,7 @@ class Attributor:
             layers=self.layers,
             on_unsupported=self.on_unsupported,
             modules=dict(self.model.named_modules()),
+            constants=[name for name in inputs if any(fnmatch.fnmatchcase(name, p) for p in self.constants)],
         )
         planned = time.perf_counter()
         examples: list[Any] = [n.meta["val"] for n in graph.nodes if n.op == "placeholder"]
@@ -382,5 +387,8 @@ def compile(model: nn.Module, **options: Any) -> Attributor:
             rule; ``"warn"`` routes relevance through its gradient, warns, and records the fallback.
         dynamic: mark the batch (and token sequence) dimension dynamic where export allows.
         cache_size: how many compiled programs to keep (least recently used are dropped).
+        constants: input names (glob patterns) held constant: they get no relevance and relevance does
+            not flow into them. Default ``("*mask*",)``: attention, pixel and head masks say where to
+            look, they are not evidence (Hugging Face passes float masks too). ``()`` explains every input.
     """
     return Attributor(model, **options)

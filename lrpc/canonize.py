@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .ops import Family, lookup
 from .tracing import module_stack
@@ -143,7 +144,9 @@ def _chain(node: Any, limit: int = 12) -> list[fx.Node]:
 def _statistic_of(s: fx.Node, x: fx.Node) -> bool:
     """Whether ``s`` is a broadcast statistic (a reduction, then elementwise ops) of what ``x`` comes from."""
     sv, xv = s.meta.get("val"), x.meta.get("val")
-    if not isinstance(sv, torch.Tensor) or not isinstance(xv, torch.Tensor) or sv.numel() >= xv.numel():
+    if not isinstance(sv, torch.Tensor) or not isinstance(xv, torch.Tensor):
+        return False
+    if not statically_known_true(sv.numel() < xv.numel()):  # sizes may be data-dependent (MoE routing)
         return False
     reduction = next((n for n in _chain(s) if n.op == "call_function" and n.target in _STATISTICS), None)
     if reduction is None:
@@ -190,18 +193,23 @@ def _region(y: fx.Node, depends: Callable[[fx.Node], bool]) -> tuple[fx.Node, li
         grown = False
         for arg in list(frontier):
             val = arg.meta.get("val")
-            same = isinstance(val, torch.Tensor) and val.shape == shape
+            same = isinstance(val, torch.Tensor) and _same_shape(val.shape, shape)
             if same and _elementwise(arg) and all(u in region for u in arg.users):
                 region.add(arg)
                 frontier.discard(arg)
                 frontier.update(a for a in arg.all_input_nodes if a not in region)
                 grown = True
     sources = [a for a in frontier if isinstance(a.meta.get("val"), torch.Tensor) and depends(a)]
-    if len(region) < 2 or len(sources) != 1 or sources[0].meta["val"].shape != shape:
+    if len(region) < 2 or len(sources) != 1 or not _same_shape(sources[0].meta["val"].shape, shape):
         return None
     if not any((spec := lookup(n.target)) is not None and spec.family is Family.PASS for n in region):
         return None  # purely linear: the ops' own rules already compose
     return sources[0], [n for n in y.graph.nodes if n in region]
+
+
+def _same_shape(a: torch.Size, b: torch.Size) -> bool:
+    """Equal shapes, decided without guarding on data-dependent sizes (unknown counts as different)."""
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
 def group_activations(graph: fx.Graph, inputs: Sequence[fx.Node] = ()) -> fx.Graph:

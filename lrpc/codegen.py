@@ -95,8 +95,8 @@ def relevance_function(plan: Plan, target: TargetSpec) -> tuple[Callable[..., tu
                 if res is not None and inp.name in step.receivers:
                     _accumulate(relevance, inp, res)
         outs: list[Any] = [output, used_index, seed.sum()]
-        for node in input_nodes.values():
-            outs.append(relevance.get(node))
+        for name in plan.explained:
+            outs.append(relevance.get(input_nodes[name]))
         for path in plan.layers:
             outs.append(layers.get(path))
         return tuple(outs)
@@ -105,7 +105,7 @@ def relevance_function(plan: Plan, target: TargetSpec) -> tuple[Callable[..., tu
         n_state=n_state,
         input_names=tuple(input_nodes),
         takes_index=target.mode == "index",
-        relevance_names=tuple(input_nodes),
+        relevance_names=tuple(plan.explained),
         layer_names=tuple(plan.layers),
     )
     return program, signature

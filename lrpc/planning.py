@@ -48,10 +48,16 @@ class Plan:
     preset: Preset
     steps: list[Step]
     output: str
-    inputs: dict[str, str]  # explained input name -> placeholder node
+    inputs: dict[str, str]  # user input name -> placeholder node, in call order
     layers: dict[str, str]  # module path -> node whose relevance is reported
     node_count: int = 0
     op_counts: Counter = field(default_factory=Counter)
+    constants: tuple[str, ...] = ()  # inputs held constant: no relevance flows into them
+
+    @property
+    def explained(self) -> dict[str, str]:
+        """The inputs that receive relevance."""
+        return {k: v for k, v in self.inputs.items() if k not in self.constants}
 
     @property
     def kept(self) -> list[str]:
@@ -80,7 +86,9 @@ class Plan:
     def __str__(self) -> str:
         lines = [f"Plan: preset {self.preset.name}, {len(self.steps)} rule steps over {self.node_count} nodes"]
         lines.append(f"  explained output: {self.output}")
-        lines.append("  explained inputs: " + ", ".join(f"{k} ({v})" for k, v in self.inputs.items()))
+        lines.append("  explained inputs: " + ", ".join(f"{k} ({v})" for k, v in self.explained.items()))
+        if self.constants:
+            lines.append("  constant inputs: " + ", ".join(self.constants))
         if self.layers:
             lines.append("  layers: " + ", ".join(f"{k} -> {v}" for k, v in self.layers.items()))
         width = max([len(s.node) for s in self.steps] + [4])
@@ -188,11 +196,14 @@ def plan(
     layers: Sequence[str] = (),
     on_unsupported: str = "error",
     modules: Mapping[str, nn.Module] | None = None,
+    constants: Sequence[str] = (),
 ) -> Plan:
     """Walk ``graph`` in reverse topological order and assign a rule to every node relevance reaches.
 
-    ``modules`` (path -> module) lets overrides keyed by module type match subclasses."""
-    carry = carriers(graph, list(inputs.values()), preset.constants, preset.gates_constant)
+    ``modules`` (path -> module) lets overrides keyed by module type match subclasses; the inputs named
+    in ``constants`` are held constant (no relevance starts from or flows into them)."""
+    explained_inputs = [node for name, node in inputs.items() if name not in constants]
+    carry = carriers(graph, explained_inputs, preset.constants, preset.gates_constant)
     first = _first_layer(graph, preset, carry)
     context = _Context(preset, carry, on_unsupported, first, modules or {})
     output_node = next(n for n in graph.nodes if n.op == "output")
@@ -222,6 +233,7 @@ def plan(
         layers=layer_nodes,
         node_count=len(call_nodes),
         op_counts=Counter(op_name(n) for n in call_nodes),
+        constants=tuple(name for name in inputs if name in constants),
     )
 
 
@@ -239,7 +251,12 @@ def _relevant(
 ) -> tuple[dict[str, Any], list, list]:
     args, tensors = bind(node)
     frozen = frozen_args(node, spec, gates_constant)
-    return args, tensors, [(name, t) for name, t in tensors if t in carry and name not in frozen]
+    # integers carry relevance only as data moved by routing ops and as embedding indices: an int mask
+    # multiplied into float activations (Mamba) is a constant there
+    ints = spec is not None and spec.family in (Family.ROUTE, Family.EMBEDDING)
+    return args, tensors, [
+        (name, t) for name, t in tensors if t in carry and name not in frozen and (ints or _is_float(t))
+    ]
 
 
 def _first_layer(graph: fx.Graph, preset: Preset, carry: set[fx.Node]) -> fx.Node | None:

@@ -107,7 +107,10 @@ class Operation:
             for i, a in zip(index, args):
                 full[i] = a
             out = self.fn(*full)
-            return tuple(out[i] for i in float_outputs) if multi else out
+            if multi:
+                return tuple(out[i] for i in float_outputs)
+            # token ids moved by a routing op that also converts them (int32 -> int64): route as floats
+            return out if out.is_floating_point() else out.to(dtype)
 
         try:
             _, pullback = torch.func.vjp(fn, *primals)

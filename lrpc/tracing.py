@@ -54,7 +54,8 @@ def scaled_dot_product_attention(
 ) -> Tensor:
     """lrpc's decomposition of SDPA: ``softmax(Q Kᵀ * scale + mask) V``, so that the product and softmax
     rules apply to its parts. Dropout is not applied (explanations use eval semantics). Unlike the
-    default decomposition it returns a contiguous tensor (GPT-2 ``view``s the result).
+    default decomposition it returns the output in the query's memory layout, as torch's SDPA does
+    (models ``view`` the result).
 
     It computes what ``torch.nn.functional.scaled_dot_product_attention`` computes: positions masked by
     ``is_causal``, a boolean mask or ``-inf`` get the dtype's lowest finite score (no NaN from ``-inf``),
@@ -77,10 +78,18 @@ def scaled_dot_product_attention(
             scores = scores + attn_mask.masked_fill(blocked, 0.0)
         masked = blocked if masked is None else masked | blocked
     if masked is None:
-        return torch.matmul(torch.softmax(scores, dim=-1), value).contiguous()
+        return _like_query(torch.matmul(torch.softmax(scores, dim=-1), value), query)
     scores = scores.masked_fill(masked, torch.finfo(scores.dtype).min)
     weights = torch.softmax(scores, dim=-1).masked_fill(masked.all(-1, keepdim=True), 0.0)
-    return torch.matmul(weights, value).contiguous()
+    return _like_query(torch.matmul(weights, value), query)
+
+
+def _like_query(out: Tensor, query: Tensor) -> Tensor:
+    """The output in the memory layout torch's SDPA gives it, that of the query: models ``view`` it after
+    a transpose (DistilBERT, Qwen2-MoE) or directly (GPT-2), and a view needs the right strides."""
+    if query.dim() == 4 and not query.is_contiguous() and query.transpose(1, 2).is_contiguous():
+        return out.transpose(1, 2).contiguous().transpose(1, 2)  # (B, L, H, E) in memory
+    return out.contiguous()
 
 
 def decomposition_table() -> dict:

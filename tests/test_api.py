@@ -528,6 +528,39 @@ def test_attention_mask_gets_no_relevance_entry() -> None:
     assert (res.relevance[:, :4] != 0).all()
 
 
+
+class FloatMaskedMean(nn.Module):
+    """A masked mean over positions with a float mask, as Hugging Face vision-language models pass it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 3, bias=False)
+
+    def forward(self, x: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
+        pooled = (x * pixel_mask.unsqueeze(-1)).sum(1) / pixel_mask.sum(1, keepdim=True)
+        return self.head(pooled)
+
+
+def test_float_mask_is_held_constant_by_default() -> None:
+    model = FloatMaskedMean().eval()
+    x, mask = torch.randn(2, 5, 4, dtype=torch.float64), torch.ones(2, 5, dtype=torch.float64)
+    mask[0, 3:] = 0
+    model.double()
+    res = compile_eager(model, rules="lrp0")(x, mask)
+    assert list(res.inputs) == ["x"]
+    # LRP-0 with the mask constant: gradient x input with respect to x alone; it conserves the logit
+    x_ = x.clone().requires_grad_()
+    model(x_, mask).gather(1, res.target.view(-1, 1)).sum().backward()
+    torch.testing.assert_close(res.relevance, nonzero(x_ * x_.grad).detach())
+    assert torch.equal(res.relevance[0, 3:], torch.zeros(2, 4, dtype=torch.float64))
+    assert "constant inputs: pixel_mask" in str(compile_eager(model, rules="lrp0").plan(x, mask))
+    # constants=() explains every input: the product rule now splits relevance between x and the mask
+    both = compile_eager(model, rules="lrp0", constants=())(x, mask)
+    assert list(both.inputs) == ["x", "pixel_mask"] and both.inputs["pixel_mask"].abs().sum() > 0
+    # a pattern of the user's choice
+    only_mask = compile_eager(model, rules="lrp0", constants="x")(x, mask)
+    assert list(only_mask.inputs) == ["pixel_mask"]
+
 # --- tiny Hugging Face models ---------------------------------------------------------------------------
 
 transformers = pytest.importorskip("transformers")

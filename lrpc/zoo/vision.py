@@ -75,10 +75,17 @@ def vit_b16() -> Built:
 
 @register("efficientnet-v2", "vision", paper=True, needs="torchvision")
 def efficientnet_v2() -> Built:
-    from torchvision.models import efficientnet_v2_s
+    """EfficientNetV2-S's block types (Fused-MBConv stages, then MBConv with squeeze-excitation and
+    stochastic depth) with one layer per stage and the first four stages."""
+    from dataclasses import replace
+
+    from torchvision.models.efficientnet import EfficientNet, _efficientnet_conf
 
     torch.manual_seed(0)
-    return _prepared(efficientnet_v2_s(num_classes=10)), _images(32), {}
+    settings, _ = _efficientnet_conf("efficientnet_v2_s")
+    settings = [replace(s, num_layers=1) for s in settings[:4]]
+    model = EfficientNet(settings, dropout=0.2, last_channel=128, num_classes=10)
+    return _prepared(model), _images(32), {}
 
 
 @register("mobilenet-v3", "vision", needs="torchvision")
