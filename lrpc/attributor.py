@@ -29,10 +29,13 @@ from . import backends, ops
 from .canonize import canonicalize
 from .codegen import Signature, generate, relevance_function
 from .errors import LRPCError
-from .planning import Plan, plan as make_plan
-from .presets import Preset, resolve as resolve_preset
+from .planning import Plan
+from .planning import plan as make_plan
+from .presets import Preset
+from .presets import resolve as resolve_preset
 from .report import Report
-from .targets import TargetSpec, index_tensor, parse as parse_target
+from .targets import TargetSpec, index_tensor
+from .targets import parse as parse_target
 from .tracing import OutputSelector, Traced, trace
 
 ON_UNSUPPORTED = ("error", "warn")

@@ -7,6 +7,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -61,7 +62,8 @@ def demo(args: argparse.Namespace) -> int:
 
 def load_model(spec: str, input_shape: Sequence[int] | None = None) -> tuple[nn.Module, tuple, dict]:
     """A model and an example call from a CLI spec: ``zoo:NAME`` (or a bare zoo name),
-    ``torchvision:NAME``, ``hf:PATH`` (a local config file or folder; random weights) or
+    ``torchvision:NAME``, ``hf:PATH`` (a local config file or folder, or a model type such as ``bert``
+    for its default config; random weights) or
     ``package.module:factory`` (returning a model or ``(model, args, kwargs)``)."""
     from . import zoo
 
@@ -86,9 +88,14 @@ def load_model(spec: str, input_shape: Sequence[int] | None = None) -> tuple[nn.
         import transformers
 
         try:
-            config = transformers.AutoConfig.from_pretrained(rest, local_files_only=True)
+            if Path(rest).exists():
+                config = transformers.AutoConfig.from_pretrained(rest, local_files_only=True)
+            else:  # a model type ("bert", "gpt2", "llama"): its default config, no download
+                config = transformers.AutoConfig.for_model(rest)
         except (OSError, ValueError) as e:
-            raise LRPCError(f"cannot read a Hugging Face config at '{rest}' (a local file or folder): {e}") from None
+            raise LRPCError(
+                f"'{rest}' is neither a local Hugging Face config (file or folder) nor a model type: {e}"
+            ) from None
         auto = transformers.AutoModelForCausalLM if any("CausalLM" in a for a in config.architectures or []) else transformers.AutoModel
         model = auto.from_config(config).eval()
         shape = tuple(input_shape or (1, 16))
@@ -134,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=10, help="timed repetitions after the first call")
     p.set_defaults(func=demo)
     c = sub.add_parser("coverage", help="trace a model, print which rule covers each op, coverage and fallbacks")
-    c.add_argument("model", help="zoo:NAME | torchvision:NAME | hf:CONFIG-PATH | package.module:factory")
+    c.add_argument("model", help="zoo:NAME | torchvision:NAME | hf:CONFIG-PATH-OR-MODEL-TYPE | package.module:factory")
     c.add_argument("--rules", default="epsilon")
     c.add_argument("--input", type=int, nargs="+", help="input shape for models built without an example")
     c.set_defaults(func=coverage)

@@ -141,9 +141,14 @@ def frozen_args(node: fx.Node, spec: OpSpec | None, gates_constant: bool = False
     frozen = (spec.frozen if spec else frozenset()) | node.meta.get(FROZEN_META, frozenset())
     if gates_constant and node.target is torch.ops.aten.mul.Tensor:
         gates = {name for name, arg in zip(("self", "other"), node.args) if _is_activation(arg)}
+        if len(gates) == 2:  # LSTM: sigmoid(o) * tanh(c); the squashing-to-[0, 1] one is the gate
+            gates = {name for name, arg in zip(("self", "other"), node.args) if arg.target in _GATES}
         if len(gates) == 1:
             frozen |= gates
     return frozen
+
+
+_GATES = frozenset({torch.ops.aten.sigmoid.default, torch.ops.aten.hardsigmoid.default})
 
 
 def _is_activation(node: Any) -> bool:

@@ -14,7 +14,6 @@ from torch import nn
 import lrpc
 
 
-
 @pytest.fixture(autouse=True)
 def float64():
     """These checks compare to 1e-10: run them in float64, and leave the default as it was."""
@@ -393,7 +392,6 @@ def test_instance_norm_holds_its_statistics_constant() -> None:
     seed = torch.randn(2, 3, 4, 4)
     res = explain(nn.Sequential(norm), x, rules="lrp0", target=lambda out: seed)
     y = norm(x)
-    mean = x.mean((2, 3), keepdim=True)
     rstd = 1 / torch.sqrt(x.var((2, 3), unbiased=False, keepdim=True) + norm.eps)
     gw = seed / y * norm.weight[None, :, None, None] * rstd  # the VJP of (x - mean) * rstd * w, rstd constant
     expected = x * (gw - gw.mean((2, 3), keepdim=True))

@@ -495,6 +495,49 @@ def test_uniform_product_rule_gate() -> None:
     assert families.count("product") == 1, families
 
 
+
+def test_cp_lrp_lstm_step_by_hand() -> None:
+    """One bias-free LSTM step from zero state under CP-LRP (gates constant, signal-take-all as in Arras
+    et al. 2017): h = sig(o) * tanh(c), c = sig(i) * tanh(g), so R_h flows whole to g = W_g x and
+    R_x = x * (W_g^T (R_h / g))."""
+    torch.manual_seed(18)
+    lstm = nn.LSTM(5, 4, bias=False, batch_first=True).to(DTYPE).eval()
+    x = torch.randn(3, 1, 5, dtype=DTYPE)
+    R = torch.randn(3, 4, dtype=DTYPE)
+
+    class LastState(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = lstm
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.rnn(x)[0][:, -1]
+
+    W_g = lstm.weight_ih_l0.detach()[8:12]  # PyTorch's gate order: i, f, g, o
+    expected = x[:, 0] * ((R / (x[:, 0] @ W_g.T)) @ W_g)
+    res = lrpc.compile(LastState().eval(), rules="cp-lrp", backend="eager")(x, target=seed_with(R))
+    assert rel_err(res.relevance[:, 0], expected) < 1e-10
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU], ids=["lstm", "gru"])
+def test_cp_lrp_conserves_on_bias_free_recurrent_nets(cell) -> None:
+    torch.manual_seed(19)
+
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = cell(6, 8, num_layers=2, bias=False, batch_first=True)
+            self.head = nn.Linear(8, 3, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0][:, -1])
+
+    x = torch.randn(2, 5, 6, dtype=DTYPE)
+    a = lrpc.compile(Classifier().to(DTYPE).eval(), rules="cp-lrp", backend="eager")
+    res = a(x)
+    explained = res.output.gather(1, res.target.view(-1, 1)).sum()
+    assert abs(float(res.relevance.sum() / explained) - 1) < 1e-9
+
 def test_uniform_product_rule_matmul() -> None:
     """A @ B of two activations (attention's A V):
     R_A = A * ((R / stab Z) B^T) / 2,  R_B = B * (A^T (R / stab Z)) / 2."""

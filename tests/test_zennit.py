@@ -76,7 +76,7 @@ def test_parameter_rule_equals_zennit_on_single_layers(ours, theirs) -> None:
         seed = torch.randn_like(layer(x))
         model = nn.Sequential(layer).eval()
         res = lrpc.compile(model, rules=lrpc.composite("epsilon", {nn.Module: ours}), backend="eager")(
-            x, target=lambda out: seed
+            x, target=lambda out, seed=seed: seed
         )
         x_ = x.clone().requires_grad_()
         handle = theirs.register(layer)

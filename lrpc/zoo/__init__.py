@@ -27,6 +27,7 @@ class ZooModel:
     build: Callable[[], Built]
     paper: bool = False  # one of the 15 architectures of the DynamicLRP paper
     needs: str = ""  # the package it needs beyond torch ("torchvision", "transformers")
+    attention: bool = False  # has softmax attention: the transformer presets (attnlrp, cp-lrp) apply
 
 
 _REGISTRY: dict[str, ZooModel] = {}
@@ -34,13 +35,15 @@ _MODULES = ("lrpc.zoo.plain", "lrpc.zoo.vision", "lrpc.zoo.hf")  # hf: Hugging F
 _loaded = False
 
 
-def register(name: str, family: str, *, paper: bool = False, needs: str = "") -> Callable[[Callable[[], Built]], Callable[[], Built]]:
+def register(
+    name: str, family: str, *, paper: bool = False, needs: str = "", attention: bool = False
+) -> Callable[[Callable[[], Built]], Callable[[], Built]]:
     """Decorator: add a builder to the zoo under ``name``."""
 
     def wrap(fn: Callable[[], Built]) -> Callable[[], Built]:
         if name in _REGISTRY:
             raise ValueError(f"zoo: '{name}' is registered twice")
-        _REGISTRY[name] = ZooModel(name, family, fn, paper, needs)
+        _REGISTRY[name] = ZooModel(name, family, fn, paper, needs, attention)
         return fn
 
     return wrap

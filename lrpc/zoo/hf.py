@@ -57,7 +57,7 @@ def _randn(*shape: int, seed: int = 2) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------- vision
 
 
-@register("siglip2-vision", "vision", paper=True, needs="transformers")
+@register("siglip2-vision", "vision", paper=True, needs="transformers", attention=True)
 def siglip2_vision() -> Built:
     """SigLIP's vision tower (``SiglipVisionModel``: conv patch embedding, learned position embedding,
     pre-norm encoder, attention-pooling head). SigLIP 2 shares this tower except its NaFlex patch
@@ -76,7 +76,7 @@ def siglip2_vision() -> Built:
     return model, (), {"pixel_values": _randn(BATCH, 3, 32, 32)}
 
 
-@register("vit-hf", "vision", needs="transformers")
+@register("vit-hf", "vision", needs="transformers", attention=True)
 def vit_hf() -> Built:
     _quiet()
     from transformers import ViTConfig, ViTForImageClassification
@@ -92,7 +92,7 @@ def vit_hf() -> Built:
 # ------------------------------------------------------------------------------------------ audio
 
 
-@register("wav2vec2", "audio", paper=True, needs="transformers")
+@register("wav2vec2", "audio", paper=True, needs="transformers", attention=True)
 def wav2vec2() -> Built:
     """Wav2Vec2 (base layout: group-norm feature encoder, weight-normed convolutional position
     embedding, post-norm encoder) with a sequence-classification head; 1600 samples of raw audio."""
@@ -109,7 +109,7 @@ def wav2vec2() -> Built:
     return model, (), {"input_values": _randn(BATCH, 1600)}
 
 
-@register("whisper", "audio", paper=True, needs="transformers")
+@register("whisper", "audio", paper=True, needs="transformers", attention=True)
 def whisper() -> Built:
     """Whisper encoder-decoder: log-mel features (16 bins, 32 frames) and decoder token ids."""
     _quiet()
@@ -130,7 +130,7 @@ def whisper() -> Built:
 # ------------------------------------------------------------------------------------ text encoders
 
 
-@register("bert", "text", needs="transformers")
+@register("bert", "text", needs="transformers", attention=True)
 def bert() -> Built:
     _quiet()
     from transformers import BertConfig, BertForSequenceClassification
@@ -142,7 +142,7 @@ def bert() -> Built:
     return _build(BertForSequenceClassification, config), (), _tokens()
 
 
-@register("roberta", "text", paper=True, needs="transformers")
+@register("roberta", "text", paper=True, needs="transformers", attention=True)
 def roberta() -> Built:
     _quiet()
     from transformers import RobertaConfig, RobertaForSequenceClassification
@@ -155,7 +155,7 @@ def roberta() -> Built:
     return _build(RobertaForSequenceClassification, config), (), _tokens(pad_id=1)
 
 
-@register("distilbert", "text", needs="transformers")
+@register("distilbert", "text", needs="transformers", attention=True)
 def distilbert() -> Built:
     _quiet()
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
@@ -171,7 +171,7 @@ def distilbert() -> Built:
 # Explained output: the logits (B, T, V); lrpc explains the last position by default.
 
 
-@register("gpt2", "text", paper=True, needs="transformers")
+@register("gpt2", "text", paper=True, needs="transformers", attention=True)
 def gpt2() -> Built:
     _quiet()
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -183,7 +183,7 @@ def gpt2() -> Built:
     return _build(GPT2LMHeadModel, config), (), _tokens(pad="left")
 
 
-@register("llama", "text", paper=True, needs="transformers")
+@register("llama", "text", paper=True, needs="transformers", attention=True)
 def llama() -> Built:
     """Llama 3.2 layout: grouped-query attention, llama3-scaled rope, tied input/output embeddings."""
     _quiet()
@@ -200,7 +200,7 @@ def llama() -> Built:
     return _build(LlamaForCausalLM, config), (), _tokens(pad="left")
 
 
-@register("mistral", "text", needs="transformers")
+@register("mistral", "text", needs="transformers", attention=True)
 def mistral() -> Built:
     """Mistral: grouped-query attention with a sliding window (4 tokens, shorter than the sequence)."""
     _quiet()
@@ -214,7 +214,7 @@ def mistral() -> Built:
     return _build(MistralForCausalLM, config), (), _tokens(pad="left")
 
 
-@register("gemma3", "text", paper=True, needs="transformers")
+@register("gemma3", "text", paper=True, needs="transformers", attention=True)
 def gemma3() -> Built:
     """Gemma 3 text decoder: sliding-window and global layers (pattern 2), q/k RMS norms, sandwich
     norms, GELU-tanh gated MLP, scaled embeddings, logit soft-capping off (as released)."""
@@ -230,7 +230,7 @@ def gemma3() -> Built:
     return _build(Gemma3ForCausalLM, config), (), _tokens(pad="left")
 
 
-@register("qwen3", "text", paper=True, needs="transformers")
+@register("qwen3", "text", paper=True, needs="transformers", attention=True)
 def qwen3() -> Built:
     """Qwen3 dense decoder: grouped-query attention with q/k RMS norms, tied embeddings (as the small
     ones have)."""
@@ -246,7 +246,7 @@ def qwen3() -> Built:
     return _build(Qwen3ForCausalLM, config), (), _tokens(pad="left")
 
 
-@register("mixtral", "text", needs="transformers")
+@register("mixtral", "text", needs="transformers", attention=True)
 def mixtral() -> Built:
     """Mixtral: a sparse mixture-of-experts decoder, top-2 softmax routing over 4 SwiGLU experts per layer
     (transformers 4.x loops over the experts with data-dependent token counts: unbacked sizes in export),
@@ -280,7 +280,7 @@ def mamba() -> Built:
 # ------------------------------------------------------------------------------------------ seq2seq
 
 
-@register("flan-t5", "seq2seq", paper=True, needs="transformers")
+@register("flan-t5", "seq2seq", paper=True, needs="transformers", attention=True)
 def flan_t5() -> Built:
     """T5 v1.1 / Flan-T5 layout: gated-GELU feed-forward, RMS layer norms, relative position buckets,
     untied output head. T5 initializes from ``initializer_factor`` (d_model**-0.5 scales), not
@@ -298,7 +298,7 @@ def flan_t5() -> Built:
     return model, (), {**_tokens(), "decoder_input_ids": _decoder_ids(start=0)}
 
 
-@register("pix2struct", "seq2seq", paper=True, needs="transformers")
+@register("pix2struct", "seq2seq", paper=True, needs="transformers", attention=True)
 def pix2struct() -> Built:
     """Pix2Struct: a ViT over variable-resolution flattened patches (row and column index in the first
     two features, learned 2-d position embeddings) and a T5-style text decoder."""

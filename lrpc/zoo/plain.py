@@ -124,7 +124,7 @@ class MHAClassifier(nn.Module):
         return self.head(h.mean(1))
 
 
-@register("multihead-attention", "text")
+@register("multihead-attention", "text", attention=True)
 def multihead_attention() -> Built:
     torch.manual_seed(0)
     return MHAClassifier().eval(), (torch.randn(2, 7, 32),), {}
@@ -163,6 +163,6 @@ def functional_ops() -> Built:
     return Functional().eval(), (torch.randn(2, 3, 8, 8),), {}
 
 
-@register("tiny-transformer", "text")
+@register("tiny-transformer", "text", attention=True)
 def tiny() -> Built:
     return tiny_transformer(), (torch.randint(0, 64, (2, 12)),), {}

@@ -63,7 +63,7 @@ def resnet50() -> Built:
     return _prepared(resnet50(num_classes=10)), _images(64), {}
 
 
-@register("vit-b16", "vision", paper=True, needs="torchvision")
+@register("vit-b16", "vision", paper=True, needs="torchvision", attention=True)
 def vit_b16() -> Built:
     """ViT-B/16's structure (16x16 patches, class token, pre-norm blocks) with 2 narrow layers."""
     from torchvision.models import VisionTransformer
@@ -114,7 +114,7 @@ def convnext() -> Built:
     return _prepared(ConvNeXt(settings, num_classes=10)), _images(), {}
 
 
-@register("swin", "vision", needs="torchvision")
+@register("swin", "vision", needs="torchvision", attention=True)
 def swin() -> Built:
     from torchvision.models import SwinTransformer
 
