@@ -11,7 +11,7 @@ a batch.
 (torch.Size([2, 4]), torch.Size([2, 3]))
 """
 
-from . import presets, rules
+from . import evaluate, presets, rules, viz
 from .attributor import Attribution, Attributor, Program, compile
 from .backends import register_backend
 from .errors import LRPCError, RuleError, TraceError, UnsupportedOperatorError
@@ -30,6 +30,8 @@ __all__ = [
     "register_backend",
     "rules",
     "presets",
+    "evaluate",
+    "viz",
     "Preset",
     "composite",
     "LRPCError",

@@ -170,6 +170,7 @@ class Attributor:
         program.timings.setdefault("first_call", elapsed)
         program.timings["last_call"] = elapsed
         program.calls += 1
+        program.backend = getattr(program.run, "backend", program.backend)  # "eager" after a fallback
         self.stats["calls"] += 1
         return self._result(program, tensors, outs)
 
@@ -266,10 +267,11 @@ class Attributor:
         if after != before and not static:
             _narrow_ranges(traced, shape_env)
         generated = time.perf_counter()
-        if self.backend == backends.INTERPRET:
+        backend = backends.choose(self.backend, tensors[0].device if tensors else torch.device("cpu"))
+        if backend == backends.INTERPRET:
             run, _ = relevance_function(the_plan, spec)
         else:
-            run = backends.get(self.backend)(gm)
+            run = backends.build(backend, gm, fallback=self.backend == backends.AUTO)
         symbols = {
             want: got
             for s, t in zip(traced.inputs, tensors)
@@ -277,7 +279,7 @@ class Attributor:
             if isinstance(want, str) and want.isidentifier()
         }
         timings = {"trace": traced.seconds, "plan": planned - start, "codegen": generated - planned}
-        return Program(traced, the_plan, gm, signature, spec, self.backend, run, timings, symbols, static)
+        return Program(traced, the_plan, gm, signature, spec, backend, run, timings, symbols, static)
 
     # -- results -------------------------------------------------------------------------------
     def _batch(self, program: Program, tensors: list[Tensor]) -> int:
@@ -380,8 +382,10 @@ def compile(model: nn.Module, **options: Any) -> Attributor:
             model in training mode is explained in eval semantics, with a warning.
         rules: a preset name (``"epsilon"``, ``"lrp0"``) or an :class:`lrpc.presets.Preset`.
         layers: module paths whose output relevance is returned too (``res.layers``), same pass.
-        backend: ``"auto"`` (Inductor), ``"inductor"``, ``"eager"`` (the generated program as is) or
-            ``"interpret"`` (the rules run eagerly without tracing: the reference).
+        backend: ``"auto"`` (default: fused Triton kernels + Inductor on CUDA, Inductor on CPU; a program
+            that cannot compile runs eagerly, with a warning), ``"inductor"``, ``"triton"`` (CUDA),
+            ``"eager"`` (the generated program as is) or ``"interpret"`` (the rules run eagerly without
+            tracing: the reference).
         seed: ``"logit"`` puts the selected output value in as relevance; ``"one"`` puts in 1.0. Default:
             the preset's (``"one"`` for ``"dynamiclrp"``, else ``"logit"``).
         output: which model output to explain: a callable on the output, an index or a key/attribute

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -14,6 +15,7 @@ from .errors import LRPCError
 Backend = Callable[[fx.GraphModule], Callable[..., tuple]]
 _BACKENDS: dict[str, Backend] = {}
 
+AUTO = "auto"
 #: Runs the rules eagerly on real tensors without tracing: the reference, slow, for checking the others.
 INTERPRET = "interpret"
 
@@ -24,16 +26,74 @@ def register_backend(name: str, backend: Backend) -> None:
 
 
 def names() -> list[str]:
-    return sorted([*_BACKENDS, INTERPRET, "auto"])
+    return sorted([*_BACKENDS, INTERPRET, AUTO])
 
 
 def resolve(name: str) -> str:
-    """Validate a backend name; ``auto`` picks the default compiled backend (Inductor)."""
-    if name == "auto":
-        return "inductor"
-    if name != INTERPRET and name not in _BACKENDS:
+    """Validate a backend name (``auto`` is resolved per program by :func:`choose`)."""
+    if name != AUTO and name != INTERPRET and name not in _BACKENDS:
         raise LRPCError(f"unknown backend '{name}'; available: {', '.join(names())}")
     return name
+
+
+def choose(name: str, device: torch.device) -> str:
+    """The backend a program whose tensors live on ``device`` runs with: ``auto`` is the fused Triton
+    kernels plus Inductor on CUDA (when triton is installed), Inductor elsewhere."""
+    if name != AUTO:
+        return name
+    if device.type == "cuda" and "triton" in _BACKENDS:
+        from lrpc.kernels import available  # triton is optional
+
+        if available():
+            return "triton"
+    return "inductor"
+
+
+def build(name: str, gm: fx.GraphModule, *, fallback: bool) -> Callable[..., tuple]:
+    """The runnable program. With ``fallback`` (``backend="auto"``) a backend that cannot build or compile
+    the program (compiled backends compile on the first call) is replaced by the eager program, with a
+    warning: the result is never silently different, the eager program is the reference they match."""
+    if not fallback or name == "eager":
+        return get(name)(gm)
+    try:
+        compiled = get(name)(gm)
+    except Exception as e:  # noqa: BLE001 - any build failure: run eagerly instead
+        _warn_fallback(name, e)
+        return _FirstCallFallback("eager", gm, gm)
+    return _FirstCallFallback(name, compiled, gm)
+
+
+class _FirstCallFallback:
+    """Runs ``compiled``; if its first call fails where the eager program succeeds, warns and keeps
+    running the eager program. After a successful first call it is ``compiled`` alone."""
+
+    def __init__(self, name: str, compiled: Callable[..., tuple], gm: fx.GraphModule) -> None:
+        self.name, self.run, self._gm, self._checked = name, compiled, gm, False
+
+    @property
+    def backend(self) -> str:
+        return self.name
+
+    def __call__(self, *args: object) -> tuple:
+        if self._checked:
+            return self.run(*args)
+        try:
+            out = self.run(*args)
+        except Exception as e:  # noqa: BLE001 - compile errors come in many types
+            out = self._gm(*args)  # a genuine error (bad input) raises here, from the reference
+            _warn_fallback(self.name, e)
+            self.name, self.run = "eager", self._gm
+        self._checked = True
+        return out
+
+
+def _warn_fallback(name: str, error: Exception) -> None:
+    reason = (str(error).strip().splitlines() or [""])[0][:200]
+    warnings.warn(
+        f"lrpc: the '{name}' backend could not compile this relevance program "
+        f"({type(error).__name__}: {reason}); running it with the eager backend instead",
+        stacklevel=4,
+    )
 
 
 def get(name: str) -> Backend:
@@ -47,8 +107,61 @@ def _eager(gm: fx.GraphModule) -> Callable[..., tuple]:
 
 def _inductor(gm: fx.GraphModule) -> Callable[..., tuple]:
     """``torch.compile`` with Inductor: fused C++/OpenMP kernels on CPU, Triton on GPU."""
-    return torch.compile(gm, backend="inductor", fullgraph=True, dynamic=None)
+    return dynamic_dims_marked(torch.compile(gm, backend="inductor", fullgraph=True, dynamic=None), gm)
+
+
+def dynamic_dims_marked(compiled: Callable[..., tuple], gm: fx.GraphModule) -> Callable[..., tuple]:
+    """``compiled``, told on every call which input dims the program keeps symbolic (batch, sequence).
+    Otherwise Dynamo specializes the first call's sizes and compiles again at the second size."""
+    dims = [
+        (i, d)
+        for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")
+        if isinstance(val := node.meta.get("val"), torch.Tensor)
+        for d, size in enumerate(val.shape)
+        if not isinstance(size, int)
+    ]
+    if not dims:
+        return compiled
+
+    def run(*args: torch.Tensor) -> tuple:
+        for i, d in dims:
+            torch._dynamo.maybe_mark_dynamic(args[i], d)
+        return compiled(*args)
+
+    return run
 
 
 register_backend("eager", _eager)
 register_backend("inductor", _inductor)
+
+
+def _triton(gm: fx.GraphModule) -> Callable[..., tuple]:
+    """Fused rule kernels from :mod:`lrpc.kernels` (ε, z⁺, αβ, γ through linear layers as one matmul each,
+    the softmax and uniform product rules) swapped into the program by :func:`lrpc.kernels.fusion.fuse`,
+    the rest compiled by Inductor. Needs triton and the program's tensors on a CUDA device."""
+    try:
+        from lrpc.kernels import HAS_TRITON, available, fusion  # imported here: triton is optional
+    except ImportError as e:  # pragma: no cover - a broken triton install
+        raise LRPCError(f"the 'triton' backend could not import lrpc.kernels: {e}") from e
+    if not available():
+        missing = "no CUDA device is available" if HAS_TRITON else "the triton package is not installed"
+        raise LRPCError(
+            f"the 'triton' backend needs a CUDA device and triton ({missing}); "
+            "use backend='inductor' (or 'eager') on CPU."
+        )
+    devices = {
+        v.device.type
+        for n in gm.graph.nodes
+        if n.op == "placeholder" and isinstance(v := n.meta.get("val"), torch.Tensor)
+    }
+    if devices - {"cuda"}:
+        raise LRPCError(
+            "the 'triton' backend runs on CUDA tensors; this program's model and inputs are on "
+            f"{', '.join(sorted(devices))}: move them to the GPU (model.cuda(), x.cuda()) "
+            "or use backend='inductor'."
+        )
+    fused = fusion.fuse(gm)
+    return dynamic_dims_marked(torch.compile(fused, backend="inductor", fullgraph=True, dynamic=None), gm)
+
+
+register_backend("triton", _triton)

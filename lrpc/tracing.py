@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
 
-from .errors import TraceError
+from .errors import LRPCError, TraceError
 
 aten = torch.ops.aten
 
@@ -235,12 +235,23 @@ def trace(
             except Exception as e:  # noqa: BLE001 - reported below with the export's own message
                 errors.append(e)
         else:
+            _check_model_runs(wrapper, tensors, tensor_names, model)
             raise TraceError(_export_message(model, errors[-1])) from errors[-1]
         try:
             program = program.run_decompositions(decomposition_table())
         except Exception as e:  # noqa: BLE001
             raise TraceError(f"decomposing the exported graph of {type(model).__name__} failed: {e}") from e
     return _traced(program, wrapper, tensor_names, time.perf_counter() - start)
+
+
+def _check_model_runs(wrapper: nn.Module, tensors: list[Tensor], names: list[str], model: nn.Module) -> None:
+    """After export failed: if the model itself fails on these inputs, that is the error to report (a
+    shape or dtype mismatch), not an export limitation."""
+    try:
+        wrapper(*tensors)
+    except Exception as e:  # noqa: BLE001 - reported with the inputs' shapes
+        shapes = ", ".join(f"{n} {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for n, t in zip(names, tensors))
+        raise LRPCError(f"{type(model).__name__} fails on the given inputs ({shapes}): {type(e).__name__}: {e}") from e
 
 
 def _export_message(model: nn.Module, error: Exception) -> str:

@@ -139,11 +139,12 @@ def test_new_image_size_gets_a_new_program() -> None:
     assert a.stats["traces"] == 2
 
 
-def test_image_size_that_the_model_cannot_take_is_a_trace_error() -> None:
+def test_image_size_that_the_model_cannot_take_is_named() -> None:
     a = compile_eager(conv_net())
     a(torch.randn(2, 3, 8, 8))
-    with pytest.raises(lrpc.TraceError, match="could not trace"):
+    with pytest.raises(lrpc.LRPCError, match=r"fails on the given inputs \(input \(2, 3, 10, 10\) float32\)") as info:
         a(torch.randn(2, 3, 10, 10))
+    assert not isinstance(info.value, lrpc.TraceError)  # the input's problem, not an export limitation
 
 
 class Casting(nn.Module):
@@ -882,6 +883,13 @@ def test_attribution_fields_and_introspection() -> None:
     assert report.as_dict()["nodes"] == report.nodes > 0
 
 
+
+def test_inputs_the_model_rejects_are_named_as_such() -> None:
+    model = relu_net()  # expects 6 features
+    with pytest.raises(lrpc.LRPCError, match=r"Sequential fails on the given inputs \(input \(3, 4\) float32\)") as info:
+        compile_eager(model)(torch.randn(3, 4))
+    assert not isinstance(info.value, lrpc.TraceError)
+
 # --- backends ----------------------------------------------------------------------------------------------
 
 
@@ -903,12 +911,64 @@ def test_interpret_backend_runs_the_custom_op_fallback() -> None:
     torch.testing.assert_close(interp.relevance, nonzero(eager.relevance))
 
 
+
+def _failing_compiler(gm):
+    """A backend that builds, but whose compiled program fails on its first call (as a compile error does)."""
+
+    def run(*args):
+        raise RuntimeError("simulated compile failure\nsecond line")
+
+    return run
+
+
+def _failing_build(gm):
+    raise RuntimeError("simulated build failure")
+
+
+@pytest.mark.parametrize("broken", [_failing_compiler, _failing_build], ids=["first-call", "build"])
+def test_auto_backend_falls_back_to_eager_with_a_warning(monkeypatch, broken) -> None:
+    from lrpc import backends
+
+    model = relu_net(bias=True)
+    x = torch.randn(3, 6)
+    reference = compile_eager(model)(x)
+    monkeypatch.setitem(backends._BACKENDS, "inductor", broken)
+    a = lrpc.compile(model)  # auto: Inductor on CPU
+    with pytest.warns(UserWarning, match=r"'inductor' backend could not compile .*simulated .* failure\); running it with the eager"):
+        res = a(x)
+    torch.testing.assert_close(res.relevance, nonzero(reference.relevance))
+    assert a.report().backend == "eager"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(a(x).relevance, reference.relevance)  # warned once, then eager
+    # asked for by name, the backend's own error surfaces
+    with pytest.raises(RuntimeError, match="simulated"):
+        lrpc.compile(model, backend="inductor")(x)
+
+
+def test_auto_backend_picks_inductor_on_cpu(monkeypatch) -> None:
+    from lrpc import backends
+
+    assert backends.choose("auto", torch.device("cpu")) == "inductor"
+    assert backends.choose("eager", torch.device("cpu")) == "eager"
+    calls = []
+    monkeypatch.setitem(backends._BACKENDS, "inductor", lambda gm: calls.append(gm) or gm)
+    model = relu_net(bias=True)
+    a = lrpc.compile(model)
+    a(torch.randn(2, 6))
+    assert len(calls) == 1 and a.report().backend == "inductor"
+
 @pytest.mark.slow
 def test_inductor_backend_matches_eager_and_reuses_programs() -> None:
+    from torch._dynamo.utils import counters
+
     model = relu_net(bias=True)
     a = lrpc.compile(model, backend="inductor")
-    for batch in (2, 5):
+    torch._dynamo.reset()
+    counters.clear()
+    for batch in (2, 5, 9):
         x = torch.randn(batch, 6)
         torch.testing.assert_close(a(x).relevance, nonzero(compile_eager(model)(x).relevance))
     assert a.stats["traces"] == 1
     assert a.report().backend == "inductor"
+    assert counters["stats"]["unique_graphs"] == 1  # the batch dim is dynamic from the first call: one compile

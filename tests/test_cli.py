@@ -119,3 +119,98 @@ def test_unknown_models_are_clear_errors(capsys, spec: str) -> None:
         pytest.importorskip("transformers")
     code, out, err = run(capsys, "coverage", spec)
     assert code == 2 and err.startswith("lrpc: error:") and "Traceback" not in err
+
+
+# --- lrpc explain ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digit_files(tmp_path_factory):
+    from lrpc import viz
+    from lrpc.models import digits_examples
+
+    folder = tmp_path_factory.mktemp("digits")
+    x, y = digits_examples()
+    for i in range(2):
+        viz.to_image(x[i], scale=4, invert=True).save(folder / f"digit{int(y[i])}.png")  # dark ink, as drawn
+    torch.save(x[2:5].clone(), folder / "batch.pt")
+    (folder / "broken.png").write_bytes(b"not an image")
+    torch.save(torch.zeros(2, 3, 8, 8), folder / "wrong.pt")
+    return folder, x
+
+
+def test_explain_images_and_tensors(capsys, tmp_path, digit_files) -> None:
+    import lrpc
+    from lrpc.models import digits_cnn
+
+    folder, x = digit_files
+    out = tmp_path / "out"
+    code, stdout, _ = run(
+        capsys, "explain", "digits", str(folder / "digit0.png"), str(folder / "digit1.png"), str(folder / "batch.pt"),
+        "--backend", "eager", "--out", str(out), "--batch-size", "2",
+    )
+    assert code == 0, stdout
+    assert "5 inputs" in stdout and "1 trace" in stdout
+    assert len(list(out.glob("*.png"))) == 5 and (out / "index.html").exists()
+    saved = torch.load(out / "relevance.pt")
+    assert saved["names"][2:] == ["batch[0]", "batch[1]", "batch[2]"]
+    # the .pt samples: the same relevance the API gives for the same tensors
+    api = lrpc.compile(digits_cnn(), backend="eager")(x[2:5])
+    for i in range(3):
+        torch.testing.assert_close(saved["relevance"][2 + i], api.relevance[i])
+        assert saved["target"][2 + i] == int(api.target[i])
+    # the image files: read, inverted back to light ink on dark as the model was trained, and classified
+    assert saved["target"][:2] == [0, 1]
+
+
+def test_explain_target_option(capsys, tmp_path, digit_files) -> None:
+    folder, _ = digit_files
+    code, _, _ = run(capsys, "explain", "digits", str(folder / "batch.pt"), "--target", "7", "--backend", "eager", "--out", str(tmp_path))
+    assert code == 0 and torch.load(tmp_path / "relevance.pt")["target"] == [7, 7, 7]
+
+
+@pytest.mark.parametrize(
+    "inputs,message",
+    [
+        (["broken.png"], "cannot read image"),
+        (["missing.png"], "no such input file"),
+        (["wrong.pt"], r"has shape \(2, 3, 8, 8\); the model takes \(1, 8, 8\)"),
+        (["some text"], "not an image file"),
+    ],
+)
+def test_explain_bad_inputs_are_clear_errors(capsys, tmp_path, digit_files, inputs, message) -> None:
+    import re
+
+    folder, _ = digit_files
+    code, out, err = run(capsys, "explain", "digits", *[str(folder / i) if "." in i else i for i in inputs], "--out", str(tmp_path))
+    assert code == 2 and re.search(message, err) and "Traceback" not in err, err
+
+
+def test_explain_text_with_a_local_hugging_face_folder(capsys, tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "a", "dog"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words))
+    tokenizer = transformers.BertTokenizer(str(tmp_path / "vocab.txt"))
+    config = transformers.BertConfig(
+        vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        num_labels=2, initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    code, stdout, err = run(
+        capsys, "explain", f"hf:{tmp_path / 'model'}", "the cat sat on the mat", "a dog", "--rules", "attnlrp",
+        "--backend", "eager", "--out", str(out),
+    )
+    assert code == 0, err
+    saved = torch.load(out / "relevance.pt")
+    assert [r.shape[0] for r in saved["relevance"]] == [8, 4]  # [CLS] ... [SEP], padding dropped
+    page = (out / "tokens.html").read_text()
+    assert "mat" in page and "dog" in page
+    # pretrained weights were loaded: the explained score is the saved model's logit
+    enc = tokenizer(["a dog"], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits[0]
+    assert saved["score"][1] == pytest.approx(float(logits.max()), rel=1e-5)
