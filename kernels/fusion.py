@@ -432,7 +432,9 @@ def _match_signed(label: str, nodes: list[fx.Node], order: dict[fx.Node, int]) -
         pair = _binary(term) if _is(term, aten.mul.Tensor) else None
         if pair is None:
             return None
-        left = _clamped(pair[0])
+        # a layer input planning proved >= 0 is not clamped (its x⁻ terms are dropped): the kernel's x⁻
+        # part is then exactly zero, so the same kernel serves
+        left = _clamped(pair[0]) or ((pair[0], "+") if isinstance(pair[0], fx.Node) else None)
         if left is None or not _is(_strip_views(pair[1]), aten.mm.default):
             return None
         xs.add(left[0])

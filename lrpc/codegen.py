@@ -182,6 +182,7 @@ def _operation(node: fx.Node, env: dict[fx.Node, Any], step: Step) -> tuple[Oper
         linear_map=linear_map,
         roles=tuple(role(name, t) for name, t in tensor_inputs),
         signs=tuple(-1 if op_spec is not None and name in op_spec.negated else 1 for name, _ in tensor_inputs),
+        nonnegative=tuple(t.name in step.nonnegative for _, t in tensor_inputs),
     )
     return op, tensor_inputs
 

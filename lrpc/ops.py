@@ -168,6 +168,30 @@ CONSTANT_OPS = {
     for name in ("full_like", "zeros_like", "ones_like", "empty_like", "rand_like", "randn_like", "new_zeros", "new_ones", "new_full", "new_empty")
     if hasattr(aten, name)
 }
+
+def _existing(names: tuple[str, ...]) -> frozenset:
+    return frozenset(op for op in (_resolve(n) for n in names) if op is not None)
+
+
+#: Ops whose output is never negative: a layer reading it has no x⁻ terms (z⁺, αβ and γ skip them).
+NONNEGATIVE_OPS = _existing(
+    ("relu.default", "sigmoid.default", "_softmax.default", "softmax.int", "exp.default", "abs.default",
+     "hardsigmoid.default", "sqrt.default", "rsqrt.default")
+)
+#: Ops whose output is non-negative when every tensor input is: they move, select, pool or average values.
+SIGN_PRESERVING_OPS = _existing(
+    ("view.default", "_unsafe_view.default", "reshape.default", "permute.default", "transpose.int", "t.default",
+     "clone.default", "contiguous.default", "alias.default", "detach.default", "expand.default",
+     "squeeze.dim", "squeeze.dims", "squeeze.default", "unsqueeze.default", "flatten.using_ints",
+     "slice.Tensor", "select.int", "cat.default", "_to_copy.default",
+     "max_pool1d.default", "max_pool2d.default", "max_pool3d.default",
+     "max_pool2d_with_indices.default", "max_pool3d_with_indices.default",
+     "adaptive_max_pool1d.default", "adaptive_max_pool2d.default",
+     "avg_pool1d.default", "avg_pool2d.default", "avg_pool3d.default",
+     "adaptive_avg_pool1d.default", "adaptive_avg_pool2d.default", "_adaptive_avg_pool2d.default",
+     "adaptive_avg_pool3d.default", "_adaptive_avg_pool3d.default", "mean.dim", "sum.dim_IntList")
+)
+
 #: ``operator.getitem`` picks one output of a multi-output op; the codegen routes it structurally.
 GETITEM = operator.getitem
 

@@ -20,7 +20,16 @@ from torch import nn
 
 from .canonize import ACTIVATION_META, FROZEN_META, FUSED_META
 from .errors import LRPCError, RuleError, UnsupportedOperatorError
-from .ops import CONSTANT_OPS, SIDE_EFFECT_OPS, Family, OpSpec, arg_names, lookup
+from .ops import (
+    CONSTANT_OPS,
+    NONNEGATIVE_OPS,
+    SIDE_EFFECT_OPS,
+    SIGN_PRESERVING_OPS,
+    Family,
+    OpSpec,
+    arg_names,
+    lookup,
+)
 from .presets import Preset
 from .rules import Gradient, Rule
 from .tracing import module_path, module_stack
@@ -38,6 +47,7 @@ class Step:
     reads: tuple[str, ...]  # forward values the rule needs: kept alive for the relevance pass
     module: str
     fallback: bool = False
+    nonnegative: tuple[str, ...] = ()  # inputs known to be >= 0 (after a ReLU): layer rules skip x⁻ terms
 
 
 @dataclass
@@ -93,7 +103,7 @@ class Plan:
             lines.append("  layers: " + ", ".join(f"{k} -> {v}" for k, v in self.layers.items()))
         width = max([len(s.node) for s in self.steps] + [4])
         for s in self.steps:
-            extra = " FALLBACK" if s.fallback else ""
+            extra = (" FALLBACK" if s.fallback else "") + (f"  x>=0: {', '.join(s.nonnegative)}" if s.nonnegative else "")
             lines.append(
                 f"  {s.node:<{width}}  {s.op:<40} {s.rule.name:<28} -> {', '.join(s.receivers) or '-'}"
                 f"   reads [{', '.join(s.reads)}]  {s.module}{extra}"
@@ -249,6 +259,7 @@ class _Context:
     on_unsupported: str
     first: fx.Node | None
     modules: Mapping[str, nn.Module]
+    signs: dict[fx.Node, bool] = field(default_factory=dict)  # memo of :func:`nonnegative`
 
 
 def _relevant(
@@ -342,7 +353,28 @@ def _step(node: fx.Node, ctx: _Context, reached: set[fx.Node]) -> Step:
         reads=tuple(dict.fromkeys(reads)),
         module=module,
         fallback=fallback,
+        nonnegative=tuple(t.name for t in receivers if family in _LAYERS and nonnegative(t, ctx.signs)),
     )
+
+
+_LAYERS = frozenset({Family.LINEAR, Family.CONV, Family.CONV_TRANSPOSE})
+
+
+def nonnegative(node: fx.Node, memo: dict[fx.Node, bool] | None = None) -> bool:
+    """Whether ``node``'s value is >= 0 by construction: a ReLU (sigmoid, softmax, ...) output, moved,
+    pooled or averaged by ops that keep signs. Decided from the graph alone, so it holds for every input."""
+    memo = {} if memo is None else memo
+    if node not in memo:
+        memo[node] = False  # provisional; the graph is acyclic
+        if node.op == "call_function":
+            if node.target is operator.getitem:
+                memo[node] = isinstance(node.args[0], fx.Node) and nonnegative(node.args[0], memo)
+            elif node.target in NONNEGATIVE_OPS:
+                memo[node] = True
+            elif node.target in SIGN_PRESERVING_OPS:
+                inputs = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+                memo[node] = bool(inputs) and all(nonnegative(a, memo) for a in inputs)
+    return memo[node]
 
 
 def activation_name(region: Sequence[fx.Node]) -> str:

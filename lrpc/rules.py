@@ -56,6 +56,7 @@ class Operation:
     linear_map: Callable[[Tensor], Tensor] | None = None
     roles: tuple[str, ...] = ()  # per input: "input" (relevant), "weight", "bias" or "other"
     signs: tuple[int, ...] = ()  # per input: -1 where it enters the output negated (sub's subtrahend)
+    nonnegative: tuple[bool, ...] = ()  # per input: >= 0 by construction (a ReLU output): no x⁻ terms
 
     def role(self, name: str) -> Tensor | None:
         """The value of the (first) input with this role, or ``None``."""
@@ -233,6 +234,11 @@ def _linearized(op: Operation, R: Tensor, eps: float) -> Relevances:
     return (x * g,) + (None,) * (len(op.inputs) - 1)
 
 
+def _nonnegative_input(op: Operation) -> bool:
+    """Whether the layer's input is >= 0 by construction (planning proved it from the graph)."""
+    return any(n for n, role in zip(op.nonnegative, op.roles) if role == "input")
+
+
 def _parts(op: Operation, rule: Rule) -> tuple[Tensor, Tensor, Tensor | None]:
     """Input, weight and bias of a parameterized linear op (linear, conv, mm with a constant)."""
     if op.roles.count("input") != 1 or "weight" not in op.roles:
@@ -266,6 +272,9 @@ class ZPlus(Rule):
 
     def __call__(self, op: Operation, R: Any) -> Relevances:
         x, w, b = _parts(op, self)
+        if _nonnegative_input(op):  # x⁻ = 0: its terms are exactly zero, skip them
+            z, back = op.layer(x, w.clamp(min=0), _pos(b))
+            return op.place(x * back(divide(_main(R), z, self.stabilizer)))
         xp, xn = x.clamp(min=0), x.clamp(max=0)
         z1, back1 = op.layer(xp, w.clamp(min=0), _pos(b))
         z2, back2 = op.layer(xn, w.clamp(max=0), None)
@@ -290,12 +299,18 @@ class AlphaBeta(Rule):
 
     def __call__(self, op: Operation, R: Any) -> Relevances:
         x, w, b = _parts(op, self)
-        xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), w.clamp(min=0), w.clamp(max=0)
+        wp, wn, r = w.clamp(min=0), w.clamp(max=0), _main(R)
+        if _nonnegative_input(op):  # x⁻ = 0: its terms are exactly zero, skip them
+            z1, back1 = op.layer(x, wp, _pos(b))
+            z3, back3 = op.layer(x, wn, _neg(b))
+            positive = x * back1(divide(r, z1, self.stabilizer))
+            negative = x * back3(divide(r, z3, self.stabilizer))
+            return op.place(self.alpha * positive - self.beta * negative)
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
         z1, back1 = op.layer(xp, wp, _pos(b))
         z2, back2 = op.layer(xn, wn, None)
         z3, back3 = op.layer(xp, wn, _neg(b))
         z4, back4 = op.layer(xn, wp, None)
-        r = _main(R)
         gp, gn = divide(r, z1 + z2, self.stabilizer), divide(r, z3 + z4, self.stabilizer)
         positive = xp * back1(gp) + xn * back2(gp)
         negative = xp * back3(gn) + xn * back4(gn)
@@ -319,8 +334,15 @@ class Gamma(Rule):
 
     def __call__(self, op: Operation, R: Any) -> Relevances:
         x, w, b = _parts(op, self)
-        xp, xn = x.clamp(min=0), x.clamp(max=0)
         w1, w2 = _gamma(w, self.gamma, _pos), _gamma(w, self.gamma, _neg)
+        if _nonnegative_input(op):  # x⁻ = 0: its terms are exactly zero, skip them
+            z1, back1 = op.layer(x, w1, _gamma(b, self.gamma, _pos))  # type: ignore[arg-type]
+            z3, back3 = op.layer(x, w2, _gamma(b, self.gamma, _neg))  # type: ignore[arg-type]
+            r, z = _main(R), op.z
+            g1 = (z > 0).to(r.dtype) * divide(r, z1, self.stabilizer)
+            g2 = (z < 0).to(r.dtype) * divide(r, z3, self.stabilizer)
+            return op.place(x * back1(g1) + x * back3(g2))
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
         z1, back1 = op.layer(xp, w1, _gamma(b, self.gamma, _pos))  # type: ignore[arg-type]
         z2, back2 = op.layer(xn, w2, None)  # type: ignore[arg-type]
         z3, back3 = op.layer(xp, w2, _gamma(b, self.gamma, _neg))  # type: ignore[arg-type]

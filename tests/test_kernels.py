@@ -538,9 +538,11 @@ def test_fuse_sign_split_regions() -> None:
     )
     torch.manual_seed(32)
     gm, fused, args = fused_program(mlp(), torch.randn(2, 3, 10), rules=preset)
-    assert fused.meta[fusion.FUSED_META]["signed_linear"] == 3
-    assert fusion.fused_counts(fused) == {"linear_gamma": 1, "linear_alpha_beta": 1, "linear_zplus": 1}
-    assert torch.ops.aten.mm.default not in aten_targets(fused)
+    # layers "2" and "4" read ReLU outputs (x >= 0), so planning drops their x⁻ terms: αβ still fuses as
+    # a sign-split kernel; z⁺ becomes LRP-0 over (W⁺, b⁺), which the epsilon kernel serves
+    assert fused.meta[fusion.FUSED_META]["signed_linear"] == 2
+    assert fusion.fused_counts(fused) == {"linear_gamma": 1, "linear_alpha_beta": 1, "linear_epsilon": 1}
+    assert aten_targets(fused).count(torch.ops.aten.mm.default) == 1  # z⁺'s z = x W⁺ᵀ, which the kernel reads
     assert_same_outputs(gm, fused, args)
 
 

@@ -674,3 +674,36 @@ def test_inductor_matches_eager_cnn() -> None:
 def test_inductor_matches_eager_block() -> None:
     model, x = _block(torch.float32)
     _compare_backends(model, x, "inductor", "eager", 1e-5)
+
+
+# --- sign analysis: layers reading ReLU outputs skip their x⁻ terms ------------------------------------
+
+
+def _signed_net() -> nn.Module:
+    torch.manual_seed(23)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.ReLU(), nn.MaxPool2d(2),   # "3" reads max_pool(relu): x >= 0
+        nn.Conv2d(6, 6, 3), nn.Tanh(),                    # "5" reads tanh: signed
+        nn.Conv2d(6, 4, 3), nn.Flatten(), nn.ReLU(), nn.Linear(4 * 3 * 3, 3),  # "8" reads relu(flatten)
+    ).to(DTYPE).eval()
+
+
+@pytest.mark.parametrize("rule", [lrpc.rules.ZPlus(), lrpc.rules.AlphaBeta(2, 1), lrpc.rules.Gamma(0.25)],
+                         ids=["zplus", "alpha2beta1", "gamma"])
+def test_nonnegative_inputs_skip_only_zero_terms(monkeypatch, rule) -> None:
+    from lrpc import planning
+
+    model = _signed_net()
+    x = torch.randn(2, 3, 16, 16, dtype=DTYPE)
+    rules_ = lrpc.composite("epsilon", {nn.Conv2d: rule, nn.Linear: rule})
+    a = lrpc.compile(model, rules=rules_, backend="eager")
+    marked = {s.module: s.nonnegative for s in a.plan(x).steps if s.family in ("conv", "linear")}
+    assert bool(marked["3"]) and bool(marked["8"]) and not marked["0"] and not marked["5"], marked
+    fast = a(x)
+    convs = a.program(x).code().count("aten.convolution")
+    # the reference: the same rules with every x⁻ term computed
+    monkeypatch.setattr(planning, "nonnegative", lambda node, memo=None: False)
+    full = lrpc.compile(model, rules=rules_, backend="eager")
+    slow = full(x)
+    assert rel_err(fast.relevance, slow.relevance) < 1e-12
+    assert convs < full.program(x).code().count("aten.convolution")  # the point: less work
