@@ -143,15 +143,7 @@ def _score(name: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 def gradient_x_input(name: str, model, inputs, target) -> Call:
     """The floor: one forward and one backward of the unmodified model, eager."""
     if name in HF:
-        embed, mask = model.get_input_embeddings(), inputs["attention_mask"]
-
-        def call() -> torch.Tensor:
-            e = embed(inputs["input_ids"]).detach().requires_grad_()
-            logits = model(inputs_embeds=e, attention_mask=mask).logits
-            (g,) = torch.autograd.grad(_score(name, logits, target), e)
-            return (e * g).sum(-1)
-
-        return call
+        return _embedding_gradient_x_input(name, model, inputs, target)
 
     def call() -> torch.Tensor:
         x = inputs["x"].detach().requires_grad_()
@@ -241,6 +233,12 @@ def lxt_method(name: str, model, inputs, target) -> Call:
             return x * g
 
         return call
+    # LXT's patched model: its modified backward makes gradient x input of the embeddings the relevance
+    return _embedding_gradient_x_input(name, model, inputs, target)
+
+
+def _embedding_gradient_x_input(name: str, model, inputs, target) -> Call:
+    """Gradient x input at the token embeddings, summed over the hidden dimension (one value per token)."""
     embed, mask = model.get_input_embeddings(), inputs["attention_mask"]
 
     def call() -> torch.Tensor:
