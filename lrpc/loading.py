@@ -154,7 +154,9 @@ def _saved(path: Path, input_shape: Sequence[int] | None) -> LoadedModel:
         raise LRPCError(f"'{path}' holds a state dict, not a model: save the module (torch.save(model, path))")
     if not isinstance(model, nn.Module):
         raise LRPCError(f"'{path}' holds a {type(model).__name__}, not an nn.Module")
-    return LoadedModel(model.eval() if hasattr(model, "eval") else model, (_example(str(path), input_shape),), {})
+    if path.suffix != ".pt2":  # an exported program's module is already in eval semantics (and refuses .eval())
+        model = model.eval()
+    return LoadedModel(model, (_example(str(path), input_shape),), {})
 
 
 # -- inputs ----------------------------------------------------------------------------------------------

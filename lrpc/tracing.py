@@ -187,7 +187,8 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     """Put every submodule in eval mode for the duration, then restore each one's own flag."""
     flags = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
+        for m, _ in flags:  # the flags themselves: an exported program's module refuses .eval()
+            m.training = False
         yield
     finally:
         for m, training in flags:

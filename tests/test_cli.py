@@ -214,3 +214,32 @@ def test_explain_text_with_a_local_hugging_face_folder(capsys, tmp_path) -> None
     with torch.no_grad():
         logits = model(**enc).logits[0]
     assert saved["score"][1] == pytest.approx(float(logits.max()), rel=1e-5)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pt2"])
+def test_explain_saved_module(capsys, tmp_path, suffix) -> None:
+    import lrpc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    x = torch.randn(3, 1, 8, 8)
+    if suffix == ".pt":
+        torch.save(model, tmp_path / "model.pt")
+    else:
+        batch = torch.export.Dim("batch", min=2)
+        torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: batch},)), tmp_path / "model.pt2")
+    torch.save(x, tmp_path / "inputs.pt")
+    code, _, err = run(
+        capsys, "explain", str(tmp_path / f"model{suffix}"), str(tmp_path / "inputs.pt"), "--input", "1", "1", "8", "8",
+        "--backend", "eager", "--out", str(tmp_path / "out"),
+    )
+    assert code == 0, err
+    saved = torch.load(tmp_path / "out" / "relevance.pt")
+    expected = lrpc.compile(model, backend="eager")(x).relevance
+    torch.testing.assert_close(torch.stack(saved["relevance"]), expected)
+
+
+def test_explain_state_dict_file_is_a_clear_error(capsys, tmp_path) -> None:
+    torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "weights.pt")
+    code, _, err = run(capsys, "explain", str(tmp_path / "weights.pt"), "x.pt", "--input", "1", "2")
+    assert code == 2 and "state dict, not a model" in err
