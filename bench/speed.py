@@ -178,11 +178,16 @@ class Worker:
             }
         return json.loads(line)
 
-    def ask(self, timeout: float, **msg: Any) -> dict:
+    def send(self, **msg: Any) -> bool:
         try:
             self.proc.stdin.write(json.dumps(msg) + "\n")
             self.proc.stdin.flush()
         except BrokenPipeError:
+            return False
+        return True
+
+    def ask(self, timeout: float, **msg: Any) -> dict:
+        if not self.send(**msg):
             return {"error": f"process ended: {self.tail()}"}
         return self.read(timeout)
 
@@ -240,20 +245,22 @@ def worker_env(args: argparse.Namespace) -> dict:
 
 
 def run_model(model: str, rows: list[Row], size: dict, args: argparse.Namespace, tmp: Path) -> None:
-    """Start every row's process, first call + warm-up one after the other, then the timed calls
-    interleaved round robin, then peak memory and relevance."""
+    """Start every row's process, first call + warm-up one after the other (``--parallel-first``: all at
+    once), then the timed calls interleaved round robin, then peak memory and relevance."""
     workers: dict[int, Worker] = {}
-    for i, row in enumerate(rows):
+
+    def start(i: int, row: Row) -> Worker:
         spec = {"model": model, "size": size, "device": args.device, "threads": args.threads, **row.spec}
         env = worker_env(args)
         if not args.warm_cache:  # a cold compile: an empty Inductor / Triton cache per process
             cache = tmp / f"cache-{model}-{i}"
             env["TORCHINDUCTOR_CACHE_DIR"] = str(cache / "inductor")
             env["TRITON_CACHE_DIR"] = str(cache / "triton")
-        worker = Worker(spec, tmp / f"{model}-{i}.log", env)
-        msg = worker.read(args.timeout)
-        if "error" not in msg:
-            msg = worker.ask(args.timeout, cmd="first", warmup=args.warmup)
+        if args.parallel_first:  # share the cores between the processes compiling at once
+            env["TORCHINDUCTOR_COMPILE_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(rows)))
+        return Worker(spec, tmp / f"{model}-{i}.log", env)
+
+    def first_reply(i: int, row: Row, worker: Worker, msg: dict) -> None:
         if "error" in msg:
             row.error = msg["error"]
             worker.kill()
@@ -263,7 +270,7 @@ def run_model(model: str, rows: list[Row], size: dict, args: argparse.Namespace,
                 file=sys.stderr,
                 flush=True,
             )
-            continue
+            return
         row.first_s = msg["first_s"]
         row.lrpc_timings = msg.get("timings", {})
         workers[i] = worker
@@ -273,6 +280,23 @@ def run_model(model: str, rows: list[Row], size: dict, args: argparse.Namespace,
             file=sys.stderr,
             flush=True,
         )
+
+    if args.parallel_first:
+        started = {i: start(i, row) for i, row in enumerate(rows)}
+        ready = {i: w.read(args.timeout) for i, w in started.items()}
+        for i, w in started.items():
+            if "error" not in ready[i]:
+                w.send(cmd="first", warmup=args.warmup)
+        for i, w in started.items():
+            msg = ready[i] if "error" in ready[i] else w.read(args.timeout)
+            first_reply(i, rows[i], w, msg)
+    else:
+        for i, row in enumerate(rows):
+            worker = start(i, row)
+            msg = worker.read(args.timeout)
+            if "error" not in msg:
+                msg = worker.ask(args.timeout, cmd="first", warmup=args.warmup)
+            first_reply(i, row, worker, msg)
     order = list(workers)
     for rep in range(args.reps):
         k = rep % max(len(order), 1)
@@ -312,7 +336,7 @@ def rel_diff(a_path: str, b_path: str) -> float | None:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def compare(rows: list[Row]) -> None:
+def compare(rows: list[Row], device: str) -> None:
     """lrpc rows against the peer implementing the same rules; on the ReLU CNNs epsilon against gradient x
     input, which LRP-0 equals exactly and LRP-epsilon up to epsilon. Peer rows against lrpc's Inductor row
     (or its eager row)."""
@@ -327,7 +351,7 @@ def compare(rows: list[Row]) -> None:
         elif row.kind == "peer":
             refs = sorted(
                 (r for r in ok if r.kind == "lrpc" and r.rules == row.rules),
-                key=lambda r: r.backend != "inductor",
+                key=lambda r: r.backend != compiled_backend(device),
             )
         else:
             refs = []
@@ -404,7 +428,12 @@ HEADER = [
 ]
 
 
-def targets(rows: list[Row]) -> list[str]:
+def compiled_backend(device: str) -> str:
+    """The backend ``backend="auto"`` picks on the device: the row the targets are checked on."""
+    return "triton" if device == "cuda" else "inductor"
+
+
+def targets(rows: list[Row], device: str) -> list[str]:
     """The issue's targets for lrpc's compiled rows: met or missed, with the measured numbers."""
     lines = []
     by_model: dict[str, list[Row]] = {}
@@ -413,9 +442,9 @@ def targets(rows: list[Row]) -> list[str]:
     for model, rs in by_model.items():
         gxi = next((r for r in rs if r.kind == "gxi" and r.median), None)
         for row in rs:
-            if row.kind != "lrpc" or row.backend != "inductor":
+            if row.kind != "lrpc" or row.backend != compiled_backend(device):
                 continue
-            name = f"{LABELS[model]}, lrpc {row.rules} [inductor]"
+            name = f"{LABELS[model]}, lrpc {row.rules} [{row.backend}]"
             if row.error or row.median is None:
                 lines.append(f"- {name}: MISSED: does not run")
                 continue
@@ -554,7 +583,7 @@ def main() -> None:
         "--presets", help="comma-separated lrpc presets, or 'all' (default: per model, see PRESETS)"
     )
     parser.add_argument(
-        "--backends", default="inductor,eager", help="lrpc backends (default: inductor,eager)"
+        "--backends", help="lrpc backends (default: inductor,eager on CPU; triton,inductor on CUDA)"
     )
     parser.add_argument("--reps", type=int, help="timed calls per method (default 5; --quick 2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls after the first (default 1)")
@@ -571,6 +600,12 @@ def main() -> None:
     parser.add_argument("--no-overhead", action="store_true", help="skip the tiny-model per-call overhead")
     parser.add_argument(
         "--warm-cache", action="store_true", help="keep Inductor's on-disk cache (first calls look faster)"
+    )
+    parser.add_argument(
+        "--parallel-first",
+        action="store_true",
+        help="start every method of a model and run their first calls at once (a machine with many cores: "
+        "the compiles overlap; first-call times are then measured under that load)",
     )
     parser.add_argument("--timeout", type=float, default=1200, help="seconds one step of one method may take")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
@@ -591,7 +626,7 @@ def main() -> None:
             if args.presets == "all"
             else args.presets.split(",")
         )
-    backends = args.backends.split(",")
+    backends = (args.backends or ("triton,inductor" if args.device == "cuda" else "inductor,eager")).split(",")
     sizes = SIZES["quick" if args.quick else args.device]
 
     command = "python bench/speed.py " + " ".join(a for a in sys.argv[1:] if a != "--write")
@@ -607,40 +642,56 @@ def main() -> None:
     print("\n".join(lines), file=sys.stderr, flush=True)
     all_rows: list[Row] = []
     body = list(HEADER)
+    extra: list[str] = []
+
+    def report(done: int) -> str:
+        minutes = (time.time() - started) / 60
+        partial = (
+            [f"**Partial run: {done} of {len(models)} models measured when this was written.**", ""]
+            if done < len(models)
+            else []
+        )
+        return "\n".join(
+            [
+                *lines,
+                *partial,
+                *body,
+                "",
+                (
+                    f"{args.reps} timed calls per method after {args.warmup} warm-up call(s); spread = (max - min) "
+                    "/ median. First call: lrpc's split into trace + plan/codegen + compile-and-run, in seconds, "
+                    f"in parentheses{' (first calls of one model ran at once: --parallel-first)' if args.parallel_first else ''}. "
+                    f"Run took {minutes:.1f} min; load average {load_before[0]:.1f} before, "
+                    f"{os.getloadavg()[0]:.1f} after."
+                ),
+                "",
+                *extra,
+                "",
+                "Targets (lrpc compiled):",
+                "",
+                *(targets(all_rows, args.device) or ["- no compiled lrpc rows in this run"]),
+            ]
+        )
+
     try:
-        for model in models:
+        for done, model in enumerate(models, 1):
             size = dict(sizes[FAMILY[model]])
             if args.batch:
                 size["batch"] = args.batch
             rows = rows_for(model, presets, backends, not args.no_peers, args.quick)
             print(f"{LABELS[model]}: {len(rows)} methods, {size}", file=sys.stderr, flush=True)
             run_model(model, rows, size, args, tmp)
-            compare(rows)
+            compare(rows, args.device)
             all_rows += rows
             body += table(rows, size)
             print("\n".join(HEADER + table(rows, size)), file=sys.stderr, flush=True)
-        extra = [] if args.no_overhead else overhead_table(args, tmp)
+            if args.write and done < len(models):  # a run cut short still leaves what it measured
+                write_benchmarks(args.device, report(done))
+        if not args.no_overhead:
+            extra += overhead_table(args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    minutes = (time.time() - started) / 60
-    load_after = os.getloadavg()
-    lines += body
-    lines += [
-        "",
-        (
-            f"{args.reps} timed calls per method after {args.warmup} warm-up call(s); spread = (max - min) / "
-            "median. First call: lrpc's split into trace + plan/codegen + compile-and-run, in seconds, in "
-            f"parentheses. Run took {minutes:.1f} min; load average {load_before[0]:.1f} before, "
-            f"{load_after[0]:.1f} after."
-        ),
-        "",
-        *extra,
-        "",
-        "Targets (lrpc compiled):",
-        "",
-        *(targets(all_rows) or ["- no compiled lrpc rows in this run"]),
-    ]
-    text = "\n".join(lines)
+    text = report(len(models))
     print("\n" + text)
     if args.write:
         write_benchmarks(args.device, text)

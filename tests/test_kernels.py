@@ -61,6 +61,17 @@ def compiled(interpreter: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
+@pytest.fixture(
+    params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA device"))]
+)
+def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Where the kernel tests run: CPU tensors through the interpreter, and on a GPU machine the same data
+    (made on the CPU, then moved) through the compiled kernels."""
+    if request.param == "cuda":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return request.param
+
+
 # --- helpers -------------------------------------------------------------------------------------------
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected|; refuses an all-zero or non-finite reference."""
@@ -93,12 +104,18 @@ ROWS, IN, OUT = 70, 75, 45
 LEADING = [(ROWS,), (2, 5, 7)]  # plain rows, and batch dims flattened by the wrappers
 
 
-def layer_data(leading: tuple[int, ...], bias: bool = True, dtype: torch.dtype = torch.float32) -> tuple:
+def layer_data(
+    leading: tuple[int, ...], bias: bool = True, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> tuple:
     x = torch.randn(*leading, IN, dtype=dtype)
     W = torch.randn(OUT, IN, dtype=dtype) / IN**0.5
     b = torch.randn(OUT, dtype=dtype) if bias else None
     z = F.linear(x, W, b)
-    return x, W, b, z, torch.randn_like(z)
+    return to(device, x, W, b, z, torch.randn_like(z))
+
+
+def to(device: str, *tensors: torch.Tensor | None) -> tuple:
+    return tuple(None if t is None else t.to(device) for t in tensors)
 
 
 # --- the interpreter switch ----------------------------------------------------------------------------
@@ -126,23 +143,23 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> No
 # --- kernels against their references ------------------------------------------------------------------
 @pytest.mark.parametrize("leading", LEADING)
 @pytest.mark.parametrize("eps", [0.0, 1e-6, 0.25])
-def test_linear_epsilon(leading: tuple[int, ...], eps: float) -> None:
+def test_linear_epsilon(leading: tuple[int, ...], eps: float, device: str) -> None:
     torch.manual_seed(1)
-    x, W, _, z, R = layer_data(leading)
+    x, W, _, z, R = layer_data(leading, device=device)
     out = kernels.linear_epsilon(x, R, z, W, eps)
     assert out.shape == x.shape and out.dtype == x.dtype
     assert rel_err(out, kernels.linear_epsilon_reference(x, R, z, W, eps)) < 1e-5
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.5])
-def test_linear_epsilon_sign_of_zero(eps: float) -> None:
+def test_linear_epsilon_sign_of_zero(eps: float, device: str) -> None:
     """Integer data: many z are exactly 0; stab(0) = +eps (and R/0 = 0 for eps = 0)."""
     torch.manual_seed(2)
     x, W, b = integers(ROWS, IN), integers(OUT, IN), integers(OUT, low=-1, high=2)
     x[:, 1::2] = 0  # sparser rows: more exact zeros in z
     z = F.linear(x, W, b)
     assert (z == 0).sum() >= 20
-    R = torch.randn_like(z)
+    x, W, z, R = to(device, x, W, z, torch.randn_like(z))
     expected = kernels.linear_epsilon_reference(x, R, z, W, eps)
     sign = torch.where(z >= 0, 1.0, -1.0)
     by_hand = (
@@ -157,10 +174,10 @@ def test_linear_epsilon_sign_of_zero(eps: float) -> None:
         assert rel_err(other, expected) > 1e-2
 
 
-def test_linear_epsilon_transposed_weight() -> None:
+def test_linear_epsilon_transposed_weight(device: str) -> None:
     """Any weight strides (the program passes ``t(t(W))``-style views)."""
     torch.manual_seed(3)
-    x, W, _, z, R = layer_data((ROWS,))
+    x, W, _, z, R = layer_data((ROWS,), device=device)
     Wt = W.T.contiguous().T
     assert not Wt.is_contiguous()
     assert rel_err(kernels.linear_epsilon(x, R, z, Wt), kernels.linear_epsilon_reference(x, R, z, W)) < 1e-5
@@ -193,9 +210,9 @@ SIGNED = {
 @pytest.mark.parametrize("rule", sorted(SIGNED))
 @pytest.mark.parametrize("leading", LEADING)
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_sign_split(rule: str, leading: tuple[int, ...], bias: bool) -> None:
+def test_linear_sign_split(rule: str, leading: tuple[int, ...], bias: bool, device: str) -> None:
     torch.manual_seed(4)
-    x, W, b, z, R = layer_data(leading, bias)
+    x, W, b, z, R = layer_data(leading, bias, device=device)
     # γ = 0 is ε: outputs near 0 would amplify the summation-order differences of the recomputed z
     out, expected = SIGNED[rule](x, R, z, W, b, 0.1 if rule == "gamma_0" else 1e-6)
     assert out.shape == x.shape and out.dtype == x.dtype
@@ -203,13 +220,14 @@ def test_linear_sign_split(rule: str, leading: tuple[int, ...], bias: bool) -> N
 
 
 @pytest.mark.parametrize("rule", ["zplus", "alpha_beta", "gamma"])
-def test_linear_sign_split_stabilizer_zero(rule: str) -> None:
+def test_linear_sign_split_stabilizer_zero(rule: str, device: str) -> None:
     """Integer data with all-zero rows of x: the split pre-activations are exactly 0 there (R/0 = 0)."""
     torch.manual_seed(5)
     x, W, b = integers(ROWS, IN), integers(OUT, IN), integers(OUT, low=0, high=1)  # b = 0
     x[::3] = 0
     z = F.linear(x, W, b)
-    out, expected = SIGNED[rule](x, torch.randn_like(z), z, W, b, 0.0)
+    x, W, b, z, R = to(device, x, W, b, z, torch.randn_like(z))
+    out, expected = SIGNED[rule](x, R, z, W, b, 0.0)
     assert rel_err(out, expected) < 1e-5
 
 
@@ -217,10 +235,10 @@ LOW_PRECISION = {torch.float16: 5e-3, torch.bfloat16: 4e-2}
 
 
 @pytest.mark.parametrize("dtype", sorted(LOW_PRECISION, key=str))
-def test_linear_low_precision(dtype: torch.dtype) -> None:
+def test_linear_low_precision(dtype: torch.dtype, device: str) -> None:
     """16-bit storage, float32 accumulation: against the float32 reference on the same rounded values."""
     torch.manual_seed(6)
-    x, W, b, z, R = layer_data((2, 17), dtype=dtype)
+    x, W, b, z, R = layer_data((2, 17), dtype=dtype, device=device)
     f = [t.float() for t in (x, W, b, z, R)]
     tol = LOW_PRECISION[dtype]
     eps = kernels.linear_epsilon(x, R, z, W, 0.1)
@@ -235,23 +253,23 @@ def test_linear_low_precision(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize(
     "shape,dim", [((3, 5, 7), -1), ((3, 5, 7), 1), ((9, 4), 0), ((2, 3, 5000), -1), ((1, 37), -1)]
 )
-def test_softmax_relevance(shape: tuple[int, ...], dim: int) -> None:
+def test_softmax_relevance(shape: tuple[int, ...], dim: int, device: str) -> None:
     """Short rows several per program, a middle dim, and rows longer than one block (5000 > 4096)."""
     torch.manual_seed(7)
     x = torch.randn(shape) * 3
-    s, R = torch.softmax(x, dim), torch.randn(shape)
+    x, s, R = to(device, x, torch.softmax(x, dim), torch.randn(shape))
     out = kernels.softmax_relevance(x, s, R, dim)
     assert out.shape == x.shape and out.is_contiguous()
     assert rel_err(out, kernels.softmax_relevance_reference(x, s, R, dim)) < 1e-5
 
 
-def test_softmax_relevance_masked() -> None:
+def test_softmax_relevance_masked(device: str) -> None:
     """x = -inf (s = 0) gets exactly 0, not nan; the rest of the row is unaffected."""
     torch.manual_seed(8)
     x = torch.randn(4, 6, 11)
     x[:, :, 7:] = -torch.inf
     x[1, 2, :3] = -torch.inf
-    s, R = torch.softmax(x, -1), torch.randn(4, 6, 11)
+    x, s, R = to(device, x, torch.softmax(x, -1), torch.randn(4, 6, 11))
     out = kernels.softmax_relevance(x, s, R)
     expected = kernels.softmax_relevance_reference(x, s, R)
     assert torch.isfinite(out).all()
@@ -260,22 +278,23 @@ def test_softmax_relevance_masked() -> None:
 
 
 @pytest.mark.parametrize("dtype", sorted(LOW_PRECISION, key=str))
-def test_softmax_relevance_low_precision(dtype: torch.dtype) -> None:
+def test_softmax_relevance_low_precision(dtype: torch.dtype, device: str) -> None:
     torch.manual_seed(9)
     x = torch.randn(5, 33, dtype=dtype)
-    s, R = torch.softmax(x, -1), torch.randn(5, 33, dtype=dtype)
+    x, s, R = to(device, x, torch.softmax(x, -1), torch.randn(5, 33, dtype=dtype))
     out = kernels.softmax_relevance(x, s, R)
     expected = kernels.softmax_relevance_reference(x.float(), s.float(), R.float())
     assert rel_err(out.float(), expected) < LOW_PRECISION[dtype]
 
 
 @pytest.mark.parametrize("eps", [0.0, 1e-6, 0.5])
-def test_uniform_product(eps: float) -> None:
+def test_uniform_product(eps: float, device: str) -> None:
     """Exact zeros in a and b (z = 0) and a size that is not a multiple of the block (1024)."""
     torch.manual_seed(10)
     a, b, R = torch.randn(3, 7, 101), torch.randn(3, 7, 101), torch.randn(3, 7, 101)
     a[0, :, :9] = 0
     b[1, 2:4] = 0
+    a, b, R = to(device, a, b, R)
     ra, rb = kernels.uniform_product(a, b, R, eps)
     xa, xb = kernels.uniform_product_reference(a, b, R, eps)
     assert rel_err(ra, xa) < 1e-6 and rel_err(rb, xb) < 1e-6
@@ -285,9 +304,9 @@ def test_uniform_product(eps: float) -> None:
 
 
 @pytest.mark.parametrize("dtype", sorted(LOW_PRECISION, key=str))
-def test_uniform_product_low_precision(dtype: torch.dtype) -> None:
+def test_uniform_product_low_precision(dtype: torch.dtype, device: str) -> None:
     torch.manual_seed(11)
-    a, b, R = (torch.randn(4, 50, dtype=dtype) for _ in range(3))
+    a, b, R = to(device, *(torch.randn(4, 50, dtype=dtype) for _ in range(3)))
     ra, rb = kernels.uniform_product(a, b, R, 0.1)
     xa, xb = kernels.uniform_product_reference(a.float(), b.float(), R.float(), 0.1)
     assert ra.dtype == dtype

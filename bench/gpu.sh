@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, in one go, within a time budget (a lent GPU machine is short-lived):
+#   bash bench/gpu.sh OUT_DIR [SECONDS]
+# 1. the kernel tests with the kernels compiled for the GPU (and the CUDA-only tests),
+# 2. bench/kernels.py: each fused kernel against its references, bandwidth share, block-size sweep,
+# 3. bench/speed.py --device cuda: the model benchmark against gradient x input, Zennit, LXT, Captum,
+#    written into BENCHMARKS.md after every model (a run cut short keeps what it measured).
+# Each step's output lands in OUT_DIR (log files, kernels.md, BENCHMARKS.md).
+set -uo pipefail
+out=${1:?usage: bash bench/gpu.sh OUT_DIR [SECONDS]}
+budget=${2:-560}
+mkdir -p "$out"
+start=$SECONDS
+left() { echo $((budget - (SECONDS - start))); }
+export PYTHONUNBUFFERED=1
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
+
+timeout 100 python3 -m pytest -q -p no:cacheprovider -m "slow or not slow" -n 8 tests/test_kernels.py 2>&1 | tail -15 | tee "$out/tests.log"
+
+timeout $(( $(left) < 130 ? $(left) : 130 )) python3 bench/kernels.py --sweep --out "$out/kernels.md" 2>&1 | tail -40 > "$out/kernels.log"
+echo "kernels bench done at $((SECONDS - start)) s"
+
+timeout $(( $(left) - 15 )) python3 bench/speed.py --device cuda --parallel-first --no-overhead --reps 10 \
+    --timeout 300 --write --models vgg16,resnet50,llama,bert,vit_b_16,gpt2 2> "$out/speed.log" | tail -5
+echo "speed bench ended at $((SECONDS - start)) s"
+cp BENCHMARKS.md "$out/BENCHMARKS.md"
