@@ -27,12 +27,17 @@ from datetime import date
 from pathlib import Path
 
 import torch
-
-from lrpc import kernels
 from lrpc.kernels import linear as klinear
 
+from lrpc import kernels
+
 # Nominal memory bandwidth (bytes/s) of cards we may meet, by a substring of torch's device name.
-NOMINAL_BANDWIDTH = {"H200": 4.8e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "A100-SXM4-80GB": 2.04e12}
+NOMINAL_BANDWIDTH = {
+    "H200": 4.8e12,
+    "H100 80GB HBM3": 3.35e12,
+    "H100 PCIe": 2.0e12,
+    "A100-SXM4-80GB": 2.04e12,
+}
 
 
 @dataclass
@@ -121,13 +126,15 @@ def linear_cases(
                     # epsilon: one (M,N)x(N,K) product; the sign-split rules: a forward and a backward
                     # product per weight matrix
                     2 * M * N * K * passes,
-                    lambda: mm_a @ mm_b,
+                    lambda a=mm_a, b=mm_b: a @ b,
                 )
             )
     return cases
 
 
-def softmax_cases(dtype: torch.dtype, device: torch.device, shapes: list[tuple[str, tuple[int, ...]]]) -> list[Case]:
+def softmax_cases(
+    dtype: torch.dtype, device: torch.device, shapes: list[tuple[str, tuple[int, ...]]]
+) -> list[Case]:
     cases = []
     for label, shape in shapes:
         x = torch.randn(shape, device=device, dtype=dtype)
@@ -146,7 +153,9 @@ def softmax_cases(dtype: torch.dtype, device: torch.device, shapes: list[tuple[s
     return cases
 
 
-def product_cases(dtype: torch.dtype, device: torch.device, shapes: list[tuple[str, tuple[int, ...]]]) -> list[Case]:
+def product_cases(
+    dtype: torch.dtype, device: torch.device, shapes: list[tuple[str, tuple[int, ...]]]
+) -> list[Case]:
     cases = []
     for label, shape in shapes:
         a, b, R = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
@@ -194,7 +203,14 @@ def shapes_for(smoke: bool):
 
 def sweep(dtype: torch.dtype, device: torch.device, time_of, shapes) -> list[str]:
     """Time block sizes of the matmul kernels (rows, output-columns, reduction; warps) on each shape."""
-    configs = [(64, 64, 32, 4), (64, 128, 32, 4), (128, 64, 32, 4), (128, 128, 32, 8), (64, 64, 64, 4), (128, 128, 64, 8)]
+    configs = [
+        (64, 64, 32, 4),
+        (64, 128, 32, 4),
+        (128, 64, 32, 4),
+        (128, 128, 32, 8),
+        (64, 64, 64, 4),
+        (128, 128, 64, 8),
+    ]
     saved = (klinear.BLOCK_ROWS, klinear.BLOCK_COLS, klinear.BLOCK_RED, klinear.NUM_WARPS)
     lines = [
         f"Block sizes ({dtype_name(dtype)}), ms per call: rows x columns x reduction / warps",
@@ -243,7 +259,11 @@ def main() -> None:
         f"Command: `python {' '.join(['bench/kernels.py', *sys.argv[1:]])}`; {date.today().isoformat()}",
         f"Device: {name}; torch {torch.__version__}, triton {__import__('triton').__version__}; "
         f"device-to-device copy {measured / 1e12:.2f} TB/s"
-        + (f", nominal {nominal / 1e12:.2f} TB/s" if nominal else " (nominal bandwidth unknown: shares are of the copy)"),
+        + (
+            f", nominal {nominal / 1e12:.2f} TB/s"
+            if nominal
+            else " (nominal bandwidth unknown: shares are of the copy)"
+        ),
         "",
         "| kernel | dtype | shape | kernel ms | eager ref. ms | Inductor ref. ms | vs Inductor | bandwidth (share of "
         + ("nominal" if nominal else "copy")

@@ -626,7 +626,9 @@ def main() -> None:
             if args.presets == "all"
             else args.presets.split(",")
         )
-    backends = (args.backends or ("triton,inductor" if args.device == "cuda" else "inductor,eager")).split(",")
+    backends = (args.backends or ("triton,inductor" if args.device == "cuda" else "inductor,eager")).split(
+        ","
+    )
     sizes = SIZES["quick" if args.quick else args.device]
 
     command = "python bench/speed.py " + " ".join(a for a in sys.argv[1:] if a != "--write")

@@ -9,8 +9,8 @@ Each kernel comes with a plain-torch reference (``*_reference``) it is tested ag
 * :func:`uniform_product`: AttnLRP's uniform rule for ``a ⊙ b``.
 
 The kernels run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's interpreter, for
-tests); the interpreter-or-compiler choice is made at each launch (:class:`._common.jit`). The references
-need only torch. :mod:`lrpc.kernels.fusion` swaps the kernels into generated relevance programs (the
+tests; set it before triton is first imported: Triton settles the mode for the whole process then). The
+references need only torch. :mod:`lrpc.kernels.fusion` swaps the kernels into generated relevance programs (the
 ``"triton"`` backend); :mod:`lrpc.kernels.ops` registers them as ``torch.ops.lrpc_kernels.*`` for that.
 """
 

@@ -40,12 +40,16 @@ def available() -> bool:
 
 
 class jit:
-    """``triton.jit`` applied when the kernel is first launched in a mode, not when the module is imported.
+    """``triton.jit`` applied when the kernel is first launched, not when the module is imported: the kernel
+    modules import without triton (the references need only torch), and a missing triton is an error at
+    launch.
 
-    ``triton.jit`` picks the interpreter or the compiler at decoration time from ``TRITON_INTERPRET``; a
-    module imported before a test sets the variable would otherwise be stuck with compiled kernels on a
-    CPU-only machine. Each mode gets its own jitted function, so both can be used in one process.
-    Kernels decorated this way must not call other jitted functions (they are plain functions here).
+    The mode (interpreter or compiler) is ``TRITON_INTERPRET`` at that launch, kept per mode. In practice
+    one process runs one mode: Triton jits its own library functions for the mode in force when triton is
+    first imported, and kernels of the other mode fail on them (seen with Triton 3.6 on an H200: compiled
+    kernels failed in a process that had imported triton with ``TRITON_INTERPRET=1``). So set the variable
+    before anything imports triton, as ``tests/conftest.py`` does on CPU-only machines. Kernels decorated
+    this way must not call other jitted functions (they are plain functions here).
     """
 
     def __init__(self, fn: Callable[..., Any]):
@@ -58,8 +62,30 @@ class jit:
         mode = interpreting()
         kernel = self._by_mode.get(mode)
         if kernel is None:
+            if mode:
+                _interpreter_scalar_index()
             kernel = self._by_mode[mode] = triton.jit(self.fn)
         return kernel[grid]
+
+
+def _interpreter_scalar_index() -> None:
+    """Triton <= 3.6's interpreter turns a scalar kernel argument into a Python index (``range(0, N, B)``)
+    with ``int()`` of a one-element array, which numpy >= 2.4 refuses (TypeError); later Triton squeezes the
+    array first. Do the same on the older versions, where the interpreter patches ``tl.tensor`` per run."""
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "lrpc_squeezes", False):
+        return
+
+    def patched(tensor: Any, scope: Any) -> None:
+        patch(tensor, scope)
+        scope.set_attr(
+            tensor, "__index__", lambda self: int(self.handle.data.squeeze())
+        )  # restored with the rest
+
+    patched.lrpc_squeezes = True  # type: ignore[attr-defined]
+    interpreter._patch_lang_tensor = patched
 
 
 def check(

@@ -10,21 +10,12 @@
   alone (convolutions, ``x @ W``), and the fused program against the unfused one;
 * the ``"triton"`` backend: a clear error without CUDA; on a CUDA machine, against ``"eager"``.
 
-The kernels run in Triton's CPU interpreter. ``TRITON_INTERPRET=1`` is set first thing below, before
-triton or lrpc.kernels is imported, as the interpreter docs ask. It would not be enough on its own:
-``triton.jit`` fixes interpreter-or-compiler when it decorates, so a kernel module imported earlier in the
-same pytest process (by another test module, or by the "triton" backend) would be stuck with compiled kernels.
-lrpc.kernels therefore decorates lazily (``lrpc.kernels._common.jit`` calls ``triton.jit`` at the first
-launch in each mode), which makes import order irrelevant; ``test_mode_is_chosen_at_launch`` checks that.
-So that the variable does not leak into other test modules (pytest imports them all before running any;
-Inductor's own Triton kernels on a GPU machine would otherwise run interpreted), the previous value is
-restored once the imports are done, and an autouse fixture sets it for the tests of this module only.
+Where they run is settled per process, because Triton settles it when it is first imported (its library
+functions are jitted for the interpreter or for the compiler then, and the other mode fails on them): on a
+machine without CUDA, ``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` before anything imports triton, and
+the tests take CPU tensors through Triton's interpreter; on a GPU machine the variable stays unset and the
+same tests (the ``device`` fixture) take the same data, moved to the GPU, through the compiled kernels.
 """
-
-import os
-
-_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
 
 import warnings
 
@@ -38,37 +29,26 @@ from lrpc import presets, rules
 
 pytest.importorskip("triton", reason="triton is not installed: the kernels cannot run (not even interpreted)")
 
-from lrpc import kernels
 from lrpc.kernels import _common, fusion, linear
 
-if _PREVIOUS_INTERPRET is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+from lrpc import kernels
 
 CUDA = torch.cuda.is_available()
-
-
-@pytest.fixture(autouse=True)
-def interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The interpreter for every test here (restored afterwards)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-@pytest.fixture
-def compiled(interpreter: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Real GPU kernels instead, for the CUDA-only tests."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-
-
-@pytest.fixture(
-    params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA device"))]
+INTERPRET = kernels.interpreting()  # this process's Triton mode (see the module docstring)
+COMPILED = CUDA and not INTERPRET
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRET,
+    reason="CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)",
 )
-def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Where the kernel tests run: CPU tensors through the interpreter, and on a GPU machine the same data
+needs_gpu = pytest.mark.skipif(
+    not COMPILED, reason="needs a CUDA device and compiled (not interpreted) Triton"
+)
+
+
+@pytest.fixture(params=[pytest.param("cpu", marks=needs_interpreter), pytest.param("cuda", marks=needs_gpu)])
+def device(request: pytest.FixtureRequest) -> str:
+    """Where a kernel test runs: CPU tensors through the interpreter, or on a GPU machine the same data
     (made on the CPU, then moved) through the compiled kernels."""
-    if request.param == "cuda":
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     return request.param
 
 
@@ -119,22 +99,19 @@ def to(device: str, *tensors: torch.Tensor | None) -> tuple:
 
 
 # --- the interpreter switch ----------------------------------------------------------------------------
-def test_mode_is_chosen_at_launch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Kernels are not jitted at import; each launch mode gets its own jitted function."""
+def test_kernels_are_jitted_in_the_mode_of_their_first_launch(device: str) -> None:
+    """Kernels are not jitted at import: ``triton.jit`` runs at the first launch, in the mode then in force."""
     kernel = linear._epsilon_kernel
     assert isinstance(kernel, _common.jit)
-    monkeypatch.delenv("TRITON_INTERPRET")
-    assert not kernels.interpreting()
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert kernels.interpreting()
-    x, W, _, z, R = layer_data((3,))
+    x, W, _, z, R = layer_data((3,), device=device)
     kernels.linear_epsilon(x, R, z, W)
-    assert type(kernel._by_mode[True]).__name__ == "InterpretedFunction"
+    jitted = type(kernel._by_mode[INTERPRET]).__name__
+    assert jitted == ("InterpretedFunction" if INTERPRET else "JITFunction")
     assert kernels.available() == CUDA
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     x, W, _, z, R = layer_data((3,))
     with pytest.raises(ValueError, match="CUDA tensors"):
         kernels.linear_epsilon(x, R, z, W)
@@ -313,17 +290,17 @@ def test_uniform_product_low_precision(dtype: torch.dtype, device: str) -> None:
     assert rel_err(ra.float(), xa) < LOW_PRECISION[dtype] and rel_err(rb.float(), xb) < LOW_PRECISION[dtype]
 
 
-def test_empty_inputs() -> None:
-    x, W, b, z, R = layer_data((0,))
+def test_empty_inputs(device: str) -> None:
+    x, W, b, z, R = layer_data((0,), device=device)
     assert kernels.linear_epsilon(x, R, z, W).shape == (0, IN)
     assert kernels.linear_gamma(x, R, z, W, b).shape == (0, IN)
-    e = torch.empty(0, 5)
+    e = torch.empty(0, 5, device=device)
     assert kernels.softmax_relevance(e, e, e).shape == (0, 5)
     assert kernels.uniform_product(e, e, e)[0].shape == (0, 5)
 
 
-def test_argument_checks() -> None:
-    x, W, b, z, R = layer_data((4,))
+def test_argument_checks(device: str) -> None:
+    x, W, b, z, R = layer_data((4,), device=device)
     with pytest.raises(ValueError, match="x .* does not match weight"):
         kernels.linear_epsilon(x[:, :-1], R, z, W)
     with pytest.raises(ValueError, match="R must have shape"):
@@ -349,7 +326,7 @@ def test_argument_checks() -> None:
     with pytest.raises(ValueError, match="no broadcasting"):
         kernels.uniform_product(x, x[:1], x)
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
-        kernels.uniform_product(x, x.numpy(), x)
+        kernels.uniform_product(x, x.cpu().numpy(), x)
 
 
 # --- references against lrpc's rules --------------------------------------------------------------------
@@ -506,10 +483,13 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5))
 
 
-def fused_program(model: nn.Module, *inputs: torch.Tensor, rules: str | lrpc.Preset = "epsilon"):
-    """(unfused program, fused program, program arguments)."""
+def fused_program(
+    model: nn.Module, *inputs: torch.Tensor, rules: str | lrpc.Preset = "epsilon", device: str = "cpu"
+):
+    """(unfused program, fused program, program arguments), the model and inputs moved to ``device``."""
     torch.manual_seed(30)
-    model = model.eval()
+    model = model.eval().to(device)
+    inputs = to(device, *inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = lrpc.compile(model, rules=rules, backend="eager").program(*inputs)
@@ -534,10 +514,10 @@ def aten_targets(gm) -> list:
 
 @pytest.mark.parametrize("eps", [0.0, 1e-6])
 @pytest.mark.parametrize("shape", [(7, 10), (2, 3, 10)])
-def test_fuse_mlp_epsilon(eps: float, shape: tuple[int, ...]) -> None:
+def test_fuse_mlp_epsilon(eps: float, shape: tuple[int, ...], device: str) -> None:
     """Each linear layer's ε step becomes one kernel call; its division, matmul and product are gone."""
     torch.manual_seed(31)
-    gm, fused, args = fused_program(mlp(), torch.randn(*shape), rules=presets.epsilon(eps=eps))
+    gm, fused, args = fused_program(mlp(), torch.randn(*shape), rules=presets.epsilon(eps=eps), device=device)
     before = aten_targets(gm)
     assert fused.meta[fusion.FUSED_META]["linear_epsilon"] == 3
     assert fusion.fused_counts(fused) == {"linear_epsilon": 3}
@@ -550,13 +530,13 @@ def test_fuse_mlp_epsilon(eps: float, shape: tuple[int, ...]) -> None:
     assert_same_outputs(gm, fused, args)
 
 
-def test_fuse_sign_split_regions() -> None:
+def test_fuse_sign_split_regions(device: str) -> None:
     """z⁺, αβ and γ (with and without stabilizer) on linear layers: one kernel call per layer."""
     preset = lrpc.composite(
         "epsilon", {"0": rules.Gamma(0.25), "2": rules.AlphaBeta(), "4": rules.ZPlus(stabilizer=0.0)}
     )
     torch.manual_seed(32)
-    gm, fused, args = fused_program(mlp(), torch.randn(2, 3, 10), rules=preset)
+    gm, fused, args = fused_program(mlp(), torch.randn(2, 3, 10), rules=preset, device=device)
     # layers "2" and "4" read ReLU outputs (x >= 0), so planning drops their x⁻ terms: αβ still fuses as
     # a sign-split kernel; z⁺ becomes LRP-0 over (W⁺, b⁺), which the epsilon kernel serves
     assert fused.meta[fusion.FUSED_META]["signed_linear"] == 2
@@ -565,16 +545,16 @@ def test_fuse_sign_split_regions() -> None:
     assert_same_outputs(gm, fused, args)
 
 
-def test_fuse_softmax_and_product() -> None:
+def test_fuse_softmax_and_product(device: str) -> None:
     torch.manual_seed(33)
-    gm, fused, args = fused_program(Gate(), torch.randn(2, 5, 6))
+    gm, fused, args = fused_program(Gate(), torch.randn(2, 5, 6), device=device)
     assert fusion.fused_counts(fused) == {"linear_epsilon": 3, "softmax_relevance": 1, "uniform_product": 1}
     assert_same_outputs(gm, fused, args)
 
 
-def test_fuse_patterns_argument() -> None:
+def test_fuse_patterns_argument(device: str) -> None:
     torch.manual_seed(34)
-    gm, _, args = fused_program(Gate(), torch.randn(2, 5, 6))
+    gm, _, args = fused_program(Gate(), torch.randn(2, 5, 6), device=device)
     only = fusion.fuse(gm, patterns=["softmax"])
     assert fusion.fused_counts(only) == {"softmax_relevance": 1}
     assert_same_outputs(gm, only, args)
@@ -582,18 +562,20 @@ def test_fuse_patterns_argument() -> None:
         fusion.fuse(gm, patterns=["conv"])
 
 
-def test_fuse_leaves_other_layers_alone() -> None:
+def test_fuse_leaves_other_layers_alone(device: str) -> None:
     """Convolutions keep their rules (Flat and z⁺ here: no region is fused, only the dense layer's ε step);
     ``x @ W`` with a square weight is not mistaken for ``x Wᵀ`` by the γ region matcher."""
     torch.manual_seed(35)
-    gm, fused, args = fused_program(SmallCNN(), torch.randn(2, 2, 6, 6), rules="epsilon-plus-flat")
+    gm, fused, args = fused_program(
+        SmallCNN(), torch.randn(2, 2, 6, 6), rules="epsilon-plus-flat", device=device
+    )
     assert any("ZPlus" in (n.meta.get("custom") or {}).get("lrpc_rule", "") for n in gm.graph.nodes)
     assert fused.meta[fusion.FUSED_META]["signed_linear"] == 0
     assert fusion.fused_counts(fused) == {"linear_epsilon": 1}
     assert_same_outputs(gm, fused, args)
     model = nn.Sequential(RightMatmul())
     gm, fused, args = fused_program(
-        model, torch.randn(3, 6), rules=lrpc.composite("epsilon", {"0": rules.Gamma()})
+        model, torch.randn(3, 6), rules=lrpc.composite("epsilon", {"0": rules.Gamma()}), device=device
     )
     assert any("Gamma" in (n.meta.get("custom") or {}).get("lrpc_rule", "") for n in gm.graph.nodes)
     assert fusion.fused_counts(fused) == {}
@@ -609,6 +591,7 @@ def test_triton_backend_needs_cuda() -> None:
 
 
 @pytest.mark.slow
+@needs_interpreter
 def test_fused_program_under_inductor() -> None:
     """The fused program compiled by Inductor (CPU; the kernel ops stay opaque calls) equals eager."""
     torch.manual_seed(36)
@@ -618,24 +601,12 @@ def test_fused_program_under_inductor() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_backend_matches_eager_on_cuda(dtype: torch.dtype, compiled: None) -> None:
+def test_triton_backend_matches_eager_on_cuda(dtype: torch.dtype) -> None:
     torch.manual_seed(37)
     model = Gate().to("cuda", dtype).eval()
     x = torch.randn(4, 7, 6, device="cuda", dtype=dtype)
     expected = lrpc.compile(model, backend="eager")(x).relevance
     actual = lrpc.compile(model, backend="triton")(x).relevance
     assert rel_err(actual.float(), expected.float()) < (1e-4 if dtype == torch.float32 else 5e-2)
-
-
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_kernels_compiled_on_cuda(compiled: None) -> None:
-    """The same kernels compiled for the GPU (TF32 off, as torch's default for float32 matmuls)."""
-    torch.manual_seed(38)
-    x, W, b, z, R = (t.cuda() for t in layer_data((3, 50)))
-    assert rel_err(kernels.linear_epsilon(x, R, z, W), kernels.linear_epsilon_reference(x, R, z, W)) < 1e-5
-    assert rel_err(kernels.linear_gamma(x, R, z, W, b), kernels.linear_gamma_reference(x, R, z, W, b)) < 1e-5
-    s = torch.softmax(z, -1)
-    assert rel_err(kernels.softmax_relevance(z, s, R), kernels.softmax_relevance_reference(z, s, R)) < 1e-5
-    assert rel_err(kernels.uniform_product(z, R, s)[0], kernels.uniform_product_reference(z, R, s)[0]) < 1e-5
