@@ -399,6 +399,11 @@ def main() -> None:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec.get("device", "cpu"))
+    if device.type == "cuda":
+        # full float32 everywhere: cuDNN's default TF32 convolutions made the ε = 1e-9 relevance of two exact
+        # implementations differ by 1e-1 on an H200, which would hide a real disagreement
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     meter = Meter(device)
     try:
         start = time.perf_counter()

@@ -382,8 +382,8 @@ def compile(model: nn.Module, **options: Any) -> Attributor:
             model in training mode is explained in eval semantics, with a warning.
         rules: a preset name (``"epsilon"``, ``"lrp0"``) or an :class:`lrpc.presets.Preset`.
         layers: module paths whose output relevance is returned too (``res.layers``), same pass.
-        backend: ``"auto"`` (default: fused Triton kernels + Inductor on CUDA, Inductor on CPU; a program
-            that cannot compile runs eagerly, with a warning), ``"inductor"``, ``"triton"`` (CUDA),
+        backend: ``"auto"`` (default: Inductor on CPU and GPU; a program that cannot compile runs eagerly,
+            with a warning), ``"inductor"``, ``"triton"`` (CUDA: lrpc's fused kernels plus Inductor),
             ``"eager"`` (the generated program as is) or ``"interpret"`` (the rules run eagerly without
             tracing: the reference).
         seed: ``"logit"`` puts the selected output value in as relevance; ``"one"`` puts in 1.0. Default:

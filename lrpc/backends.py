@@ -37,16 +37,12 @@ def resolve(name: str) -> str:
 
 
 def choose(name: str, device: torch.device) -> str:
-    """The backend a program whose tensors live on ``device`` runs with: ``auto`` is the fused Triton
-    kernels plus Inductor on CUDA (when triton is installed), Inductor elsewhere."""
-    if name != AUTO:
-        return name
-    if device.type == "cuda" and "triton" in _BACKENDS:
-        from lrpc.kernels import available  # triton is optional
-
-        if available():
-            return "triton"
-    return "inductor"
+    """The backend a program whose tensors live on ``device`` runs with: ``auto`` is Inductor on every
+    device. On an H200 (BENCHMARKS.md, 2026-11-26) Inductor was as fast as or faster than the fused kernels
+    of the ``"triton"`` backend end to end (VGG16, ResNet-50), and its cuBLAS matmuls beat lrpc's fused
+    linear-layer kernels in float32; ``"triton"`` stays available by name."""
+    del device  # the choice is the same everywhere, as measured so far
+    return "inductor" if name == AUTO else name
 
 
 def build(name: str, gm: fx.GraphModule, *, fallback: bool) -> Callable[..., tuple]:
@@ -135,10 +131,17 @@ register_backend("eager", _eager)
 register_backend("inductor", _inductor)
 
 
+#: The fusion patterns the "triton" backend swaps in. Not the sign-split linear kernels (z⁺, αβ, γ): on an
+#: H200 they took 3-25x the time of the Inductor-compiled reference in float32 (bench/kernels.py,
+#: BENCHMARKS.md); ``lrpc.kernels.fusion.fuse(gm, patterns=...)`` still applies them on request.
+TRITON_PATTERNS = ("linear_epsilon", "softmax", "uniform_product")
+
+
 def _triton(gm: fx.GraphModule) -> Callable[..., tuple]:
-    """Fused rule kernels from :mod:`lrpc.kernels` (ε, z⁺, αβ, γ through linear layers as one matmul each,
-    the softmax and uniform product rules) swapped into the program by :func:`lrpc.kernels.fusion.fuse`,
-    the rest compiled by Inductor. Needs triton and the program's tensors on a CUDA device."""
+    """Fused rule kernels from :mod:`lrpc.kernels` (:data:`TRITON_PATTERNS`: ε through linear layers as one
+    matmul each, the softmax and uniform product rules) swapped into the program by
+    :func:`lrpc.kernels.fusion.fuse`, the rest compiled by Inductor. Needs triton and the program's tensors
+    on a CUDA device."""
     try:
         from lrpc.kernels import HAS_TRITON, available, fusion  # imported here: triton is optional
     except ImportError as e:  # pragma: no cover - a broken triton install
@@ -160,7 +163,7 @@ def _triton(gm: fx.GraphModule) -> Callable[..., tuple]:
             f"{', '.join(sorted(devices))}: move them to the GPU (model.cuda(), x.cuda()) "
             "or use backend='inductor'."
         )
-    fused = fusion.fuse(gm)
+    fused = fusion.fuse(gm, patterns=TRITON_PATTERNS)
     return dynamic_dims_marked(torch.compile(fused, backend="inductor", fullgraph=True, dynamic=None), gm)
 
 
