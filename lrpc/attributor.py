@@ -71,7 +71,9 @@ class Program:
     backend: str
     run: Callable[..., tuple]
     timings: dict[str, float] = field(default_factory=dict)
-    symbols: dict[str, int] = field(default_factory=dict)  # dynamic-dim values of the example it was traced on
+    symbols: dict[str, int] = field(
+        default_factory=dict
+    )  # dynamic-dim values of the example it was traced on
     static: bool = False  # the relevance pass specialized a dynamic dim: only the traced sizes match
     calls: int = 0
 
@@ -267,7 +269,7 @@ class Attributor:
         if after != before and not static:
             _narrow_ranges(traced, shape_env)
         generated = time.perf_counter()
-        backend = backends.choose(self.backend, tensors[0].device if tensors else torch.device("cpu"))
+        backend = backends.choose(self.backend, tensors[0].device if tensors else torch.device("cpu"), gm)
         if backend == backends.INTERPRET:
             run, _ = relevance_function(the_plan, spec)
         else:
@@ -307,8 +309,7 @@ class Attributor:
                 r = torch.zeros_like(t)
             inputs[name] = r
         layers = {
-            path: (r if r is not None else torch.zeros(()))
-            for path, r in zip(sig.layer_names, layer_values)
+            path: (r if r is not None else torch.zeros(())) for path, r in zip(sig.layer_names, layer_values)
         }
         values = tuple(inputs.values())
         self._last_conservation = (
@@ -330,7 +331,9 @@ def _check_classes(index: Tensor, program: Program) -> None:
     classes = out.shape[-1] if out.dim() >= 2 else None
     if isinstance(classes, int) and index.numel() and (int(index.min()) < 0 or int(index.max()) >= classes):
         bad = index[(index < 0) | (index >= classes)].unique()[:8].tolist()
-        raise LRPCError(f"target index out of range: {bad}; the output {tuple(out.shape)} has {classes} classes")
+        raise LRPCError(
+            f"target index out of range: {bad}; the output {tuple(out.shape)} has {classes} classes"
+        )
 
 
 def _index_example(graph: fx.Graph, the_plan: Plan) -> Tensor:
@@ -364,7 +367,10 @@ def _narrow_ranges(traced: Traced, shape_env: Any) -> None:
         name = str(sym)
         if name in traced.ranges:
             lower, upper = traced.ranges[name]
-            traced.ranges[name] = (max(lower, _int_bound(vr.lower, lower)), min(upper, _int_bound(vr.upper, upper)))
+            traced.ranges[name] = (
+                max(lower, _int_bound(vr.lower, lower)),
+                min(upper, _int_bound(vr.upper, upper)),
+            )
 
 
 def _int_bound(value: Any, default: Any) -> Any:
@@ -382,8 +388,9 @@ def compile(model: nn.Module, **options: Any) -> Attributor:
             model in training mode is explained in eval semantics, with a warning.
         rules: a preset name (``"epsilon"``, ``"lrp0"``) or an :class:`lrpc.presets.Preset`.
         layers: module paths whose output relevance is returned too (``res.layers``), same pass.
-        backend: ``"auto"`` (default: Inductor on CPU and GPU; a program that cannot compile runs eagerly,
-            with a warning), ``"inductor"``, ``"triton"`` (CUDA: lrpc's fused kernels plus Inductor),
+        backend: ``"auto"`` (default: Inductor, except the eager program on CPU when convolutions do most
+            of the arithmetic; a program that cannot compile runs eagerly, with a warning), ``"inductor"``,
+            ``"triton"`` (CUDA: lrpc's fused kernels plus Inductor),
             ``"eager"`` (the generated program as is) or ``"interpret"`` (the rules run eagerly without
             tracing: the reference).
         seed: ``"logit"`` puts the selected output value in as relevance; ``"one"`` puts in 1.0. Default:

@@ -36,13 +36,55 @@ def resolve(name: str) -> str:
     return name
 
 
-def choose(name: str, device: torch.device) -> str:
-    """The backend a program whose tensors live on ``device`` runs with: ``auto`` is Inductor on every
-    device. On an H200 (BENCHMARKS.md, 2026-11-26) Inductor was as fast as or faster than the fused kernels
-    of the ``"triton"`` backend end to end (VGG16, ResNet-50), and its cuBLAS matmuls beat lrpc's fused
-    linear-layer kernels in float32; ``"triton"`` stays available by name."""
-    del device  # the choice is the same everywhere, as measured so far
-    return "inductor" if name == AUTO else name
+def choose(name: str, device: torch.device, gm: fx.GraphModule | None = None) -> str:
+    """The backend the program ``gm``, whose tensors live on ``device``, runs with. ``auto`` is, as measured
+    (BENCHMARKS.md, 2026-11-26): Inductor on CUDA, where it was as fast as the fused kernels of ``"triton"``
+    or faster (an H200); on CPU the eager program when convolutions do most of the program's arithmetic,
+    Inductor otherwise. On CPU Inductor calls the same convolution kernels as the eager program and adds
+    layout copies: on VGG16 and ResNet-50 it took 1.0-1.6x the eager program's time, 1.3-1.7x its memory
+    and a 30-57 s compile, while on the transformers it was 5-23% faster than the eager program."""
+    if name != AUTO:
+        return name
+    if device.type != "cuda" and gm is not None and convolution_share(gm) > 0.5:
+        return "eager"
+    return "inductor"
+
+
+_CONVOLUTIONS = {torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default}
+_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+
+def convolution_share(gm: fx.GraphModule) -> float:
+    """The convolutions' share of the multiply-adds of ``gm``'s convolutions and matmuls (forward and
+    relevance), from the nodes' fake values; dynamic sizes count at their traced value."""
+
+    def size(d: int | torch.SymInt) -> int:
+        hint = d if isinstance(d, int) else d.node.hint
+        return int(hint) if hint is not None else 8  # unknown: the same in every term (batch, tokens)
+
+    def numel(node: object) -> int:
+        val = node.meta.get("val") if isinstance(node, fx.Node) else None
+        out = 1
+        for d in val.shape if isinstance(val, torch.Tensor) else ():
+            out *= size(d)
+        return out
+
+    conv = mat = 0
+    for node in gm.graph.nodes:
+        if node.target in _CONVOLUTIONS:
+            # (output or its gradient: arg 0) x (what each output element sums over: weight dims 1..)
+            weight = node.args[1] if node.target is torch.ops.aten.convolution.default else node.args[2]
+            out = node if node.target is torch.ops.aten.convolution.default else node.args[0]
+            w = weight.meta["val"].shape if isinstance(weight, fx.Node) else ()
+            per_output = 1
+            for d in list(w)[1:]:
+                per_output *= size(d)
+            conv += numel(out) * per_output
+        elif node.target in _MATMULS:
+            a = node.args[-2]  # mm(a, b), addmm(bias, a, b), bmm(a, b)
+            k = a.meta["val"].shape[-1] if isinstance(a, fx.Node) else 1
+            mat += numel(node) * size(k)
+    return conv / (conv + mat) if conv + mat else 0.0
 
 
 def build(name: str, gm: fx.GraphModule, *, fallback: bool) -> Callable[..., tuple]:

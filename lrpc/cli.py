@@ -80,7 +80,7 @@ def _demo_digits(args: argparse.Namespace, out: Path) -> str:
         f"lrpc demo: {type(model).__name__} trained on scikit-learn's 8x8 handwritten digits, "
         f"{len(x)} held-out examples {tuple(x.shape)}, pixels in [0, 1]"
     )
-    print(f"  rules {args.rules}, backend {attributor.backend}; explaining each example's predicted class")
+    print(f"  rules {args.rules}; explaining each example's predicted class")
     begin = time.perf_counter()
     res = attributor(x)
     first = time.perf_counter() - begin
@@ -101,6 +101,7 @@ def _demo_digits(args: argparse.Namespace, out: Path) -> str:
             f"{report.conservation:.4f} (input relevance / explained logits; biases take or add the difference)",
         ),
         ("relevance per sample", " -> ".join(f"{k} {v:.3g}" for k, v in flow)),
+        ("backend", report.backend + (" (chosen by backend='auto')" if args.backend == "auto" else "")),
         ("first call", f"{first:.2f} s (trace + plan + codegen + compile + run)"),
         (
             f"time per batch of {len(x)}",
@@ -131,7 +132,7 @@ def _demo_digits(args: argparse.Namespace, out: Path) -> str:
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
     return (
         f"<h2>{type(model).__name__} on scikit-learn's digits: rules {html.escape(str(args.rules))}, "
-        f"backend {attributor.backend}</h2>\n<table>{table}</table>\n"
+        f"backend {report.backend}</h2>\n<table>{table}</table>\n"
         "<p>Each example: the input (dark ink) and the relevance of its predicted class, red for evidence "
         "for it, blue against, white none; colours scaled per example.</p>\n"
         f"{pictures}\n<pre>{html.escape(str(report))}</pre>"

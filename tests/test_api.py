@@ -51,7 +51,11 @@ def grad_x_input(model: nn.Module, x: torch.Tensor, index: torch.Tensor) -> torc
 def relu_net(bias: bool = False, d_in: int = 6, classes: int = 4) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Linear(d_in, 16, bias=bias), nn.ReLU(), nn.Linear(16, 16, bias=bias), nn.ReLU(), nn.Linear(16, classes, bias=bias)
+        nn.Linear(d_in, 16, bias=bias),
+        nn.ReLU(),
+        nn.Linear(16, 16, bias=bias),
+        nn.ReLU(),
+        nn.Linear(16, classes, bias=bias),
     ).eval()
 
 
@@ -142,7 +146,9 @@ def test_new_image_size_gets_a_new_program() -> None:
 def test_image_size_that_the_model_cannot_take_is_named() -> None:
     a = compile_eager(conv_net())
     a(torch.randn(2, 3, 8, 8))
-    with pytest.raises(lrpc.LRPCError, match=r"fails on the given inputs \(input \(2, 3, 10, 10\) float32\)") as info:
+    with pytest.raises(
+        lrpc.LRPCError, match=r"fails on the given inputs \(input \(2, 3, 10, 10\) float32\)"
+    ) as info:
         a(torch.randn(2, 3, 10, 10))
     assert not isinstance(info.value, lrpc.TraceError)  # the input's problem, not an export limitation
 
@@ -227,7 +233,9 @@ class Net(nn.Module):
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.bn = nn.BatchNorm2d(4)
         self.drop = nn.Dropout(0.5)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 6 * 6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(4 * 6 * 6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.drop(torch.relu(self.bn(self.conv(x)))))
@@ -251,7 +259,12 @@ def snapshot(model: nn.Module) -> dict:
         "hooks": {
             n: tuple(
                 list(getattr(m, h).items())
-                for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_forward_hooks_with_kwargs")
+                for h in (
+                    "_forward_hooks",
+                    "_forward_pre_hooks",
+                    "_backward_hooks",
+                    "_forward_hooks_with_kwargs",
+                )
             )
             for n, m in model.named_modules()
         },
@@ -440,7 +453,9 @@ def test_fallback_without_autograd_formula_names_the_op() -> None:
     a = compile_eager(WithOp(torch.ops.lrpctest.noautograd).eval(), on_unsupported="warn")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(lrpc.LRPCError, match=r"Gradient\(\) failed at node .*lrpctest\.noautograd.*module 'block\.act'"):
+        with pytest.raises(
+            lrpc.LRPCError, match=r"Gradient\(\) failed at node .*lrpctest\.noautograd.*module 'block\.act'"
+        ):
             a(torch.randn(2, 6))
 
 
@@ -529,7 +544,6 @@ def test_attention_mask_gets_no_relevance_entry() -> None:
     assert (res.relevance[:, :4] != 0).all()
 
 
-
 class FloatMaskedMean(nn.Module):
     """A masked mean over positions with a float mask, as Hugging Face vision-language models pass it."""
 
@@ -562,6 +576,7 @@ def test_float_mask_is_held_constant_by_default() -> None:
     only_mask = compile_eager(model, rules="lrp0", constants="x")(x, mask)
     assert list(only_mask.inputs) == ["pixel_mask"]
 
+
 # --- tiny Hugging Face models ---------------------------------------------------------------------------
 
 transformers = pytest.importorskip("transformers")
@@ -569,24 +584,42 @@ transformers = pytest.importorskip("transformers")
 
 def _bert():
     config = transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, initializer_range=0.1, num_labels=3,
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        initializer_range=0.1,
+        num_labels=3,
     )
     return transformers.BertForSequenceClassification(config), "bert.encoder.layer.0"
 
 
 def _gpt2():
     config = transformers.GPT2Config(
-        vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.1,
-        bos_token_id=1, eos_token_id=2,
+        vocab_size=100,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        initializer_range=0.1,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return transformers.GPT2LMHeadModel(config), "transformer.h.0"
 
 
 def _llama():
     config = transformers.LlamaConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1,
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.1,
     )
     return transformers.LlamaForCausalLM(config), "model.layers.0"
 
@@ -715,7 +748,9 @@ def test_seed_logit_and_one(lrp0, seed: str) -> None:
 
 def test_scalar_output_is_explained_as_is() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 8, bias=False), nn.ReLU(), nn.Linear(8, 1, bias=False), nn.Flatten(0)).eval()
+    model = nn.Sequential(
+        nn.Linear(5, 8, bias=False), nn.ReLU(), nn.Linear(8, 1, bias=False), nn.Flatten(0)
+    ).eval()
     x = torch.randn(3, 5)
     res = compile_eager(model, rules="lrp0")(x)
     assert res.target is None and res.output.shape == (3,)
@@ -736,7 +771,18 @@ def test_scalar_output_is_explained_as_is() -> None:
         (1.5, "target must be"),
         (lambda out: out[:, :1], "seed tensor shaped like the output"),
     ],
-    ids=["float", "bool", "length", "big", "negative", "per-sample", "str", "bool-scalar", "float-scalar", "callable-shape"],
+    ids=[
+        "float",
+        "bool",
+        "length",
+        "big",
+        "negative",
+        "per-sample",
+        "str",
+        "bool-scalar",
+        "float-scalar",
+        "callable-shape",
+    ],
 )
 def test_bad_target_is_a_clear_error(lrp0, target, match: str) -> None:
     _, x, a, _ = lrp0
@@ -883,12 +929,14 @@ def test_attribution_fields_and_introspection() -> None:
     assert report.as_dict()["nodes"] == report.nodes > 0
 
 
-
 def test_inputs_the_model_rejects_are_named_as_such() -> None:
     model = relu_net()  # expects 6 features
-    with pytest.raises(lrpc.LRPCError, match=r"Sequential fails on the given inputs \(input \(3, 4\) float32\)") as info:
+    with pytest.raises(
+        lrpc.LRPCError, match=r"Sequential fails on the given inputs \(input \(3, 4\) float32\)"
+    ) as info:
         compile_eager(model)(torch.randn(3, 4))
     assert not isinstance(info.value, lrpc.TraceError)
+
 
 # --- backends ----------------------------------------------------------------------------------------------
 
@@ -909,7 +957,6 @@ def test_interpret_backend_runs_the_custom_op_fallback() -> None:
         eager = compile_eager(model, on_unsupported="warn")(x)
         interp = lrpc.compile(model, backend="interpret", on_unsupported="warn")(x)
     torch.testing.assert_close(interp.relevance, nonzero(eager.relevance))
-
 
 
 def _failing_compiler(gm):
@@ -934,7 +981,10 @@ def test_auto_backend_falls_back_to_eager_with_a_warning(monkeypatch, broken) ->
     reference = compile_eager(model)(x)
     monkeypatch.setitem(backends._BACKENDS, "inductor", broken)
     a = lrpc.compile(model)  # auto: Inductor on CPU
-    with pytest.warns(UserWarning, match=r"'inductor' backend could not compile .*simulated .* failure\); running it with the eager"):
+    with pytest.warns(
+        UserWarning,
+        match=r"'inductor' backend could not compile .*simulated .* failure\); running it with the eager",
+    ):
         res = a(x)
     torch.testing.assert_close(res.relevance, nonzero(reference.relevance))
     assert a.report().backend == "eager"
@@ -947,7 +997,8 @@ def test_auto_backend_falls_back_to_eager_with_a_warning(monkeypatch, broken) ->
 
 
 def test_auto_backend_picks_inductor(monkeypatch) -> None:
-    """Inductor on every device: on an H200 it was as fast as the fused-kernel backend (BENCHMARKS.md)."""
+    """Inductor on CUDA (on an H200 as fast as the fused-kernel backend, BENCHMARKS.md) and for programs
+    that are not convolution-bound on CPU."""
     from lrpc import backends
 
     assert backends.choose("auto", torch.device("cpu")) == "inductor"
@@ -961,7 +1012,57 @@ def test_auto_backend_picks_inductor(monkeypatch) -> None:
     a(torch.randn(2, 6))
     assert len(calls) == 1 and a.report().backend == "inductor"
 
+
 @pytest.mark.slow
+class PatchNet(nn.Module):
+    """A ViT-like shape: one small patch convolution, then large linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 4, 4, stride=4)
+        self.mlp = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.patch(x).flatten(1))
+
+
+def test_auto_backend_on_cpu_runs_convolution_bound_programs_eagerly(monkeypatch) -> None:
+    """On CPU Inductor runs the same convolution kernels plus layout copies (slower than the eager program
+    on VGG16 / ResNet-50, BENCHMARKS.md): ``auto`` picks the eager program when convolutions do most of
+    the arithmetic, Inductor when matmuls do, and Inductor on CUDA whatever the program."""
+    from lrpc import backends
+
+    cnn = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 8 * 8, 10),
+    ).eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = lrpc.compile(cnn, backend="eager").program(x).graph_module
+    # by hand, multiply-adds: each convolution once forward and once backward (relevance), 2048 outputs
+    # summing over 3*3*3 and 16*3*3 inputs; the dense layer forward (addmm) and backward (mm), 2*10*1024
+    conv, mat = 2 * 2048 * (27 + 144), 2 * (2 * 10 * 1024)
+    assert backends.convolution_share(gm) == pytest.approx(conv / (conv + mat), rel=1e-12)
+    assert backends.choose("auto", torch.device("cpu"), gm) == "eager"
+    assert backends.choose("auto", torch.device("cuda"), gm) == "inductor"
+    assert backends.choose("inductor", torch.device("cpu"), gm) == "inductor"
+    a = lrpc.compile(cnn)
+    a(x)
+    assert a.report().backend == "eager"
+
+    patch = PatchNet().eval()
+    gm = lrpc.compile(patch, backend="eager").program(torch.randn(2, 3, 16, 16)).graph_module
+    assert backends.convolution_share(gm) < 0.1
+    calls = []
+    monkeypatch.setitem(backends._BACKENDS, "inductor", lambda gm: calls.append(gm) or gm)
+    b = lrpc.compile(patch)
+    b(torch.randn(2, 3, 16, 16))
+    assert len(calls) == 1 and b.report().backend == "inductor"
+
+
 def test_inductor_backend_matches_eager_and_reuses_programs() -> None:
     from torch._dynamo.utils import counters
 
@@ -974,4 +1075,6 @@ def test_inductor_backend_matches_eager_and_reuses_programs() -> None:
         torch.testing.assert_close(a(x).relevance, nonzero(compile_eager(model)(x).relevance))
     assert a.stats["traces"] == 1
     assert a.report().backend == "inductor"
-    assert counters["stats"]["unique_graphs"] == 1  # the batch dim is dynamic from the first call: one compile
+    assert (
+        counters["stats"]["unique_graphs"] == 1
+    )  # the batch dim is dynamic from the first call: one compile
