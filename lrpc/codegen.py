@@ -183,6 +183,7 @@ def _operation(node: fx.Node, env: dict[fx.Node, Any], step: Step) -> tuple[Oper
         roles=tuple(role(name, t) for name, t in tensor_inputs),
         signs=tuple(-1 if op_spec is not None and name in op_spec.negated else 1 for name, _ in tensor_inputs),
         nonnegative=tuple(t.name in step.nonnegative for _, t in tensor_inputs),
+        negative_outputs_dead=step.negative_outputs_dead,
     )
     return op, tensor_inputs
 

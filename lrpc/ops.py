@@ -178,15 +178,20 @@ NONNEGATIVE_OPS = _existing(
     ("relu.default", "sigmoid.default", "_softmax.default", "softmax.int", "exp.default", "abs.default",
      "hardsigmoid.default", "sqrt.default", "rsqrt.default")
 )
-#: Ops whose output is non-negative when every tensor input is: they move, select, pool or average values.
-SIGN_PRESERVING_OPS = _existing(
+#: Ops every output element of which is one of the input elements, unchanged: they move or select values.
+#: Routed (:class:`lrpc.rules.Route`), an input element's relevance comes from outputs holding its value.
+VALUE_MOVING_OPS = _existing(
     ("view.default", "_unsafe_view.default", "reshape.default", "permute.default", "transpose.int", "t.default",
      "clone.default", "contiguous.default", "alias.default", "detach.default", "expand.default",
      "squeeze.dim", "squeeze.dims", "squeeze.default", "unsqueeze.default", "flatten.using_ints",
-     "slice.Tensor", "select.int", "cat.default", "_to_copy.default",
+     "slice.Tensor", "select.int", "cat.default",
      "max_pool1d.default", "max_pool2d.default", "max_pool3d.default",
      "max_pool2d_with_indices.default", "max_pool3d_with_indices.default",
-     "adaptive_max_pool1d.default", "adaptive_max_pool2d.default",
+     "adaptive_max_pool1d.default", "adaptive_max_pool2d.default")
+)
+#: Ops whose output is non-negative when every tensor input is: they move, select, pool or average values.
+SIGN_PRESERVING_OPS = VALUE_MOVING_OPS | _existing(
+    ("_to_copy.default",
      "avg_pool1d.default", "avg_pool2d.default", "avg_pool3d.default",
      "adaptive_avg_pool1d.default", "adaptive_avg_pool2d.default", "_adaptive_avg_pool2d.default",
      "adaptive_avg_pool3d.default", "_adaptive_avg_pool3d.default", "mean.dim", "sum.dim_IntList")

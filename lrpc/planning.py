@@ -25,13 +25,14 @@ from .ops import (
     NONNEGATIVE_OPS,
     SIDE_EFFECT_OPS,
     SIGN_PRESERVING_OPS,
+    VALUE_MOVING_OPS,
     Family,
     OpSpec,
     arg_names,
     lookup,
 )
 from .presets import Preset
-from .rules import Gradient, Rule
+from .rules import Gradient, Pass, Route, Rule
 from .tracing import module_path, module_stack
 
 
@@ -48,6 +49,7 @@ class Step:
     module: str
     fallback: bool = False
     nonnegative: tuple[str, ...] = ()  # inputs known to be >= 0 (after a ReLU): layer rules skip x⁻ terms
+    negative_outputs_dead: bool = False  # relevance is 0 wherever the output is < 0 (it feeds a ReLU)
 
 
 @dataclass
@@ -90,11 +92,15 @@ class Plan:
     def rules_by_op(self) -> dict[str, Counter]:
         table: dict[str, Counter] = {}
         for step in self.steps:
-            table.setdefault(step.op, Counter())[step.rule.name + (" (fallback)" if step.fallback else "")] += 1
+            table.setdefault(step.op, Counter())[
+                step.rule.name + (" (fallback)" if step.fallback else "")
+            ] += 1
         return table
 
     def __str__(self) -> str:
-        lines = [f"Plan: preset {self.preset.name}, {len(self.steps)} rule steps over {self.node_count} nodes"]
+        lines = [
+            f"Plan: preset {self.preset.name}, {len(self.steps)} rule steps over {self.node_count} nodes"
+        ]
         lines.append(f"  explained output: {self.output}")
         lines.append("  explained inputs: " + ", ".join(f"{k} ({v})" for k, v in self.explained.items()))
         if self.constants:
@@ -103,7 +109,11 @@ class Plan:
             lines.append("  layers: " + ", ".join(f"{k} -> {v}" for k, v in self.layers.items()))
         width = max([len(s.node) for s in self.steps] + [4])
         for s in self.steps:
-            extra = (" FALLBACK" if s.fallback else "") + (f"  x>=0: {', '.join(s.nonnegative)}" if s.nonnegative else "")
+            extra = (
+                (" FALLBACK" if s.fallback else "")
+                + (f"  x>=0: {', '.join(s.nonnegative)}" if s.nonnegative else "")
+                + ("  R=0 where z<0" if s.negative_outputs_dead else "")
+            )
             lines.append(
                 f"  {s.node:<{width}}  {s.op:<40} {s.rule.name:<28} -> {', '.join(s.receivers) or '-'}"
                 f"   reads [{', '.join(s.reads)}]  {s.module}{extra}"
@@ -142,7 +152,9 @@ def _is_float(node: fx.Node) -> bool:
 def _is_int(node: fx.Node) -> bool:
     val = node.meta.get("val")
     vals = val if isinstance(val, (tuple, list)) else [val]
-    return any(isinstance(v, torch.Tensor) and not v.is_floating_point() and v.dtype != torch.bool for v in vals)
+    return any(
+        isinstance(v, torch.Tensor) and not v.is_floating_point() and v.dtype != torch.bool for v in vals
+    )
 
 
 def frozen_args(node: fx.Node, spec: OpSpec | None, gates_constant: bool = False) -> frozenset[str]:
@@ -166,7 +178,10 @@ def _is_activation(node: Any) -> bool:
 
 
 def carriers(
-    graph: fx.Graph, inputs: Sequence[fx.Node], constants: frozenset[Family] = frozenset(), gates_constant: bool = False
+    graph: fx.Graph,
+    inputs: Sequence[fx.Node],
+    constants: frozenset[Family] = frozenset(),
+    gates_constant: bool = False,
 ) -> set[fx.Node]:
     """Nodes that can carry relevance: float values computed from a float input, and integer values
     (token ids) moved by routing ops. An int -> float conversion (a mask turned into a bias) starts a
@@ -222,7 +237,9 @@ def plan(
     first = _first_layer(graph, preset, carry)
     context = _Context(preset, carry, on_unsupported, first, modules or {})
     output_node = next(n for n in graph.nodes if n.op == "output")
-    explained = output_node.args[0][0] if isinstance(output_node.args[0], (tuple, list)) else output_node.args[0]
+    explained = (
+        output_node.args[0][0] if isinstance(output_node.args[0], (tuple, list)) else output_node.args[0]
+    )
     if explained not in carry:
         raise LRPCError(
             "the explained output does not depend on any floating-point input or embedded token id, "
@@ -236,7 +253,9 @@ def plan(
         if node.target is operator.getitem:
             reached.add(node.args[0])
             continue
-        steps.append(_step(node, context, reached))
+        step = _step(node, context, reached)
+        context.steps[node] = step
+        steps.append(step)
     layer_nodes = {path: find_layer_output(graph, path).name for path in layers}
     call_nodes = [n for n in graph.nodes if n.op == "call_function" and n.target not in SIDE_EFFECT_OPS]
     return Plan(
@@ -260,6 +279,8 @@ class _Context:
     first: fx.Node | None
     modules: Mapping[str, nn.Module]
     signs: dict[fx.Node, bool] = field(default_factory=dict)  # memo of :func:`nonnegative`
+    steps: dict[fx.Node, Step] = field(default_factory=dict)  # the steps planned so far (downstream ones)
+    dead: dict[tuple[fx.Node, bool], bool] = field(default_factory=dict)  # memo of :func:`_relevance_dead`
 
 
 def _relevant(
@@ -270,9 +291,11 @@ def _relevant(
     # integers carry relevance only as data moved by routing ops and as embedding indices: an int mask
     # multiplied into float activations (Mamba) is a constant there
     ints = spec is not None and spec.family in (Family.ROUTE, Family.EMBEDDING)
-    return args, tensors, [
-        (name, t) for name, t in tensors if t in carry and name not in frozen and (ints or _is_float(t))
-    ]
+    return (
+        args,
+        tensors,
+        [(name, t) for name, t in tensors if t in carry and name not in frozen and (ints or _is_float(t))],
+    )
 
 
 def _first_layer(graph: fx.Graph, preset: Preset, carry: set[fx.Node]) -> fx.Node | None:
@@ -354,6 +377,7 @@ def _step(node: fx.Node, ctx: _Context, reached: set[fx.Node]) -> Step:
         module=module,
         fallback=fallback,
         nonnegative=tuple(t.name for t in receivers if family in _LAYERS and nonnegative(t, ctx.signs)),
+        negative_outputs_dead=family in _LAYERS and _relevance_dead(node, ctx, negative=True),
     )
 
 
@@ -377,6 +401,41 @@ def nonnegative(node: fx.Node, memo: dict[fx.Node, bool] | None = None) -> bool:
     return memo[node]
 
 
+def _relevance_dead(node: fx.Node, ctx: _Context, *, negative: bool) -> bool:
+    """Whether the relevance arriving at ``node`` is zero wherever its value is zero (``negative``: < 0),
+    whatever the input. Every consumer that sends relevance back must do so: a rule with
+    ``R_i = x_i ⊙ ...`` (zero where the value is zero, so not for ``negative``), a ReLU whose output
+    has the property for zero (it is 0 wherever ``node`` is <= 0), or an op that moves values unchanged
+    (max pooling, views, cat) whose output has it. The consumers' steps are planned already: planning
+    walks the graph backwards. The explained output is never dead (its seed can sit anywhere)."""
+    key = (node, negative)
+    if key in ctx.dead:
+        return ctx.dead[key]
+    ctx.dead[key] = False  # provisional; the graph is acyclic
+    dead = True
+    for user in node.users:
+        if user.op == "output":
+            dead = False
+        elif user.target is operator.getitem:
+            dead = _relevance_dead(user, ctx, negative=negative)
+        else:
+            step = ctx.steps.get(user)
+            if step is None or node.name not in step.receivers:
+                continue  # sends no relevance to ``node``
+            if step.rule.zero_where_input_zero and not negative:
+                continue
+            if isinstance(step.rule, Pass) and user.target is torch.ops.aten.relu.default:
+                dead = _relevance_dead(user, ctx, negative=False)
+            elif isinstance(step.rule, Route) and user.target in VALUE_MOVING_OPS:
+                dead = _relevance_dead(user, ctx, negative=negative)
+            else:
+                dead = False
+        if not dead:
+            break
+    ctx.dead[key] = dead
+    return dead
+
+
 def activation_name(region: Sequence[fx.Node]) -> str:
     """How an elementwise activation written with primitive ops shows in plans and reports."""
     return "activation(" + ", ".join(op_name(n).removeprefix("aten.").split(".")[0] for n in region) + ")"
@@ -388,7 +447,9 @@ def _activation_step(node: fx.Node, ctx: _Context, reached: set[fx.Node]) -> Ste
     rule = _choose(node, None, Family.PASS, ctx)
     receivers = (source,) if source in ctx.carry else ()
     reached.update(receivers)
-    reads = ([source.name] if "inputs" in rule.reads else []) + ([node.name] if "output" in rule.reads else [])
+    reads = ([source.name] if "inputs" in rule.reads else []) + (
+        [node.name] if "output" in rule.reads else []
+    )
     return Step(
         node=node.name,
         op=activation_name(region),

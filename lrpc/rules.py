@@ -57,12 +57,15 @@ class Operation:
     roles: tuple[str, ...] = ()  # per input: "input" (relevant), "weight", "bias" or "other"
     signs: tuple[int, ...] = ()  # per input: -1 where it enters the output negated (sub's subtrahend)
     nonnegative: tuple[bool, ...] = ()  # per input: >= 0 by construction (a ReLU output): no x⁻ terms
+    negative_outputs_dead: bool = False  # R is 0 wherever the output is < 0 (it feeds a ReLU): Gamma's g₂ = 0
 
     def role(self, name: str) -> Tensor | None:
         """The value of the (first) input with this role, or ``None``."""
         return next((x for x, r in zip(self.inputs, self.roles) if r == name), None)
 
-    def layer(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    def layer(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None
+    ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         """The op evaluated at a modified input, weight and bias (``None`` zeroes the bias), and the
         pullback ``g -> J_xᵀ g`` at those values. What the parameter rules (ZPlus, Gamma, ...) are made of."""
         values = list(self.inputs)
@@ -142,9 +145,11 @@ def _autograd_pullback(fn: Callable[..., Any], primals: Sequence[Tensor]) -> Cal
 
     def pullback(cotangent: Any) -> tuple:
         pairs = [(o, c) for o, c in zip(_as_tuple(out), _as_tuple(cotangent)) if o.requires_grad]
-        grads = torch.autograd.grad(
-            [o for o, _ in pairs], leaves, [c for _, c in pairs], allow_unused=True
-        ) if pairs else (None,) * len(leaves)
+        grads = (
+            torch.autograd.grad([o for o, _ in pairs], leaves, [c for _, c in pairs], allow_unused=True)
+            if pairs
+            else (None,) * len(leaves)
+        )
         return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads))
 
     return pullback
@@ -189,6 +194,9 @@ class Rule:
     unary: ClassVar[bool] = False
     #: Op families (:class:`lrpc.ops.Family` values) the rule can serve; ``None``: any.
     serves: ClassVar[frozenset[str] | None] = None
+    #: Whether every input's relevance is zero wherever that input is zero (``R_i = x_i ⊙ ...``, or no
+    #: relevance at all): planning uses it to prove where relevance vanishes (see Gamma).
+    zero_where_input_zero: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
@@ -206,6 +214,8 @@ class Epsilon(Rule):
     proportional split ``R_a = a ⊘ stab(a + b) ⊙ R``. Constants (biases) absorb their share.
     ``eps = 0`` is LRP-0, which equals gradient x input on ReLU networks.
     """
+
+    zero_where_input_zero: ClassVar[bool] = True
 
     eps: float = 1e-6
 
@@ -267,6 +277,8 @@ class ZPlus(Rule):
     """LRP-z⁺ (Zennit's ``ZPlus``, alpha=1 beta=0 with negative inputs allowed):
     ``R_x = x⁺ ⊙ W⁺ᵀ(R ⊘ s) + x⁻ ⊙ W⁻ᵀ(R ⊘ s)`` with ``s = stab(W⁺x⁺ + b⁺ + W⁻x⁻)``."""
 
+    zero_where_input_zero: ClassVar[bool] = True
+
     stabilizer: float = 1e-6
     serves: ClassVar[frozenset[str] | None] = LAYERS
 
@@ -288,6 +300,8 @@ class AlphaBeta(Rule):
     ``R_x = α (x⁺⊙W⁺ᵀg⁺ + x⁻⊙W⁻ᵀg⁺) − β (x⁺⊙W⁻ᵀg⁻ + x⁻⊙W⁺ᵀg⁻)`` with
     ``g⁺ = R ⊘ stab(W⁺x⁺ + b⁺ + W⁻x⁻)``, ``g⁻ = R ⊘ stab(W⁻x⁺ + b⁻ + W⁺x⁻)``; requires α − β = 1."""
 
+    zero_where_input_zero: ClassVar[bool] = True
+
     alpha: float = 2.0
     beta: float = 1.0
     stabilizer: float = 1e-6
@@ -295,7 +309,9 @@ class AlphaBeta(Rule):
 
     def __post_init__(self) -> None:
         if self.alpha < 0 or self.beta < 0 or self.alpha - self.beta != 1:
-            raise RuleError(f"AlphaBeta needs alpha, beta >= 0 and alpha - beta == 1, got {self.alpha}, {self.beta}")
+            raise RuleError(
+                f"AlphaBeta needs alpha, beta >= 0 and alpha - beta == 1, got {self.alpha}, {self.beta}"
+            )
 
     def __call__(self, op: Operation, R: Any) -> Relevances:
         x, w, b = _parts(op, self)
@@ -322,7 +338,11 @@ class Gamma(Rule):
     """Generalized LRP-γ (Zennit's ``Gamma``): positive and negative outputs handled separately,
     ``R_x = x⁺⊙W₁ᵀg₁ + x⁻⊙W₂ᵀg₁ + x⁺⊙W₂ᵀg₂ + x⁻⊙W₁ᵀg₂`` with ``W₁ = W + γW⁺``, ``W₂ = W + γW⁻``,
     ``g₁ = 1[z>0] ⊙ R ⊘ stab(W₁x⁺ + b₁ + W₂x⁻)``, ``g₂ = 1[z<0] ⊙ R ⊘ stab(W₂x⁺ + b₂ + W₁x⁻)``,
-    ``b₁ = b + γb⁺``, ``b₂ = b + γb⁻``."""
+    ``b₁ = b + γb⁺``, ``b₂ = b + γb⁻``. Where planning proved ``x ≥ 0`` the ``x⁻`` terms are skipped, and
+    where it proved ``R = 0`` at every ``z < 0`` (the layer feeds a ReLU) the ``g₂`` terms: both are exactly
+    zero there."""
+
+    zero_where_input_zero: ClassVar[bool] = True
 
     gamma: float = 0.25
     stabilizer: float = 1e-6
@@ -337,18 +357,22 @@ class Gamma(Rule):
         w1, w2 = _gamma(w, self.gamma, _pos), _gamma(w, self.gamma, _neg)
         if _nonnegative_input(op):  # x⁻ = 0: its terms are exactly zero, skip them
             z1, back1 = op.layer(x, w1, _gamma(b, self.gamma, _pos))  # type: ignore[arg-type]
-            z3, back3 = op.layer(x, w2, _gamma(b, self.gamma, _neg))  # type: ignore[arg-type]
             r, z = _main(R), op.z
             g1 = (z > 0).to(r.dtype) * divide(r, z1, self.stabilizer)
+            if op.negative_outputs_dead:  # g₂ = 1[z<0] ⊙ R = 0: skip its two products too
+                return op.place(x * back1(g1))
+            z3, back3 = op.layer(x, w2, _gamma(b, self.gamma, _neg))  # type: ignore[arg-type]
             g2 = (z < 0).to(r.dtype) * divide(r, z3, self.stabilizer)
             return op.place(x * back1(g1) + x * back3(g2))
         xp, xn = x.clamp(min=0), x.clamp(max=0)
         z1, back1 = op.layer(xp, w1, _gamma(b, self.gamma, _pos))  # type: ignore[arg-type]
         z2, back2 = op.layer(xn, w2, None)  # type: ignore[arg-type]
-        z3, back3 = op.layer(xp, w2, _gamma(b, self.gamma, _neg))  # type: ignore[arg-type]
-        z4, back4 = op.layer(xn, w1, None)  # type: ignore[arg-type]
         r, z = _main(R), op.z
         g1 = (z > 0).to(r.dtype) * divide(r, z1 + z2, self.stabilizer)
+        if op.negative_outputs_dead:
+            return op.place(xp * back1(g1) + xn * back2(g1))
+        z3, back3 = op.layer(xp, w2, _gamma(b, self.gamma, _neg))  # type: ignore[arg-type]
+        z4, back4 = op.layer(xn, w1, None)  # type: ignore[arg-type]
         g2 = (z < 0).to(r.dtype) * divide(r, z3 + z4, self.stabilizer)
         return op.place(xp * back1(g1) + xn * back2(g1) + xp * back3(g2) + xn * back4(g2))
 
@@ -436,12 +460,12 @@ class Gradient(Rule):
     linear in their inputs.
     """
 
+    zero_where_input_zero: ClassVar[bool] = True
+
     def __call__(self, op: Operation, R: Any) -> Relevances:
         outs = _as_tuple(op.output)
         rel = _as_tuple(R)
-        scaled = tuple(
-            None if r is None else divide(r, o, 0.0) for r, o in zip(rel, outs)
-        )
+        scaled = tuple(None if r is None else divide(r, o, 0.0) for r, o in zip(rel, outs))
         cot = scaled if isinstance(op.output, (tuple, list)) else scaled[0]
         return _times_inputs(op, op.vjp(cot))
 
@@ -450,6 +474,8 @@ class Gradient(Rule):
 class UniformProduct(Rule):
     """AttnLRP's uniform rule for a product of ``k`` activations (``a * b``, ``A @ B``):
     ``R_i = (1/k) x_i ⊙ J_iᵀ (R ⊘ stab(z))``: each operand gets ``1/k`` of its epsilon share."""
+
+    zero_where_input_zero: ClassVar[bool] = True
 
     eps: float = 1e-6
 
@@ -469,9 +495,7 @@ class AbsProportional(Rule):
 
     def __call__(self, op: Operation, R: Any) -> Relevances:
         signs = op.signs or (1,) * len(op.inputs)
-        magnitudes = tuple(
-            x.abs() * s if x.is_floating_point() else x for x, s in zip(op.inputs, signs)
-        )
+        magnitudes = tuple(x.abs() * s if x.is_floating_point() else x for x, s in zip(op.inputs, signs))
         out = op.fn(*magnitudes)
         total = out[0] if isinstance(out, (tuple, list)) else out
         grads = op.vjp(divide(_main(R), total, self.eps), inputs=magnitudes)
@@ -549,6 +573,8 @@ class Embedding(Rule):
 @dataclass(frozen=True)
 class Stop(Rule):
     """No relevance flows to any input (the op absorbs it)."""
+
+    zero_where_input_zero: ClassVar[bool] = True
 
     reads: ClassVar[frozenset[str]] = frozenset()
 

@@ -80,8 +80,10 @@ def seed_with(R: torch.Tensor):
 class MLP(nn.Sequential):
     def __init__(self) -> None:
         super().__init__(
-            nn.Linear(10, 32, bias=False), nn.ReLU(),
-            nn.Linear(32, 32, bias=False), nn.ReLU(),
+            nn.Linear(10, 32, bias=False),
+            nn.ReLU(),
+            nn.Linear(32, 32, bias=False),
+            nn.ReLU(),
             nn.Linear(32, 5, bias=False),
         )
 
@@ -495,7 +497,6 @@ def test_uniform_product_rule_gate() -> None:
     assert families.count("product") == 1, families
 
 
-
 def test_cp_lrp_lstm_step_by_hand() -> None:
     """One bias-free LSTM step from zero state under CP-LRP (gates constant, signal-take-all as in Arras
     et al. 2017): h = sig(o) * tanh(c), c = sig(i) * tanh(g), so R_h flows whole to g = W_g x and
@@ -537,6 +538,7 @@ def test_cp_lrp_conserves_on_bias_free_recurrent_nets(cell) -> None:
     res = a(x)
     explained = res.output.gather(1, res.target.view(-1, 1)).sum()
     assert abs(float(res.relevance.sum() / explained) - 1) < 1e-9
+
 
 def test_uniform_product_rule_matmul() -> None:
     """A @ B of two activations (attention's A V):
@@ -681,15 +683,28 @@ def test_inductor_matches_eager_block() -> None:
 
 def _signed_net() -> nn.Module:
     torch.manual_seed(23)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3), nn.ReLU(), nn.MaxPool2d(2),   # "3" reads max_pool(relu): x >= 0
-        nn.Conv2d(6, 6, 3), nn.Tanh(),                    # "5" reads tanh: signed
-        nn.Conv2d(6, 4, 3), nn.Flatten(), nn.ReLU(), nn.Linear(4 * 3 * 3, 3),  # "8" reads relu(flatten)
-    ).to(DTYPE).eval()
+    return (
+        nn.Sequential(
+            nn.Conv2d(3, 6, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # "3" reads max_pool(relu): x >= 0
+            nn.Conv2d(6, 6, 3),
+            nn.Tanh(),  # "5" reads tanh: signed
+            nn.Conv2d(6, 4, 3),
+            nn.Flatten(),
+            nn.ReLU(),
+            nn.Linear(4 * 3 * 3, 3),  # "8" reads relu(flatten)
+        )
+        .to(DTYPE)
+        .eval()
+    )
 
 
-@pytest.mark.parametrize("rule", [lrpc.rules.ZPlus(), lrpc.rules.AlphaBeta(2, 1), lrpc.rules.Gamma(0.25)],
-                         ids=["zplus", "alpha2beta1", "gamma"])
+@pytest.mark.parametrize(
+    "rule",
+    [lrpc.rules.ZPlus(), lrpc.rules.AlphaBeta(2, 1), lrpc.rules.Gamma(0.25)],
+    ids=["zplus", "alpha2beta1", "gamma"],
+)
 def test_nonnegative_inputs_skip_only_zero_terms(monkeypatch, rule) -> None:
     from lrpc import planning
 
@@ -707,3 +722,48 @@ def test_nonnegative_inputs_skip_only_zero_terms(monkeypatch, rule) -> None:
     slow = full(x)
     assert rel_err(fast.relevance, slow.relevance) < 1e-12
     assert convs < full.program(x).code().count("aten.convolution")  # the point: less work
+
+
+class _Branchy(nn.Module):
+    """conv "a" feeds a ReLU and, unrectified, a residual add: its relevance at z < 0 is not zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = (
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.Linear(4, 2),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.a(x)
+        return self.head((self.b(torch.relu(z)) + z).mean((2, 3)))
+
+
+def test_relevance_dead_below_zero_skips_only_zero_terms(monkeypatch) -> None:
+    """Planning proves R = 0 wherever a layer's output is < 0 when the output feeds only a ReLU whose
+    consumers send relevance in proportion to their input (or move it with max pooling / views); Gamma then
+    drops its g₂ = 1[z<0] ⊙ R terms. Same relevance as computing them, fewer convolutions, and no claim
+    where another consumer (tanh, a residual add, the output) could send relevance to z < 0."""
+    from lrpc import planning
+
+    rule = lrpc.rules.Gamma(0.25)
+    rules_ = lrpc.composite("epsilon", {nn.Conv2d: rule, nn.Linear: rule})
+    model = _signed_net()
+    x = torch.randn(2, 3, 16, 16, dtype=DTYPE)
+    a = lrpc.compile(model, rules=rules_, backend="eager")
+    dead = {s.module: s.negative_outputs_dead for s in a.plan(x).steps if s.family in ("conv", "linear")}
+    # "0": relu -> max pool -> Gamma; "5": flatten -> relu -> Gamma; "3": tanh; "8": the output
+    assert dead == {"0": True, "3": False, "5": True, "8": False}, dead
+    assert "R=0 where z<0" in str(a.plan(x))
+    fast, convs = a(x), a.program(x).code().count("aten.convolution")
+    monkeypatch.setattr(planning, "_relevance_dead", lambda node, ctx, negative: False)
+    full = lrpc.compile(model, rules=rules_, backend="eager")
+    assert rel_err(fast.relevance, full(x).relevance) < 1e-12
+    assert convs < full.program(x).code().count("aten.convolution")
+    monkeypatch.undo()
+
+    branchy = _Branchy().to(DTYPE).eval()
+    b = lrpc.compile(branchy, rules=rules_, backend="eager")
+    dead = {s.module: s.negative_outputs_dead for s in b.plan(x).steps if s.family in ("conv", "linear")}
+    assert dead == {"a": False, "b": False, "head": False}, dead
