@@ -1,6 +1,11 @@
-"""What planning's sign analysis saves: z⁺ / γ presets on ResNet-50 and VGG16 (torchvision, weights=None,
-batch 1, 224x224), eager backend, one thread, with the analysis and with every x⁻ term computed, next to
-gradient x input; medians of 5 interleaved calls after a warm-up, and the relevance difference (exactly 0:
+"""What planning's two static analyses save on the z⁺ / γ presets: ResNet-50 with epsilon-plus-flat and
+VGG16 with epsilon-gamma-box (torchvision, weights=None, batch 1, 224x224), eager backend, one thread.
+
+* sign analysis (``planning.nonnegative``): layers reading ReLU outputs skip their x⁻ terms;
+* dead relevance (``planning._relevance_dead``): layers feeding a ReLU skip γ's terms for outputs < 0.
+
+Each lrpc variant next to gradient x input: medians of 5 interleaved calls after a warm-up, the number of
+convolutions in the program, and the relevance difference to the variant computing every term (exactly 0:
 the skipped terms are zero).
 
     python bench/sign_analysis.py
@@ -8,6 +13,7 @@ the skipped terms are zero).
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torchvision
@@ -18,25 +24,60 @@ from lrpc import planning
 torch.set_num_threads(1)
 torch.manual_seed(0)
 x = torch.randn(1, 3, 224, 224)
-def gxi(model):
-    xx = x.clone().requires_grad_(True); out = model(xx); out.max(1).values.sum().backward(); return xx.grad * xx
-rows = []
+ANALYSES = {
+    "nonnegative": lambda node, memo=None: False,
+    "_relevance_dead": lambda node, ctx, negative: False,
+}
+
+
+def compiled(model: torch.nn.Module, rules: object, off: tuple[str, ...]) -> lrpc.Attributor:
+    """The model's attributor with the named analyses switched off while it plans."""
+    saved = {name: getattr(planning, name) for name in off}
+    try:
+        for name in off:
+            setattr(planning, name, ANALYSES[name])
+        attributor = lrpc.compile(model, rules=rules, backend="eager")
+        attributor(x)  # plans and generates now
+    finally:
+        for name, fn in saved.items():
+            setattr(planning, name, fn)
+    return attributor
+
+
+def gradient_x_input(model: torch.nn.Module) -> Callable[[], torch.Tensor]:
+    """The input gradient only (as bench/speed.py): ``backward()`` would compute every weight's too."""
+
+    def call() -> torch.Tensor:
+        xx = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(model(xx).max(1).values.sum(), xx)
+        return g * xx
+
+    return call
+
+
 for name, rules in [("resnet50", "epsilon-plus-flat"), ("vgg16", lrpc.presets.epsilon_gamma_box(-3.0, 3.0))]:
     model = torchvision.models.get_model(name, weights=None).eval()
-    with_sign = lrpc.compile(model, rules=rules, backend="eager")
-    original = planning.nonnegative
-    planning.nonnegative = lambda node, memo=None: False
-    without = lrpc.compile(model, rules=rules, backend="eager")
-    without(x)
-    planning.nonnegative = original
-    with_sign(x)
-    diff = (with_sign(x).relevance - without(x).relevance).abs().max() / without(x).relevance.abs().max()
-    fns = {"grad x input": lambda: gxi(model), "lrpc (sign analysis)": lambda: with_sign(x), "lrpc (all terms)": lambda: without(x)}
-    times = {k: [] for k in fns}
+    variants = {
+        "both analyses": compiled(model, rules, ()),
+        "sign analysis only": compiled(model, rules, ("_relevance_dead",)),
+        "every term": compiled(model, rules, tuple(ANALYSES)),
+    }
+    reference = variants["every term"](x).relevance
+    calls = {"grad x input": gradient_x_input(model)}
+    calls.update({k: (lambda a=a: a(x)) for k, a in variants.items()})
+    times: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(5):
-        for k, f in fns.items():
-            t = time.perf_counter(); f(); times[k].append(time.perf_counter() - t)
+        for k, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[k].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
-    convs = [p.program(x).code().count("aten.convolution") for p in (with_sign, without)]
-    print(f"{name} {getattr(rules, 'name', rules)}: " + ", ".join(f"{k} {v*1e3:.0f} ms ({v/med['grad x input']:.2f}x)" for k, v in med.items())
-          + f"; convolutions in the program {convs[0]} vs {convs[1]}; max rel diff {float(diff):.1e}", flush=True)
+    print(f"{name} {getattr(rules, 'name', rules)}: grad x input {med['grad x input'] * 1e3:.0f} ms")
+    for k, a in variants.items():
+        diff = (a(x).relevance - reference).abs().max() / reference.abs().max()
+        convs = a.program(x).code().count("aten.convolution")
+        print(
+            f"  lrpc, {k}: {med[k] * 1e3:.0f} ms ({med[k] / med['grad x input']:.2f}x), "
+            f"{convs} convolutions, max rel. diff {float(diff):.1e}",
+            flush=True,
+        )
