@@ -6,6 +6,13 @@
 # 3. bench/speed.py --device cuda: the model benchmark against gradient x input, Zennit, LXT, Captum,
 #    written into BENCHMARKS.md after every model (a run cut short keeps what it measured).
 # Each step's output lands in OUT_DIR (log files, kernels.md, BENCHMARKS.md).
+# The peers must be importable: Zennit, Captum, LXT 2.1 and the transformers 4.51 that LXT 2.1 needs (a
+# GPU image may hold transformers 5). On a machine without an index, bring wheels (transformers 4.51.3,
+# tokenizers 0.21.x, huggingface_hub 0.x, zennit, captum; LXT 2.1 as its package folder and dist-info),
+# install them with `pip install --no-deps --target DIR` and put DIR first on PYTHONPATH; install lrpc
+# itself (`pip install --no-deps --no-build-isolation .`) so that lrpc.kernels resolves.
+# Measured on an H200 (2026-11-26): tests ~75 s, kernels ~140 s, speed ~150 s per CNN and ~200 s for the
+# Llama model with --parallel-first: a 10-minute budget covers the tests, the kernels and three models.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu.sh OUT_DIR [SECONDS]}
 budget=${2:-560}

@@ -132,45 +132,51 @@ def linear_cases(
     return cases
 
 
-def softmax_cases(
-    dtype: torch.dtype, device: torch.device, shapes: list[tuple[str, tuple[int, ...]]]
+def rowwise_cases(
+    dtype: torch.dtype,
+    device: torch.device,
+    shapes: list[tuple[str, tuple[int, ...]]],
+    kernel: Callable[..., object],
+    reference: Callable[..., object],
+    inputs: Callable[[tuple[int, ...]], tuple[torch.Tensor, ...]],
+    outputs: int,
 ) -> list[Case]:
+    """The memory-bound kernels: ``kernel(*inputs(shape))`` against its reference; ``outputs`` tensors of
+    the inputs' size are written."""
     cases = []
     for label, shape in shapes:
-        x = torch.randn(shape, device=device, dtype=dtype)
-        s, R = torch.softmax(x.float(), -1).to(dtype), torch.randn(shape, device=device, dtype=dtype)
-        compiled = compiled_reference(kernels.softmax_relevance_reference)
+        args = tuple(t.to(device, dtype) for t in inputs(shape))
+        compiled = compiled_reference(reference)
         cases.append(
             Case(
-                "softmax_relevance",
+                kernel.__name__,
                 f"{label}: {'x'.join(map(str, shape))}",
-                lambda x=x, s=s, R=R: kernels.softmax_relevance(x, s, R),
-                lambda x=x, s=s, R=R: kernels.softmax_relevance_reference(x, s, R),
-                lambda x=x, s=s, R=R, c=compiled: c(x, s, R),
-                nbytes(x, s, R, x),
+                lambda args=args: kernel(*args),
+                lambda args=args: reference(*args),
+                lambda args=args, c=compiled: c(*args),
+                nbytes(*args) + outputs * nbytes(args[0]),
             )
         )
     return cases
 
 
-def product_cases(
-    dtype: torch.dtype, device: torch.device, shapes: list[tuple[str, tuple[int, ...]]]
-) -> list[Case]:
-    cases = []
-    for label, shape in shapes:
-        a, b, R = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
-        compiled = compiled_reference(kernels.uniform_product_reference)
-        cases.append(
-            Case(
-                "uniform_product",
-                f"{label}: {'x'.join(map(str, shape))}",
-                lambda a=a, b=b, R=R: kernels.uniform_product(a, b, R),
-                lambda a=a, b=b, R=R: kernels.uniform_product_reference(a, b, R),
-                lambda a=a, b=b, R=R, c=compiled: c(a, b, R),
-                nbytes(a, b, R, a, b),
-            )
-        )
-    return cases
+def softmax_cases(dtype: torch.dtype, device: torch.device, shapes: list) -> list[Case]:
+    def inputs(shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        x = torch.randn(shape)
+        return x, torch.softmax(x, -1), torch.randn(shape)
+
+    return rowwise_cases(
+        dtype, device, shapes, kernels.softmax_relevance, kernels.softmax_relevance_reference, inputs, 1
+    )
+
+
+def product_cases(dtype: torch.dtype, device: torch.device, shapes: list) -> list[Case]:
+    def inputs(shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.randn(shape) for _ in range(3))
+
+    return rowwise_cases(
+        dtype, device, shapes, kernels.uniform_product, kernels.uniform_product_reference, inputs, 2
+    )
 
 
 def first(out: object) -> torch.Tensor:
