@@ -255,6 +255,8 @@ def plan(
             continue
         step = _step(node, context, reached)
         context.steps[node] = step
+        for receiver in step.receivers:
+            context.consumers.setdefault(receiver, []).append(node)
         steps.append(step)
     layer_nodes = {path: find_layer_output(graph, path).name for path in layers}
     call_nodes = [n for n in graph.nodes if n.op == "call_function" and n.target not in SIDE_EFFECT_OPS]
@@ -280,6 +282,9 @@ class _Context:
     modules: Mapping[str, nn.Module]
     signs: dict[fx.Node, bool] = field(default_factory=dict)  # memo of :func:`nonnegative`
     steps: dict[fx.Node, Step] = field(default_factory=dict)  # the steps planned so far (downstream ones)
+    # node name -> the planned nodes whose steps send it relevance (a grouped activation's step sits on
+    # the region's output node, not on the inner node that reads the source)
+    consumers: dict[str, list[fx.Node]] = field(default_factory=dict)
     dead: dict[tuple[fx.Node, bool], bool] = field(default_factory=dict)  # memo of :func:`_relevance_dead`
 
 
@@ -403,33 +408,32 @@ def nonnegative(node: fx.Node, memo: dict[fx.Node, bool] | None = None) -> bool:
 
 def _relevance_dead(node: fx.Node, ctx: _Context, *, negative: bool) -> bool:
     """Whether the relevance arriving at ``node`` is zero wherever its value is zero (``negative``: < 0),
-    whatever the input. Every consumer that sends relevance back must do so: a rule with
-    ``R_i = x_i ⊙ ...`` (zero where the value is zero, so not for ``negative``), a ReLU whose output
+    whatever the input. Every step that sends ``node`` relevance must do so: a rule with
+    ``R_i = x_i ⊙ ...`` (zero where the value is zero, so not for ``negative``), a lone ReLU whose output
     has the property for zero (it is 0 wherever ``node`` is <= 0), or an op that moves values unchanged
-    (max pooling, views, cat) whose output has it. The consumers' steps are planned already: planning
-    walks the graph backwards. The explained output is never dead (its seed can sit anywhere)."""
+    (max pooling, views, cat) whose output has it. A grouped activation (``relu(x) - c``, GELU written
+    out) never qualifies. The consumers' steps are planned already: planning walks the graph backwards.
+    The explained output is never dead (its seed can sit anywhere)."""
     key = (node, negative)
     if key in ctx.dead:
         return ctx.dead[key]
     ctx.dead[key] = False  # provisional; the graph is acyclic
-    dead = True
+    dead = not any(user.op == "output" for user in node.users)
     for user in node.users:
-        if user.op == "output":
-            dead = False
-        elif user.target is operator.getitem:
+        if dead and user.target is operator.getitem:
             dead = _relevance_dead(user, ctx, negative=negative)
+    for consumer in ctx.consumers.get(node.name, ()) if dead else ():
+        step = ctx.steps[consumer]
+        if ACTIVATION_META in consumer.meta:
+            dead = False
+        elif step.rule.zero_where_input_zero and not negative:
+            continue
+        elif isinstance(step.rule, Pass) and consumer.target is torch.ops.aten.relu.default:
+            dead = _relevance_dead(consumer, ctx, negative=False)
+        elif isinstance(step.rule, Route) and consumer.target in VALUE_MOVING_OPS:
+            dead = _relevance_dead(consumer, ctx, negative=negative)
         else:
-            step = ctx.steps.get(user)
-            if step is None or node.name not in step.receivers:
-                continue  # sends no relevance to ``node``
-            if step.rule.zero_where_input_zero and not negative:
-                continue
-            if isinstance(step.rule, Pass) and user.target is torch.ops.aten.relu.default:
-                dead = _relevance_dead(user, ctx, negative=False)
-            elif isinstance(step.rule, Route) and user.target in VALUE_MOVING_OPS:
-                dead = _relevance_dead(user, ctx, negative=negative)
-            else:
-                dead = False
+            dead = False
         if not dead:
             break
     ctx.dead[key] = dead

@@ -767,3 +767,38 @@ def test_relevance_dead_below_zero_skips_only_zero_terms(monkeypatch) -> None:
     b = lrpc.compile(branchy, rules=rules_, backend="eager")
     dead = {s.module: s.negative_outputs_dead for s in b.plan(x).steps if s.family in ("conv", "linear")}
     assert dead == {"a": False, "b": False, "head": False}, dead
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+@pytest.mark.parametrize(
+    "act",
+    [
+        lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),  # GPT-2's
+        lambda x: torch.relu(x + 0.5),
+        lambda x: torch.relu(x) - 0.5,
+        lambda x: torch.tanh(x) * 2,
+    ],
+    ids=["gelu_new", "relu_shifted_in", "relu_shifted_out", "tanh_scaled"],
+)
+def test_relevance_dead_below_zero_not_claimed_through_grouped_activations(monkeypatch, act) -> None:
+    """An activation written with several primitive ops is one grouped step on the region's output node:
+    relevance passes through it to z < 0, so Gamma must keep its g₂ terms there (found in review)."""
+    from lrpc import planning
+
+    torch.manual_seed(29)
+    model = nn.Sequential(nn.Linear(8, 16), _Lambda(act), nn.Linear(16, 4)).to(DTYPE).eval()
+    x = torch.randn(3, 8, dtype=DTYPE)
+    rules_ = lrpc.composite("epsilon", {nn.Linear: lrpc.rules.Gamma(0.25)})
+    a = lrpc.compile(model, rules=rules_, backend="eager")
+    assert not any(s.negative_outputs_dead for s in a.plan(x).steps)
+    on = a(x).relevance
+    monkeypatch.setattr(planning, "_relevance_dead", lambda node, ctx, negative: False)
+    assert rel_err(on, lrpc.compile(model, rules=rules_, backend="eager")(x).relevance) < 1e-12
