@@ -71,9 +71,8 @@ class Program:
     backend: str
     run: Callable[..., tuple]
     timings: dict[str, float] = field(default_factory=dict)
-    symbols: dict[str, int] = field(
-        default_factory=dict
-    )  # dynamic-dim values of the example it was traced on
+    # dynamic-dim values of the example it was traced on
+    symbols: dict[str, int] = field(default_factory=dict)
     static: bool = False  # the relevance pass specialized a dynamic dim: only the traced sizes match
     calls: int = 0
 
