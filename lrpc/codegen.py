@@ -24,6 +24,7 @@ from .canonize import ACTIVATION_META
 from .errors import LRPCError
 from .ops import SIDE_EFFECT_OPS, lookup
 from .planning import Plan, Step, bind
+from .rematerialize import rematerialize
 from .rules import Operation
 from .targets import TargetSpec, seed_relevance
 
@@ -208,6 +209,7 @@ def generate(plan: Plan, target: TargetSpec, example_inputs: list[Any]) -> tuple
     with fx_traceback.preserve_node_meta(), torch.no_grad():
         gm = make_fx(program, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example_inputs)
     eliminate_common_subexpressions(gm.graph)
+    rematerialize(gm.graph)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm, signature
