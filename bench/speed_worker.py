@@ -10,9 +10,14 @@ original stdout (everything the libraries print goes to stderr):
     {"cmd": "finish"}              peak memory of the timed calls, save the last relevance, exit
 
 Separate processes keep LXT's process-wide monkey patches away from the other methods and give each
-method its own peak-memory reading: on CPU the kernel's peak RSS (``VmHWM``, reset through
-``/proc/self/clear_refs`` after the warm-up) minus the RSS before the first call; on CUDA
-``torch.cuda.max_memory_allocated`` minus the memory allocated before the first call.
+method its own peak-memory reading: on CUDA ``torch.cuda.max_memory_allocated`` of the timed calls minus
+the memory allocated before the first call. On CPU the kernel's peak RSS (``VmHWM``, reset through
+``/proc/self/clear_refs``) during one more call after the timed ones, minus the RSS before the first call:
+glibc keeps freed memory and, after large frees, serves later tensors from its heap, so the RSS of the
+timed calls says more about the allocator's history than about the method. For that call (and for the
+reading before the first call) the heap is trimmed and every allocation of 64 KiB or more gets its own
+mapping, returned when the tensor is freed; what remains above the first reading is the memory the
+method holds between calls (its program, caches) plus what one call needs at its peak.
 
     python bench/speed_worker.py '{"model": "resnet50", "method": "lrpc", "rules": "epsilon", ...}'
 """
@@ -291,6 +296,29 @@ def _status_mb(field: str) -> float:
         return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1)) / 1024
 
 
+def _glibc() -> Any:
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim, libc.mallopt  # noqa: B018 - glibc only
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def _release_freed_memory(exact: bool) -> None:
+    """Give freed heap memory back to the kernel; with ``exact``, from now on map every allocation of
+    64 KiB or more on its own (glibc's ``M_MMAP_THRESHOLD``), so that freeing a tensor lowers the RSS."""
+    gc.collect()
+    libc = _glibc()
+    if libc is None:
+        return
+    if exact:
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD; fixing it also stops glibc from raising it
+    libc.malloc_trim(0)
+
+
 def _reset_peak_rss() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -316,6 +344,7 @@ class Meter:
         if self.cuda:
             self.baseline = torch.cuda.memory_allocated(self.device) / 2**20
         else:
+            _release_freed_memory(exact=False)
             self.baseline = _status_mb("VmRSS")
 
     def reset_peak(self) -> None:
@@ -325,10 +354,16 @@ class Meter:
         else:
             self.reset_ok = _reset_peak_rss()
 
-    def peak(self) -> float:
+    def peak(self, call: Callable[[], Any]) -> float:
+        """The peak of the timed calls (CUDA), or of one more call measured as the module docstring says (CPU)."""
         if self.cuda:
             return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.baseline
-        return _status_mb("VmHWM") - self.baseline
+        _release_freed_memory(exact=True)
+        self.reset_ok = _reset_peak_rss()
+        result = call()
+        peak = _status_mb("VmHWM")
+        del result
+        return peak - self.baseline
 
 
 def overhead(model, inputs, target, calls: int) -> dict[str, float]:
@@ -462,7 +497,8 @@ def main() -> None:
             elif msg["cmd"] == "overhead":
                 reply(**overhead(model, inputs, target, msg.get("calls", 2000)))
             elif msg["cmd"] == "finish":
-                peak = meter.peak()
+                assert call is not None
+                peak = meter.peak(call)
                 if result is not None and msg.get("save"):
                     rel = result.detach()
                     if spec["method"] == "zennit":

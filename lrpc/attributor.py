@@ -13,6 +13,7 @@ torch.Size([2, 4])
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import time
 from collections import OrderedDict
@@ -103,6 +104,11 @@ class Program:
                 return None
         return values
 
+    @functools.cached_property
+    def output_example(self) -> Tensor:
+        """The explained output as traced (a fake tensor: shape, dtype)."""
+        return self.plan.graph.find_nodes(op="output")[0].args[0][0].meta["val"]
+
     def code(self) -> str:
         """The generated relevance program as readable Python."""
         return self.graph_module.print_readable(print_output=False)
@@ -154,7 +160,7 @@ class Attributor:
         self._cache: OrderedDict[tuple, list[Program]] = OrderedDict()
         self.stats = {"traces": 0, "hits": 0, "calls": 0}
         self._last: Program | None = None
-        self._last_conservation: tuple[Tensor, Tensor] | None = None
+        self._last_relevance: tuple[tuple[Tensor, ...], Tensor] | None = None  # summed by report(), not per call
 
     # -- calling -------------------------------------------------------------------------------
     def __call__(self, *args: Any, target: Any = None, seed: str | None = None, **kwargs: Any) -> Attribution:
@@ -163,7 +169,7 @@ class Attributor:
         extra = []
         if spec.mode == "index":
             extra.append(index_tensor(index, self._batch(program, tensors), tensors[0].device))
-            _check_classes(extra[-1], program)
+            _check_classes(index if isinstance(index, int) else extra[-1], program)
         start = time.perf_counter()
         with torch.no_grad():
             outs = program.run(*program.traced.state, *tensors, *extra)
@@ -192,27 +198,37 @@ class Attributor:
         """Coverage, rules and timings of the most recently used program."""
         if self._last is None:
             raise LRPCError("report() is available after the first call")
-        return Report.build(self.model, self._last, self._last_conservation)
+        conservation = None
+        if self._last_relevance is not None:
+            values, seed_total = self._last_relevance
+            conservation = (sum(v.sum() for v in values) if values else seed_total.new_zeros(()), seed_total)
+        return Report.build(self.model, self._last, conservation)
 
     # -- compiling -----------------------------------------------------------------------------
     def _key(self, args: tuple, kwargs: dict, spec: TargetSpec) -> tuple[tuple, list[Tensor]]:
-        leaves, tree = pytree.tree_flatten((args, kwargs))  # names are only needed when compiling
-        tensors = [x for x in leaves if isinstance(x, Tensor)]
+        if all(type(x) is Tensor for x in args) and all(type(x) is Tensor for x in kwargs.values()):
+            # the common call, tensors only: its structure without pytree (a third of a tiny model's call)
+            tensors = [*args, *kwargs.values()]
+            structure: Any = (len(args), tuple(kwargs))
+            constants: list = []
+        else:
+            leaves, tree = pytree.tree_flatten((args, kwargs))  # names are only needed when compiling
+            tensors = [x for x in leaves if isinstance(x, Tensor)]
+            structure, constants = str(tree), []
+            for x in leaves:
+                if not isinstance(x, Tensor):
+                    try:
+                        hash(x)
+                    except TypeError:
+                        raise LRPCError(
+                            f"non-tensor argument of type {type(x).__name__} is not hashable; lrpc bakes "
+                            "non-tensor arguments into the compiled program and caches on them"
+                        ) from None
+                    constants.append((type(x).__name__, x))
         if not tensors:
             raise LRPCError("the call has no tensor inputs to explain")
-        constants = []
-        for x in leaves:
-            if not isinstance(x, Tensor):
-                try:
-                    hash(x)
-                except TypeError:
-                    raise LRPCError(
-                        f"non-tensor argument of type {type(x).__name__} is not hashable; lrpc bakes "
-                        "non-tensor arguments into the compiled program and caches on them"
-                    ) from None
-                constants.append((type(x).__name__, x))
         key = (
-            str(tree),
+            structure,
             tuple(constants),
             tuple((t.dtype, t.device, t.dim()) for t in tensors),
             spec,
@@ -284,7 +300,7 @@ class Attributor:
 
     # -- results -------------------------------------------------------------------------------
     def _batch(self, program: Program, tensors: list[Tensor]) -> int:
-        out = program.plan.graph.find_nodes(op="output")[0].args[0][0].meta["val"]
+        out = program.output_example
         if out.dim() == 0:
             return 1
         size = out.shape[0]
@@ -311,10 +327,7 @@ class Attributor:
             path: (r if r is not None else torch.zeros(())) for path, r in zip(sig.layer_names, layer_values)
         }
         values = tuple(inputs.values())
-        self._last_conservation = (
-            sum(v.sum() for v in values) if values else output.new_zeros(()),
-            seed_total,
-        )
+        self._last_relevance = (values, seed_total)
         return Attribution(
             output=output,
             relevance=values[0] if len(values) == 1 else values,
@@ -324,15 +337,20 @@ class Attributor:
         )
 
 
-def _check_classes(index: Tensor, program: Program) -> None:
+def _check_classes(index: int | Tensor, program: Program) -> None:
     """A class index outside the output's class dimension selects nothing: say so before running."""
-    out = program.plan.graph.find_nodes(op="output")[0].args[0][0].meta["val"]
+    out = program.output_example
     classes = out.shape[-1] if out.dim() >= 2 else None
-    if isinstance(classes, int) and index.numel() and (int(index.min()) < 0 or int(index.max()) >= classes):
+    if not isinstance(classes, int):
+        return
+    if isinstance(index, int):
+        bad = [index] if not 0 <= index < classes else []
+    elif index.numel() and (int(index.min()) < 0 or int(index.max()) >= classes):
         bad = index[(index < 0) | (index >= classes)].unique()[:8].tolist()
-        raise LRPCError(
-            f"target index out of range: {bad}; the output {tuple(out.shape)} has {classes} classes"
-        )
+    else:
+        bad = []
+    if bad:
+        raise LRPCError(f"target index out of range: {bad}; the output {tuple(out.shape)} has {classes} classes")
 
 
 def _index_example(graph: fx.Graph, the_plan: Plan) -> Tensor:

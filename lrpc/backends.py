@@ -145,7 +145,12 @@ def _eager(gm: fx.GraphModule) -> Callable[..., tuple]:
 
 def _inductor(gm: fx.GraphModule) -> Callable[..., tuple]:
     """``torch.compile`` with Inductor: fused C++/OpenMP kernels on CPU, Triton on GPU."""
-    return dynamic_dims_marked(torch.compile(gm, backend="inductor", fullgraph=True, dynamic=None), gm)
+    return dynamic_dims_marked(_compiled(gm), gm)
+
+
+def _compiled(gm: fx.GraphModule) -> Callable[..., tuple]:
+    # the bound forward, not the module: the module's __call__ adds a few microseconds to every call
+    return torch.compile(gm.forward, backend="inductor", fullgraph=True, dynamic=None)
 
 
 def dynamic_dims_marked(compiled: Callable[..., tuple], gm: fx.GraphModule) -> Callable[..., tuple]:
@@ -206,7 +211,7 @@ def _triton(gm: fx.GraphModule) -> Callable[..., tuple]:
             "or use backend='inductor'."
         )
     fused = fusion.fuse(gm, patterns=TRITON_PATTERNS)
-    return dynamic_dims_marked(torch.compile(fused, backend="inductor", fullgraph=True, dynamic=None), gm)
+    return dynamic_dims_marked(_compiled(fused), gm)
 
 
 register_backend("triton", _triton)
