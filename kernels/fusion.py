@@ -6,7 +6,7 @@ each (:mod:`lrpc.kernels.ops`):
 
 ``linear_epsilon``
     ``mul(x, view(mm(view(q), B)))`` with ``q = R ⊘ stab(z)`` spelled as :func:`lrpc.rules.divide` traces
-    (``div(R, add(z, mul(sub(mul(_to_copy(ge(z, 0)), 2), 1), eps)))``, or for ``eps = 0``
+    (``div(R, add(z, where(ge(z, 0), new_full(z, [], eps), new_full(z, [], -eps))))``, or for ``eps = 0``
     ``where(eq(z, 0), 0, div(R, where(eq(z, 0), 1, z)))``). The match is by the arithmetic alone, so it is
     exact whatever rule produced it: ε on a linear layer (``B = W``), and the same step inside other rules.
 ``softmax_relevance``
@@ -148,18 +148,20 @@ def _commuted(node: Any, target: Any) -> list[tuple[Any, Any]]:
     return [] if pair is None else [pair, pair[::-1]]
 
 
-def _sign_of(node: Any, z: fx.Node) -> bool:
-    """``node`` is ``(z >= 0).to(dtype) * 2 - 1`` as :func:`lrpc.rules.stabilize` traces it."""
-    if not _is(node, aten.sub.Tensor) or _binary(node) is None or _scalar(node.args[1]) != 1:
-        return False
-    two = node.args[0]
-    if not _is(two, aten.mul.Tensor) or _binary(two) is None or _scalar(two.args[1]) != 2:
-        return False
-    cast = two.args[0]
-    if not _is(cast, aten._to_copy.default) or set(cast.kwargs) - {"dtype"}:
-        return False
-    ge = cast.args[0]
-    return _is(ge, aten.ge.Scalar) and ge.args[0] is z and _scalar(ge.args[1]) == 0
+def _stabilizer(term: Any, z: fx.Node) -> float | None:
+    """``eps`` if ``term`` is ``where(z >= 0, eps, -eps)`` as :func:`lrpc.rules.stabilize` traces it."""
+    if not (_is(term, aten.where.self) and len(term.args) == 3 and not term.kwargs):
+        return None
+    ge, pos, neg = term.args
+    if not (_is(ge, aten.ge.Scalar) and ge.args[0] is z and _scalar(ge.args[1]) == 0):
+        return None
+    values = []
+    for full in (pos, neg):
+        if not (_is(full, aten.new_full.default) and list(full.args[1]) == [] and set(full.kwargs) <= {"pin_memory"}):
+            return None
+        values.append(_scalar(full.args[2]))
+    eps = values[0]
+    return eps if eps is not None and eps > 0 and values[1] == -eps else None
 
 
 def _is_zero_test(node: Any, z: Any = None) -> fx.Node | None:
@@ -174,10 +176,9 @@ def _divide(node: Any) -> tuple[fx.Node, fx.Node, float] | None:
     if _is(node, aten.div.Tensor) and _binary(node) is not None:  # eps > 0: R / (z + eps * sign(z))
         R, den = node.args
         for z, term in _commuted(den, aten.add.Tensor):
-            for sign, eps in _commuted(term, aten.mul.Tensor):
-                e = _scalar(eps)
-                if isinstance(z, fx.Node) and e is not None and e > 0 and _sign_of(sign, z):
-                    return R, z, e
+            e = _stabilizer(term, z) if isinstance(z, fx.Node) else None
+            if e is not None:
+                return R, z, e
         return None
     if _is(node, aten.where.self) and len(node.args) == 3 and not node.kwargs:  # eps == 0
         test, zero, div = node.args
@@ -355,6 +356,7 @@ _REGION_OPS = {
     aten._to_copy.default,
     aten.where.self,
     aten.scalar_tensor.default,
+    aten.new_full.default,
     aten.sym_size.int,
     *_VIEWS,
 }

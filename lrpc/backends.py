@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 
 from .errors import LRPCError
+from .memory import reuse_buffers
 
 Backend = Callable[[fx.GraphModule], Callable[..., tuple]]
 _BACKENDS: dict[str, Backend] = {}
@@ -139,8 +140,11 @@ def get(name: str) -> Backend:
 
 
 def _eager(gm: fx.GraphModule) -> Callable[..., tuple]:
-    """Run the generated GraphModule as is: one aten call per node."""
-    return gm
+    """Run the generated program node by node, one aten call each; pointwise ops write into operands that
+    die at them (:func:`lrpc.memory.reuse_buffers`, on a copy: ``gm`` stays as generated)."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, reuse_buffers(graph))
 
 
 def _inductor(gm: fx.GraphModule) -> Callable[..., tuple]:

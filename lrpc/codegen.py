@@ -24,7 +24,7 @@ from .canonize import ACTIVATION_META
 from .errors import LRPCError
 from .ops import SIDE_EFFECT_OPS, lookup
 from .planning import Plan, Step, bind
-from .rematerialize import rematerialize
+from .memory import rematerialize
 from .rules import Operation
 from .targets import TargetSpec, seed_relevance
 

@@ -25,7 +25,9 @@ def stabilize(z: Tensor, eps: float) -> Tensor:
     """``z + eps * sign(z)`` with ``sign(0) = +1``: moves the denominator away from zero."""
     if eps == 0:
         return z
-    return z + eps * ((z >= 0).to(z.dtype) * 2 - 1)
+    # three passes (compare, select, add) where the arithmetic form (z >= 0) * 2 - 1 takes six; the
+    # scalars in z's dtype keep a bfloat16 z bfloat16
+    return z + torch.where(z >= 0, z.new_full((), eps), z.new_full((), -eps))
 
 
 def divide(numerator: Tensor, denominator: Tensor, eps: float) -> Tensor:

@@ -13,7 +13,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import lrpc
 import lrpc.codegen
-from lrpc.rematerialize import rematerialize
+from lrpc.memory import reuse_buffers, rematerialize
 
 aten = torch.ops.aten
 
@@ -200,3 +200,80 @@ def test_inductor_program_matches_eager() -> None:
     eager = lrpc.compile(model, backend="eager")(x, target=2).relevance
     compiled = lrpc.compile(model, backend="inductor")(x, target=2).relevance
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+# --- reuse_buffers -------------------------------------------------------------------------------------
+def _reused(fn, *args) -> tuple[fx.GraphModule, list]:
+    gm = make_fx(fn)(*args)
+    expected = gm(*args)
+    reuse_buffers(gm.graph)
+    gm.recompile()
+    return gm, expected
+
+
+def _targets(gm: fx.GraphModule) -> list:
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def test_an_operand_that_dies_is_written_in_place() -> None:
+    def fn(x, w):
+        z = x @ w
+        return ((z * 2 + 1) / w.sum()).neg()
+
+    gm, expected = _reused(fn, X, W)
+    assert _targets(gm)[1:] == [aten.mul_.Tensor, aten.add_.Tensor, aten.sum.default, aten.div_.Tensor, aten.neg_.default]
+    assert torch.equal(gm(X, W), expected)
+
+
+def test_inputs_live_values_views_and_promotions_are_not_written() -> None:
+    def fn(x, w, d):
+        z = x @ w
+        a = x * 2  # x is the caller's
+        b = z + 1  # z is read again below
+        c = z.t() * 3  # a view of z
+        e = (z * 1) + d  # z * 1 is float32, the sum float64
+        f = (b * 1) * d.float()  # float32 result into a float32 operand: fine
+        return a, b, c, e, f
+
+    d = torch.randn(3, 5, dtype=torch.float64)
+    gm, expected = _reused(fn, X, W, d)
+    names = {n.name: n.target for n in gm.graph.nodes}
+    assert names["mul"] is aten.mul.Tensor and names["add"] is aten.add.Tensor
+    assert names["mul_1"] is aten.mul.Tensor  # z.t() * 3
+    assert names["add_1"] is aten.add.Tensor  # float64 result, float32 operand
+    assert names["mul_4"] is aten.mul_.Tensor
+    for got, want in zip(gm(X, W, d), expected):
+        assert torch.equal(got, want)
+
+
+def test_commutative_ops_reuse_their_second_operand() -> None:
+    def fn(x, w):
+        z = x @ w
+        return z, x.sum() + (z * 2), x.sum() - (z * 2)
+
+    gm, expected = _reused(fn, X, W)
+    ops = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (aten.add_.Tensor, aten.add.Tensor, aten.sub.Tensor)]
+    assert [n.target for n in ops] == [aten.add_.Tensor, aten.sub.Tensor]  # sub does not commute
+    assert ops[0].args[0].target is aten.mul.Tensor
+    for got, want in zip(gm(X, W), expected):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("rules", ["epsilon", "epsilon-gamma-box", "epsilon-plus-flat"])
+def test_eager_backend_writes_in_place_and_gets_the_same_relevance(rules: str, monkeypatch) -> None:
+    torch.manual_seed(0)
+    model, x = ConvNet().eval(), torch.randn(2, 3, 16, 16)
+    preset = lrpc.presets.epsilon_gamma_box(low=-4.0, high=4.0) if rules == "epsilon-gamma-box" else rules
+    attributor = lrpc.compile(model, rules=preset, backend="eager")
+    res = attributor(x, target=1)
+    program = attributor.program(x, target=1)
+    def mutating(gm: fx.GraphModule) -> list[fx.Node]:
+        return [n for n in gm.graph.nodes if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable]
+
+    assert len(mutating(program.run)) > 20
+    assert not mutating(program.graph_module)  # the generated program, as users print it, stays functional
+
+    monkeypatch.setattr(lrpc.backends, "reuse_buffers", lambda graph: graph)
+    ref = lrpc.compile(model, rules=preset, backend="eager")(x, target=1)
+    assert torch.equal(res.relevance, ref.relevance)
+    assert torch.equal(res.output, ref.output)

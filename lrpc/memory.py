@@ -1,6 +1,7 @@
-"""Rematerialization: recompute cheap forward values in the relevance pass instead of keeping them.
+"""Memory passes over the generated program: what it keeps alive, and where its results are written.
 
-The generated program runs the forward pass, then the relevance pass, and every forward value a rule
+:func:`rematerialize` (every backend): recompute cheap forward values in the relevance pass instead of
+keeping them. The generated program runs the forward pass, then the relevance pass, and every forward value a rule
 reads stays alive from the forward until that rule runs. Many of them are cheap to rebuild from values
 that stay alive anyway: a ReLU / GELU output from the pre-activation its layer's epsilon rule keeps, a
 batch-norm-folded weight from the parameters. Keeping both doubles the activation memory (autograd keeps
@@ -12,6 +13,11 @@ the forward value dies at its last forward use.
 A value is rebuilt only from values that are alive at that point anyway (placeholders, i.e. inputs and
 parameters, and forward values the relevance pass reads later), so no other value lives longer and the
 live set at every point of the program can only shrink. The result is exactly the same arithmetic.
+
+:func:`reuse_buffers` (the eager backend; Inductor plans its own buffers): a pointwise op whose operand
+dies at it writes its result into that operand (``mul`` -> ``mul_``), as Inductor does in the code it
+generates. The relevance pass is a chain of such ops (stabilize, divide, multiply, accumulate); writing in
+place saves an allocation and a pass of fresh memory per op.
 """
 
 from __future__ import annotations
@@ -92,3 +98,56 @@ def cheap(node: fx.Node) -> bool:
         return True
     returns = schema.returns
     return len(returns) == 1 and returns[0].alias_info is not None  # a view of its input
+
+
+def reuse_buffers(graph: fx.Graph) -> fx.Graph:
+    """Turn pointwise ops into their in-place form where an operand dies at them (in place; returns ``graph``).
+
+    An operand is reused only if this op is its one reader, it owns its storage (made by a non-view op, or
+    by an op this pass already made in-place on such a buffer), and it has the result's dtype, shape and
+    strides, so that the result and every later read are exactly as before. Placeholders (the user's
+    inputs, the parameters) are never written.
+    """
+    for node in graph.nodes:
+        inplace = _inplace_variant(node)
+        if inplace is None:
+            continue
+        slots = [0]
+        if node.target in _COMMUTATIVE and len(node.args) == 2 and not node.kwargs:
+            slots.append(1)
+        for slot in slots:
+            operand = node.args[slot]
+            if _reusable(operand, node):
+                if slot:
+                    node.args = (node.args[1], node.args[0])
+                node.target = inplace
+                break
+    return graph
+
+
+_COMMUTATIVE = {torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor}
+
+
+def _inplace_variant(node: fx.Node) -> torch._ops.OpOverload | None:
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return None
+    if torch.Tag.pointwise not in target.tags or target._schema.is_mutable:
+        return None
+    packet = getattr(torch.ops.aten, target._schema.name.split("::")[-1] + "_", None)
+    return getattr(packet, target._overloadname, None) if packet is not None else None
+
+
+def _reusable(operand: object, node: fx.Node) -> bool:
+    if not isinstance(operand, fx.Node) or operand.op != "call_function" or len(operand.users) != 1:
+        return False
+    target = operand.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    returns = target._schema.returns
+    if len(returns) != 1 or (returns[0].alias_info is not None and not returns[0].alias_info.is_write):
+        return False  # a view shares its base's storage; multi-output ops are read through getitem
+    have, want = operand.meta.get("val"), node.meta.get("val")
+    if not isinstance(have, torch.Tensor) or not isinstance(want, torch.Tensor):
+        return False
+    return have.dtype == want.dtype and str(have.shape) == str(want.shape) and str(have.stride()) == str(want.stride())
