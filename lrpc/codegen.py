@@ -82,7 +82,8 @@ def relevance_function(plan: Plan, target: TargetSpec) -> tuple[Callable[..., tu
                 continue
             step = steps[node.name]
             with fx_traceback.set_current_meta(node), _annotate(step):
-                op, tensor_inputs = _operation(node, env, step)
+                one_class = _one_class(node, env, step, r, used_index) if node is explained else None
+                op, tensor_inputs, r = one_class or (*_operation(node, env, step), r)
                 try:
                     results = step.rule(op, r)
                 except LRPCError:
@@ -187,6 +188,52 @@ def _operation(node: fx.Node, env: dict[fx.Node, Any], step: Step) -> tuple[Oper
         negative_outputs_dead=step.negative_outputs_dead,
     )
     return op, tensor_inputs
+
+
+def _one_class(
+    node: fx.Node, env: dict[fx.Node, Any], step: Step, seed: Tensor, index: Tensor | None
+) -> tuple[Operation, list[tuple[str, fx.Node]], Tensor] | None:
+    """The explained output layer cut down to the explained class, when that gives the same relevance.
+
+    The seed of a class target is zero outside ``index`` (one class per sample, and for sequences the
+    last position only). A rule that shares each output unit's relevance by that unit's row alone
+    (:attr:`lrpc.rules.Rule.unit_wise`) then gives the same input relevance on the layer restricted to
+    the row ``W[index]``: ``R_x = x ⊙ W[c] (R_c ⊘ stab(z_c))`` for ε, one row per sample instead of a
+    matmul over every class (for a language model's head, as large as the forward's). ``z_c`` is read off
+    the forward output, so ε's arithmetic is the full layer's, term for term.
+    """
+    if index is None or node.target is not torch.ops.aten.linear.default or not step.rule.unit_wise:
+        return None
+    names, _ = bind(node)
+    x, weight, bias = (names.get(k) for k in ("input", "weight", "bias"))
+    z = env[node]
+    if not (isinstance(x, fx.Node) and isinstance(weight, fx.Node)) or step.receivers != (x.name,):
+        return None
+    if z.dim() not in (2, 3) or env[x].dim() != z.dim():
+        return None
+    where = index.view(-1, *[1] * (z.dim() - 1)).expand(*z.shape[:-1], 1)
+    rows = [env[weight].index_select(0, index)]
+    if isinstance(bias, fx.Node):
+        rows.append(env[bias].index_select(0, index))
+
+    def fn(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+        out = torch.bmm(x if x.dim() == 3 else x.unsqueeze(1), w.unsqueeze(-1))  # (B, T or 1, 1)
+        if b is not None:
+            out = out + b.view(-1, 1, 1)
+        return out if x.dim() == 3 else out.squeeze(1)
+
+    op = Operation(
+        fn=fn,
+        inputs=(env[x], *rows),
+        output=z.gather(-1, where),
+        relevant=(True, *[False] * len(rows)),
+        roles=("input", "weight", "bias")[: 1 + len(rows)],
+        signs=(1,) * (1 + len(rows)),
+        nonnegative=(x.name in step.nonnegative, *[False] * len(rows)),
+        negative_outputs_dead=step.negative_outputs_dead,
+    )
+    receivers = [("input", x)] + [(role, t) for role, t in (("weight", weight), ("bias", bias)) if isinstance(t, fx.Node)]
+    return op, receivers, seed.gather(-1, where)
 
 
 def _annotate(step: Step) -> Any:

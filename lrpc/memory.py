@@ -48,7 +48,7 @@ def rematerialize(graph: fx.Graph) -> fx.Graph:
     returned = set(output.all_input_nodes)  # alive to the end anyway
     carried = {n for n in nodes[:boundary] if n.op == "call_function" and late_uses(n)}
     last_use = {n: max(position[u] for u in n.users) for n in carried}
-    rebuildable: dict[fx.Node, bool] = {}
+    rebuildable: set[fx.Node] = set()
 
     def free(n: fx.Node, at: int) -> bool:
         """``n`` is available at position ``at`` without keeping anything alive longer."""
@@ -58,31 +58,34 @@ def rematerialize(graph: fx.Graph) -> fx.Graph:
             return True
         return position[n] < boundary and cheap(n) and all(free(i, at) for i in n.all_input_nodes)
 
-    copies: dict[fx.Node, fx.Node] = {}
+    copies: dict[fx.Node, fx.Node] = {}  # rebuilt carried values, read by their late users
 
-    def rebuild(n: fx.Node, before: fx.Node) -> fx.Node:
-        """``n`` as seen from ``before``: itself if it is alive there, else a copy inserted before it."""
-        if n in copies:
+    def rebuild(n: fx.Node, before: fx.Node, local: dict[fx.Node, fx.Node]) -> fx.Node:
+        """``n`` as seen from ``before``: itself or its copy if alive there, else a copy inserted before it.
+        Intermediates are copied per rebuilt value (``local``), so that no copy outlives its reader."""
+        alive_here = n in carried and last_use[n] >= position[before]
+        if n in copies and alive_here:
             return copies[n]
+        if n in local:
+            return local[n]
         if n.op == "placeholder" or not isinstance(n.meta.get("val"), torch.Tensor):
             return n
-        if n in carried and n not in rebuildable and last_use[n] >= position[before]:
+        if alive_here and n not in rebuildable:
             return n
         with graph.inserting_before(before):
-            copy = graph.node_copy(n, lambda a: rebuild(a, before))
-        copies[n] = copy
-        return copy
+            local[n] = graph.node_copy(n, lambda a: rebuild(a, before, local))
+        return local[n]
 
     for n in nodes[:boundary]:
         if n in carried and n not in returned and cheap(n):
             first = position[late_uses(n)[0]]
             if all(free(i, first) for i in n.all_input_nodes):
-                rebuildable[n] = True
+                rebuildable.add(n)
     for n in sorted(rebuildable, key=lambda n: position[late_uses(n)[0]]):
         uses = late_uses(n)
-        copy = rebuild(n, uses[0])
+        copies[n] = rebuild(n, uses[0], {})
         for user in uses:
-            user.replace_input_with(n, copy)
+            user.replace_input_with(n, copies[n])
     return graph
 
 

@@ -199,6 +199,11 @@ class Rule:
     #: Whether every input's relevance is zero wherever that input is zero (``R_i = x_i ⊙ ...``, or no
     #: relevance at all): planning uses it to prove where relevance vanishes (see Gamma).
     zero_where_input_zero: ClassVar[bool] = False
+    #: Whether, on a layer, each output unit's relevance is shared among the inputs by that unit's weights,
+    #: bias and output alone: then relevance at one unit equals the rule on the layer cut down to that
+    #: unit's row, and codegen explains one class of a large output layer (a language model's vocabulary)
+    #: without the full matmul.
+    unit_wise: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
@@ -217,6 +222,7 @@ class Epsilon(Rule):
     ``eps = 0`` is LRP-0, which equals gradient x input on ReLU networks.
     """
 
+    unit_wise: ClassVar[bool] = True
     zero_where_input_zero: ClassVar[bool] = True
 
     eps: float = 1e-6
@@ -279,6 +285,7 @@ class ZPlus(Rule):
     """LRP-z⁺ (Zennit's ``ZPlus``, alpha=1 beta=0 with negative inputs allowed):
     ``R_x = x⁺ ⊙ W⁺ᵀ(R ⊘ s) + x⁻ ⊙ W⁻ᵀ(R ⊘ s)`` with ``s = stab(W⁺x⁺ + b⁺ + W⁻x⁻)``."""
 
+    unit_wise: ClassVar[bool] = True
     zero_where_input_zero: ClassVar[bool] = True
 
     stabilizer: float = 1e-6
@@ -302,6 +309,7 @@ class AlphaBeta(Rule):
     ``R_x = α (x⁺⊙W⁺ᵀg⁺ + x⁻⊙W⁻ᵀg⁺) − β (x⁺⊙W⁻ᵀg⁻ + x⁻⊙W⁺ᵀg⁻)`` with
     ``g⁺ = R ⊘ stab(W⁺x⁺ + b⁺ + W⁻x⁻)``, ``g⁻ = R ⊘ stab(W⁻x⁺ + b⁻ + W⁺x⁻)``; requires α − β = 1."""
 
+    unit_wise: ClassVar[bool] = True
     zero_where_input_zero: ClassVar[bool] = True
 
     alpha: float = 2.0
@@ -344,6 +352,7 @@ class Gamma(Rule):
     where it proved ``R = 0`` at every ``z < 0`` (the layer feeds a ReLU) the ``g₂`` terms: both are exactly
     zero there."""
 
+    unit_wise: ClassVar[bool] = True
     zero_where_input_zero: ClassVar[bool] = True
 
     gamma: float = 0.25
@@ -385,6 +394,7 @@ class Flat(Rule):
     ``R_x = 1ᵀ(R ⊘ stab(1·1))``: relevance spread uniformly over each receptive field."""
 
     stabilizer: float = 1e-6
+    unit_wise: ClassVar[bool] = True
     serves: ClassVar[frozenset[str] | None] = LAYERS
 
     def __call__(self, op: Operation, R: Any) -> Relevances:
@@ -398,6 +408,7 @@ class WSquare(Rule):
     """LRP-w² (Zennit's ``WSquare``): ``R_x = (W²)ᵀ(R ⊘ stab(W²·1 + b²))``."""
 
     stabilizer: float = 1e-6
+    unit_wise: ClassVar[bool] = True
     serves: ClassVar[frozenset[str] | None] = LAYERS
 
     def __call__(self, op: Operation, R: Any) -> Relevances:
@@ -415,6 +426,7 @@ class ZBox(Rule):
     low: Any = None
     high: Any = None
     stabilizer: float = 1e-6
+    unit_wise: ClassVar[bool] = True
     serves: ClassVar[frozenset[str] | None] = LAYERS
 
     def __post_init__(self) -> None:

@@ -1078,3 +1078,72 @@ def test_inductor_backend_matches_eager_and_reuses_programs() -> None:
     assert (
         counters["stats"]["unique_graphs"] == 1
     )  # the batch dim is dynamic from the first call: one compile
+
+
+class Head(nn.Module):
+    """A feature extractor and a large classification head, on (B, d) or (B, T, d) inputs."""
+
+    def __init__(self, classes: int = 50, bias: bool = True) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
+        self.head = nn.Linear(8, classes, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def _relevance_matmuls(gm, classes: int) -> int:
+    """Matmuls that read a tensor with a dimension of size ``classes``: the head's forward, and its
+    relevance unless the head was cut down to the explained class."""
+    mms = (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default)
+    return sum(
+        1
+        for n in gm.graph.nodes
+        if n.target in mms and any(classes in tuple(a.meta["val"].shape) for a in n.all_input_nodes)
+    )
+
+
+@pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_language_model_head_is_explained_one_class_at_a_time(build, monkeypatch) -> None:
+    """The seed is one class at the last position: the head's relevance is W[c] per sample, not a matmul
+    over the vocabulary; the relevance is the full layer's exactly (same divisions, one product each)."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model = build()[0].eval()
+    ids = torch.randint(3, 100, (2, 7))
+    a = compile_eager(model)
+    res = a(input_ids=ids, target=torch.tensor([5, 9]))
+    monkeypatch.setattr(lrpc.codegen, "_one_class", lambda *args: None)
+    full = compile_eager(model)
+    ref = full(input_ids=ids, target=torch.tensor([5, 9]))
+    assert torch.equal(res.relevance, ref.relevance) and torch.equal(res.output, ref.output)
+    assert _relevance_matmuls(a.graph_module(input_ids=ids, target=1), 100) == 1
+    assert _relevance_matmuls(full.graph_module(input_ids=ids, target=1), 100) == 2
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (3, 5, 6)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rule", ["epsilon", "zplus", "gamma", "alpha-beta", "flat", "w-square"])
+def test_one_class_head_matches_the_full_layer(shape, bias: bool, rule: str, monkeypatch) -> None:
+    torch.manual_seed(1)
+    model = Head(bias=bias).eval()
+    chosen = {
+        "epsilon": lrpc.rules.Epsilon(0.1),
+        "zplus": lrpc.rules.ZPlus(),
+        "gamma": lrpc.rules.Gamma(0.25),
+        "alpha-beta": lrpc.rules.AlphaBeta(),
+        "flat": lrpc.rules.Flat(),
+        "w-square": lrpc.rules.WSquare(),
+    }[rule]
+    preset = lrpc.composite("epsilon", {"head": chosen})
+    x = torch.randn(*shape)
+    target = torch.tensor([3, 7, 0, 49][: shape[0]])
+    cut = lrpc.compile(model, rules=preset, backend="eager")
+    res = cut(x, target=target)
+    monkeypatch.setattr(lrpc.codegen, "_one_class", lambda *args: None)
+    ref = lrpc.compile(model, rules=preset, backend="eager")(x, target=target)
+    # ε reads z off the forward: equal; the others recompute z with modified weights, one row at a time
+    torch.testing.assert_close(res.relevance, ref.relevance, rtol=1e-5, atol=1e-6)
+    if rule == "epsilon":
+        assert torch.equal(res.relevance, ref.relevance)
+    assert _relevance_matmuls(cut.graph_module(x, target=target), 50) == 1  # the forward's
