@@ -1043,8 +1043,9 @@ def test_auto_backend_on_cpu_runs_convolution_bound_programs_eagerly(monkeypatch
     x = torch.randn(2, 3, 8, 8)
     gm = lrpc.compile(cnn, backend="eager").program(x).graph_module
     # by hand, multiply-adds: each convolution once forward and once backward (relevance), 2048 outputs
-    # summing over 3*3*3 and 16*3*3 inputs; the dense layer forward (addmm) and backward (mm), 2*10*1024
-    conv, mat = 2 * 2048 * (27 + 144), 2 * (2 * 10 * 1024)
+    # summing over 3*3*3 and 16*3*3 inputs; the dense layer forward (addmm), 2*10*1024, and its relevance
+    # for the explained class only (bmm with one row per sample), 2*1024
+    conv, mat = 2 * 2048 * (27 + 144), 2 * 10 * 1024 + 2 * 1024
     assert backends.convolution_share(gm) == pytest.approx(conv / (conv + mat), rel=1e-12)
     assert backends.choose("auto", torch.device("cpu"), gm) == "eager"
     assert backends.choose("auto", torch.device("cuda"), gm) == "inductor"

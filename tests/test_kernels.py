@@ -492,7 +492,9 @@ def fused_program(
     inputs = to(device, *inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = lrpc.compile(model, rules=rules, backend="eager").program(*inputs)
+        # every output relevant (a class target would cut the explained layer down to one row per sample,
+        # codegen._one_class, leaving no matmul to fuse there)
+        program = lrpc.compile(model, rules=rules, backend="eager").program(*inputs, target=lambda out: out)
     gm = program.graph_module
     return gm, fusion.fuse(gm), [*program.traced.state, *inputs]
 
