@@ -165,10 +165,10 @@ class Attributor:
     # -- calling -------------------------------------------------------------------------------
     def __call__(self, *args: Any, target: Any = None, seed: str | None = None, **kwargs: Any) -> Attribution:
         spec, index = parse_target(target, seed or self.seed)
-        program, tensors = self._program(args, kwargs, spec)
+        program, tensors, sizes = self._program(args, kwargs, spec)
         extra = []
         if spec.mode == "index":
-            extra.append(index_tensor(index, self._batch(program, tensors), tensors[0].device))
+            extra.append(index_tensor(index, _batch(program, sizes), tensors[0].device))
             _check_classes(index if isinstance(index, int) else extra[-1], program)
         start = time.perf_counter()
         with torch.no_grad():
@@ -236,14 +236,16 @@ class Attributor:
         )
         return key, tensors
 
-    def _program(self, args: tuple, kwargs: dict, spec: TargetSpec) -> tuple[Program, list[Tensor]]:
+    def _program(self, args: tuple, kwargs: dict, spec: TargetSpec) -> tuple[Program, list[Tensor], dict[str, int]]:
+        """The program for this call, its tensors, and the sizes its dynamic dims take."""
         key, tensors = self._key(args, kwargs, spec)
         for program in self._cache.get(key, []):
-            if program.bind(tensors) is not None:
+            sizes = program.bind(tensors)
+            if sizes is not None:
                 self._cache.move_to_end(key)
                 self.stats["hits"] += 1
                 self._last = program
-                return program, tensors
+                return program, tensors, sizes
         program = self._compile(args, kwargs, spec, tensors)
         self._cache.setdefault(key, []).append(program)
         self._cache.move_to_end(key)
@@ -253,7 +255,7 @@ class Attributor:
             if not self._cache[oldest]:
                 del self._cache[oldest]
         self._last = program
-        return program, tensors
+        return program, tensors, program.bind(tensors) or {}
 
     def _compile(self, args: tuple, kwargs: dict, spec: TargetSpec, tensors: list[Tensor]) -> Program:
         self.stats["traces"] += 1
@@ -299,16 +301,6 @@ class Attributor:
         return Program(traced, the_plan, gm, signature, spec, backend, run, timings, symbols, static)
 
     # -- results -------------------------------------------------------------------------------
-    def _batch(self, program: Program, tensors: list[Tensor]) -> int:
-        out = program.output_example
-        if out.dim() == 0:
-            return 1
-        size = out.shape[0]
-        if isinstance(size, int):
-            return size
-        values = program.bind(tensors) or {}
-        return int(sympy.sympify(str(size.node.expr)).subs(values))
-
     def _result(self, program: Program, tensors: list[Tensor], outs: tuple) -> Attribution:
         sig = program.signature
         output, used_index, seed_total = outs[0], outs[1], outs[2]
@@ -335,6 +327,17 @@ class Attributor:
             layers=layers,
             target=used_index,
         )
+
+
+def _batch(program: Program, sizes: dict[str, int]) -> int:
+    """The explained output's batch size for a call whose dynamic dims take ``sizes``."""
+    out = program.output_example
+    if out.dim() == 0:
+        return 1
+    size = out.shape[0]
+    if isinstance(size, int):
+        return size
+    return int(sympy.sympify(str(size.node.expr)).subs(sizes))
 
 
 def _check_classes(index: int | Tensor, program: Program) -> None:

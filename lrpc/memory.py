@@ -28,6 +28,11 @@ import torch
 import torch.fx as fx
 
 
+#: The most nodes one kept value may be rebuilt from (besides itself): a ReLU is one, a batch-norm-folded
+#: weight about five, GELU written out about eight.
+MAX_REBUILT = 16
+
+
 def rematerialize(graph: fx.Graph) -> fx.Graph:
     """Recompute cheap forward values where the relevance pass first reads them (in place; returns ``graph``).
 
@@ -50,13 +55,17 @@ def rematerialize(graph: fx.Graph) -> fx.Graph:
     last_use = {n: max(position[u] for u in n.users) for n in carried}
     rebuildable: set[fx.Node] = set()
 
-    def free(n: fx.Node, at: int) -> bool:
-        """``n`` is available at position ``at`` without keeping anything alive longer."""
+    def free(n: fx.Node, at: int, budget: list[int]) -> bool:
+        """``n`` is available at position ``at`` without keeping anything alive longer, rebuilding at most
+        ``budget[0]`` nodes (a long pointwise chain, an unrolled scan, is kept rather than recomputed)."""
         if n.op == "placeholder" or not isinstance(n.meta.get("val"), torch.Tensor):
             return True
         if n in carried and last_use[n] >= at:
             return True
-        return position[n] < boundary and cheap(n) and all(free(i, at) for i in n.all_input_nodes)
+        budget[0] -= 1
+        if budget[0] < 0 or position[n] >= boundary or not cheap(n):
+            return False
+        return all(free(i, at, budget) for i in n.all_input_nodes)
 
     copies: dict[fx.Node, fx.Node] = {}  # rebuilt carried values, read by their late users
 
@@ -79,7 +88,8 @@ def rematerialize(graph: fx.Graph) -> fx.Graph:
     for n in nodes[:boundary]:
         if n in carried and n not in returned and cheap(n):
             first = position[late_uses(n)[0]]
-            if all(free(i, first) for i in n.all_input_nodes):
+            budget = [MAX_REBUILT]
+            if all(free(i, first, budget) for i in n.all_input_nodes):
                 rebuildable.add(n)
     for n in sorted(rebuildable, key=lambda n: position[late_uses(n)[0]]):
         uses = late_uses(n)
@@ -129,6 +139,8 @@ def reuse_buffers(graph: fx.Graph) -> fx.Graph:
 
 
 _COMMUTATIVE = {torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor}
+#: Ops that return a view of their input although their schema does not say so.
+_UNANNOTATED_VIEWS = {torch.ops.aten._unsafe_view.default}
 
 
 def _inplace_variant(node: fx.Node) -> torch._ops.OpOverload | None:
@@ -145,7 +157,7 @@ def _reusable(operand: object, node: fx.Node) -> bool:
     if not isinstance(operand, fx.Node) or operand.op != "call_function" or len(operand.users) != 1:
         return False
     target = operand.target
-    if not isinstance(target, torch._ops.OpOverload):
+    if not isinstance(target, torch._ops.OpOverload) or target in _UNANNOTATED_VIEWS:
         return False
     returns = target._schema.returns
     if len(returns) != 1 or (returns[0].alias_info is not None and not returns[0].alias_info.is_write):

@@ -1124,7 +1124,7 @@ def test_language_model_head_is_explained_one_class_at_a_time(build, monkeypatch
 
 @pytest.mark.parametrize("shape", [(4, 6), (3, 5, 6)])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("rule", ["epsilon", "zplus", "gamma", "alpha-beta", "flat", "w-square"])
+@pytest.mark.parametrize("rule", ["epsilon", "zplus", "gamma", "alpha-beta", "flat", "w-square", "z-box"])
 def test_one_class_head_matches_the_full_layer(shape, bias: bool, rule: str, monkeypatch) -> None:
     torch.manual_seed(1)
     model = Head(bias=bias).eval()
@@ -1135,6 +1135,7 @@ def test_one_class_head_matches_the_full_layer(shape, bias: bool, rule: str, mon
         "alpha-beta": lrpc.rules.AlphaBeta(),
         "flat": lrpc.rules.Flat(),
         "w-square": lrpc.rules.WSquare(),
+        "z-box": lrpc.rules.ZBox(low=-3.0, high=3.0),
     }[rule]
     preset = lrpc.composite("epsilon", {"head": chosen})
     x = torch.randn(*shape)

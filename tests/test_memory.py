@@ -246,6 +246,42 @@ def test_inputs_live_values_views_and_promotions_are_not_written() -> None:
         assert torch.equal(got, want)
 
 
+def test_an_unsafe_view_is_not_written_through() -> None:
+    """``_unsafe_view`` shares its input's storage but its schema does not say so."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    y = graph.call_function(aten.mul.Tensor, (x, 2))
+    v = graph.call_function(aten._unsafe_view.default, (y, [12]))
+    w = graph.call_function(aten.add.Tensor, (v, 1))
+    graph.output((w, y))
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(torch.randn(3, 4))
+    reuse_buffers(gm.graph)
+    gm.recompile()
+    assert w.target is aten.add.Tensor
+    x_in = torch.randn(3, 4)
+    out, kept = gm(x_in)
+    assert torch.equal(kept, x_in * 2) and torch.equal(out, (x_in * 2).view(12) + 1)
+
+
+def test_long_pointwise_chains_are_kept_not_recomputed() -> None:
+    """An unrolled recurrence of pointwise ops (a scan): rebuilding its last value would repeat the whole
+    chain in the relevance pass, so it is kept; and the walk does not recurse once per step."""
+
+    def fn(x, w):
+        z = x @ w
+        h = z
+        for _ in range(3000):
+            h = h * 0.5 + z
+        return h.sum(1), h * 2, z * 3
+
+    graph = _program(fn, X, W)
+    assert "mm" in _late_forward_uses(graph) and len(_late_forward_uses(graph)) == 2
+
+
 def test_commutative_ops_reuse_their_second_operand() -> None:
     def fn(x, w):
         z = x @ w
