@@ -12,8 +12,10 @@ and each process gives its own peak memory. All processes of one model stay aliv
 are interleaved (round robin, the order rotating every round), so that load from other work on the machine
 falls on every method alike. Reported per method: the median of ``--reps`` timed calls after ``--warmup``
 untimed ones; the first call (lrpc: trace + plan + codegen + compile + run, with an empty Inductor cache;
-others: set-up + first call); the peak memory of the timed calls above the memory the process held before
-its first call (model, inputs, libraries); the ratio to eager gradient x input (one forward + one
+others: set-up + first call); memory, two readings (``bench/speed_worker.py`` says how): the peak of a call
+above the memory held right before it, and what the method holds between calls above the memory before its
+first call (its program and caches; on CPU also the libraries and compiled code loaded by the first call);
+the ratio to eager gradient x input (one forward + one
 backward, the floor) and to the fastest peer implementing the same rules; and the largest difference of
 the relevance to the reference implementation (max |a - b| / max |b|).
 """
@@ -37,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from lrpc.backends import choose
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "speed_worker.py"
@@ -114,7 +118,7 @@ PEERS = {
         ("Captum LRP", {"method": "captum"}, "epsilon"),
     ),
 }
-# Targets (issue 5), checked on the rows of the backend `backend="auto"` picks (auto_backend).
+# Targets (issue 5), checked on the rows of the backend `backend="auto"` picks (AUTO_BACKEND).
 SPEED_TARGET = {"epsilon": 1.0, "attnlrp": 1.0, "epsilon-plus-flat": 1.5, "epsilon-gamma-box": 1.5}
 PEER_TARGET = {"Zennit": 1 / 3, "LXT": 1 / 1.5}
 FIRST_CALL_TARGET = {"resnet50": 60.0, "bert": 60.0}
@@ -133,6 +137,7 @@ class Row:
     times: list[float] = field(default_factory=list)
     first_s: float | None = None
     peak_mb: float | None = None
+    held_mb: float | None = None
     peak_reset: bool = True
     error: str | None = None
     rel_path: str | None = None
@@ -318,12 +323,13 @@ def run_model(model: str, rows: list[Row], size: dict, args: argparse.Namespace,
             if "error" in msg:
                 row.error = msg["error"]
             else:
-                row.peak_mb, row.peak_reset, row.rel_path = msg["peak_mb"], msg["peak_reset"], str(path)
+                row.peak_mb, row.held_mb = msg["peak_mb"], msg["held_mb"]
+                row.peak_reset, row.rel_path = msg["peak_reset"], str(path)
         worker.close()
         if row.median is not None:
             print(
                 f"  {row.label} [{row.backend or '-'}]: median {row.median:.3f} s of {len(row.times)}, "
-                f"peak {row.peak_mb or 0:.0f} MB",
+                f"peak {row.peak_mb or 0:.0f} MB, held {row.held_mb or 0:.0f} MB",
                 file=sys.stderr,
                 flush=True,
             )
@@ -351,7 +357,7 @@ def compare(rows: list[Row], device: str) -> None:
         elif row.kind == "peer":
             refs = sorted(
                 (r for r in ok if r.kind == "lrpc" and r.rules == row.rules),
-                key=lambda r: r.backend != auto_backend(r.model, device),
+                key=lambda r: r.backend != AUTO_BACKEND,
             )
         else:
             refs = []
@@ -388,7 +394,7 @@ def table(rows: list[Row], size: dict) -> list[str]:
         name = f"{LABELS[row.model]} ({shape})" if row is rows[0] else ""
         method = f"{row.label} [{row.backend}]" if row.backend else row.label
         if row.error:
-            out.append(f"| {name} | {method} | does not run: {row.error.replace('|', '/')} | | | | | | |")
+            out.append(f"| {name} | {method} | does not run: {row.error.replace('|', '/')} | | | | | | | |")
             continue
         med = row.median
         vs_gxi = (
@@ -406,6 +412,7 @@ def table(rows: list[Row], size: dict) -> list[str]:
             peak += " (incl. first call)"
         if row.peak_mb is not None and gxi and gxi.peak_mb and row is not gxi:
             peak += f" ({row.peak_mb / gxi.peak_mb:.2f}x)"
+        held = f"{row.held_mb:.0f}" if row.held_mb is not None else "-"
         diff = f"{row.diff:.1e} vs {row.diff_ref}" if row.diff is not None else "-"
         if row.diff is not None and row.diff > DISAGREE:
             diff += " **disagrees**"
@@ -417,21 +424,18 @@ def table(rows: list[Row], size: dict) -> list[str]:
                 f" ({t.get('trace', 0):.0f}+{t.get('codegen', 0) + t.get('plan', 0):.0f}+{compile_s:.0f})"
             )
         out.append(
-            f"| {name} | {method} | {fmt_s(med)} | {spread} | {vs_gxi} | {vs_peer} | {first} | {peak} | {diff} |"
+            f"| {name} | {method} | {fmt_s(med)} | {spread} | {vs_gxi} | {vs_peer} | {first} | {peak} | {held} | {diff} |"
         )
     return out
 
 
 HEADER = [
-    "| model (input) | method [backend] | median | spread | vs grad x input | vs best peer | first call | peak MB above model (vs grad x input) | max rel. diff vs |",
-    "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    "| model (input) | method [backend] | median | spread | vs grad x input | vs best peer | first call | peak MB in a call (vs grad x input) | MB held between calls | max rel. diff vs |",
+    "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
 ]
 
 
-def auto_backend(model: str, device: str) -> str:
-    """The backend ``backend="auto"`` picks for the model's program (lrpc.backends.choose): the row the
-    targets are checked on. On CPU the CNNs' programs are convolution-bound and run eagerly."""
-    return "eager" if device == "cpu" and FAMILY[model] == "cnn" else "inductor"
+AUTO_BACKEND = choose("auto")  # the backend the targets are checked on
 
 
 def targets(rows: list[Row], device: str) -> list[str]:
@@ -443,7 +447,7 @@ def targets(rows: list[Row], device: str) -> list[str]:
     for model, rs in by_model.items():
         gxi = next((r for r in rs if r.kind == "gxi" and r.median), None)
         for row in rs:
-            if row.kind != "lrpc" or row.backend != auto_backend(model, device):
+            if row.kind != "lrpc" or row.backend != AUTO_BACKEND:
                 continue
             name = f"{LABELS[model]}, lrpc {row.rules} [{row.backend}]"
             if row.error or row.median is None:

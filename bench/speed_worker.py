@@ -10,14 +10,18 @@ original stdout (everything the libraries print goes to stderr):
     {"cmd": "finish"}              peak memory of the timed calls, save the last relevance, exit
 
 Separate processes keep LXT's process-wide monkey patches away from the other methods and give each
-method its own peak-memory reading: on CUDA ``torch.cuda.max_memory_allocated`` of the timed calls minus
-the memory allocated before the first call. On CPU the kernel's peak RSS (``VmHWM``, reset through
-``/proc/self/clear_refs``) during one more call after the timed ones, minus the RSS before the first call:
-glibc keeps freed memory and, after large frees, serves later tensors from its heap, so the RSS of the
-timed calls says more about the allocator's history than about the method. For that call (and for the
-reading before the first call) the heap is trimmed and every allocation of 64 KiB or more gets its own
-mapping, returned when the tensor is freed; what remains above the first reading is the memory the
-method holds between calls (its program, caches) plus what one call needs at its peak.
+method its own memory readings, two of them:
+
+- held: what the method keeps between calls, the memory after the warm-up calls minus the memory before
+  the first call (its program and caches; on CPU also the libraries and compiled code the first call
+  loaded, e.g. Inductor's);
+- peak: what one call needs on top of that, the peak of a call minus the memory right before it. On CUDA
+  ``torch.cuda.max_memory_allocated`` over the timed calls. On CPU the kernel's peak RSS (``VmHWM``, reset
+  through ``/proc/self/clear_refs``) during one more call after the timed ones: glibc keeps freed memory
+  and, after large frees, serves later tensors from its heap, so the RSS of the timed calls says more
+  about the allocator's history than about the method. For that call (and for the reading before the
+  first call) the heap is trimmed and every allocation of 64 KiB or more gets its own mapping, returned
+  when the tensor is freed.
 
     python bench/speed_worker.py '{"model": "resnet50", "method": "lrpc", "rules": "epsilon", ...}'
 """
@@ -329,41 +333,52 @@ def _reset_peak_rss() -> bool:
 
 
 class Meter:
+    """The held and peak memory readings of the module docstring, in MB."""
+
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
         self.baseline = 0.0
+        self.before_calls = 0.0
         self.reset_ok = True
 
     def sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
+    def _now(self) -> float:
+        return torch.cuda.memory_allocated(self.device) / 2**20 if self.cuda else _status_mb("VmRSS")
+
     def start(self) -> None:
+        """Before the first call."""
         gc.collect()
-        if self.cuda:
-            self.baseline = torch.cuda.memory_allocated(self.device) / 2**20
-        else:
+        if not self.cuda:
             _release_freed_memory(exact=False)
-            self.baseline = _status_mb("VmRSS")
+        self.baseline = self._now()
 
     def reset_peak(self) -> None:
+        """After the warm-up calls, before the timed ones."""
         gc.collect()
         if self.cuda:
+            self.before_calls = self._now()
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             self.reset_ok = _reset_peak_rss()
 
-    def peak(self, call: Callable[[], Any]) -> float:
-        """The peak of the timed calls (CUDA), or of one more call measured as the module docstring says (CPU)."""
+    def peak(self, call: Callable[[], Any]) -> tuple[float, float]:
+        """(peak, held): the peak of the timed calls (CUDA) or of one more call (CPU) above the memory held
+        right before it, and that memory above the reading before the first call."""
         if self.cuda:
-            return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.baseline
+            return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.before_calls, (
+                self.before_calls - self.baseline
+            )
         _release_freed_memory(exact=True)
+        before = self._now()
         self.reset_ok = _reset_peak_rss()
         result = call()
         peak = _status_mb("VmHWM")
         del result
-        return peak - self.baseline
+        return peak - before, before - self.baseline
 
 
 def overhead(model, inputs, target, calls: int) -> dict[str, float]:
@@ -498,13 +513,13 @@ def main() -> None:
                 reply(**overhead(model, inputs, target, msg.get("calls", 2000)))
             elif msg["cmd"] == "finish":
                 assert call is not None
-                peak = meter.peak(call)
+                peak, held = meter.peak(call)
                 if result is not None and msg.get("save"):
                     rel = result.detach()
                     if spec["method"] == "zennit":
                         rel = rel * zennit_method.scale
                     torch.save(rel.double().cpu(), msg["save"])
-                reply(peak_mb=peak, peak_reset=meter.reset_ok)
+                reply(peak_mb=peak, held_mb=held, peak_reset=meter.reset_ok)
                 return
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()

@@ -286,7 +286,7 @@ class Attributor:
         if after != before and not static:
             _narrow_ranges(traced, shape_env)
         generated = time.perf_counter()
-        backend = backends.choose(self.backend, tensors[0].device if tensors else torch.device("cpu"), gm)
+        backend = backends.choose(self.backend)
         if backend == backends.INTERPRET:
             run, _ = relevance_function(the_plan, spec)
         else:
@@ -408,8 +408,8 @@ def compile(model: nn.Module, **options: Any) -> Attributor:
             model in training mode is explained in eval semantics, with a warning.
         rules: a preset name (``"epsilon"``, ``"lrp0"``) or an :class:`lrpc.presets.Preset`.
         layers: module paths whose output relevance is returned too (``res.layers``), same pass.
-        backend: ``"auto"`` (default: Inductor, except the eager program on CPU when convolutions do most
-            of the arithmetic; a program that cannot compile runs eagerly, with a warning), ``"inductor"``,
+        backend: ``"auto"`` (default: Inductor, the fastest per call on CPU and CUDA; a program that
+            cannot compile runs eagerly, with a warning), ``"inductor"``,
             ``"triton"`` (CUDA: lrpc's fused kernels plus Inductor),
             ``"eager"`` (the generated program as is) or ``"interpret"`` (the rules run eagerly without
             tracing: the reference).

@@ -37,55 +37,14 @@ def resolve(name: str) -> str:
     return name
 
 
-def choose(name: str, device: torch.device, gm: fx.GraphModule | None = None) -> str:
-    """The backend the program ``gm``, whose tensors live on ``device``, runs with. ``auto`` is, as measured
-    (BENCHMARKS.md, 2026-11-26): Inductor on CUDA, where it was as fast as the fused kernels of ``"triton"``
-    or faster (an H200); on CPU the eager program when convolutions do most of the program's arithmetic,
-    Inductor otherwise. On CPU Inductor calls the same convolution kernels as the eager program and adds
-    layout copies: on VGG16 and ResNet-50 it took 1.0-1.6x the eager program's time, 1.3-1.7x its memory
-    and a 30-57 s compile, while on the transformers it was 5-23% faster than the eager program."""
-    if name != AUTO:
-        return name
-    if device.type != "cuda" and gm is not None and convolution_share(gm) > 0.5:
-        return "eager"
-    return "inductor"
-
-
-_CONVOLUTIONS = {torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default}
-_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
-
-
-def convolution_share(gm: fx.GraphModule) -> float:
-    """The convolutions' share of the multiply-adds of ``gm``'s convolutions and matmuls (forward and
-    relevance), from the nodes' fake values; dynamic sizes count at their traced value."""
-
-    def size(d: int | torch.SymInt) -> int:
-        hint = d if isinstance(d, int) else d.node.hint
-        return int(hint) if hint is not None else 8  # unknown: the same in every term (batch, tokens)
-
-    def numel(node: object) -> int:
-        val = node.meta.get("val") if isinstance(node, fx.Node) else None
-        out = 1
-        for d in val.shape if isinstance(val, torch.Tensor) else ():
-            out *= size(d)
-        return out
-
-    conv = mat = 0
-    for node in gm.graph.nodes:
-        if node.target in _CONVOLUTIONS:
-            # (output or its gradient: arg 0) x (what each output element sums over: weight dims 1..)
-            weight = node.args[1] if node.target is torch.ops.aten.convolution.default else node.args[2]
-            out = node if node.target is torch.ops.aten.convolution.default else node.args[0]
-            w = weight.meta["val"].shape if isinstance(weight, fx.Node) else ()
-            per_output = 1
-            for d in list(w)[1:]:
-                per_output *= size(d)
-            conv += numel(out) * per_output
-        elif node.target in _MATMULS:
-            a = node.args[-2]  # mm(a, b), addmm(bias, a, b), bmm(a, b)
-            k = a.meta["val"].shape[-1] if isinstance(a, fx.Node) else 1
-            mat += numel(node) * size(k)
-    return conv / (conv + mat) if conv + mat else 0.0
+def choose(name: str) -> str:
+    """The backend a program runs with. ``auto`` is Inductor on every device, as measured
+    (BENCHMARKS.md, 2026-11-26): on CUDA as fast as the fused kernels of ``"triton"`` or faster (an H200);
+    on CPU faster per call than the eager program on every benchmark model (VGG16 and ResNet-50 1.00-1.09x
+    gradient x input against 1.16-1.31x; the transformers 5-23% faster). Its first call compiles (15 s
+    for a small CNN, about a minute for ResNet-50 on 2 cores): for a handful of calls ``"eager"`` is
+    quicker in total."""
+    return "inductor" if name == AUTO else name
 
 
 def build(name: str, gm: fx.GraphModule, *, fallback: bool) -> Callable[..., tuple]:
@@ -153,8 +112,22 @@ def _inductor(gm: fx.GraphModule) -> Callable[..., tuple]:
 
 
 def _compiled(gm: fx.GraphModule) -> Callable[..., tuple]:
+    # Off CUDA, Inductor's layout optimization puts every convolution in channels-last, which for a
+    # program whose weights are inputs (not frozen constants) means copying each weight and activation
+    # into that layout on every call: measured on 2 CPU cores it cost ResNet-50 epsilon 1.40x -> 1.03x
+    # gradient x input with it off, VGG16 1.04x -> 1.00x, and a third of the compile time.
+    options = {} if "cuda" in devices(gm) else {"layout_optimization": False}
     # the bound forward, not the module: the module's __call__ adds a few microseconds to every call
-    return torch.compile(gm.forward, backend="inductor", fullgraph=True, dynamic=None)
+    return torch.compile(gm.forward, backend="inductor", fullgraph=True, dynamic=None, options=options)
+
+
+def devices(gm: fx.GraphModule) -> set[str]:
+    """The device types of ``gm``'s tensor inputs, from their fake values."""
+    return {
+        v.device.type
+        for n in gm.graph.nodes
+        if n.op == "placeholder" and isinstance(v := n.meta.get("val"), torch.Tensor)
+    }
 
 
 def dynamic_dims_marked(compiled: Callable[..., tuple], gm: fx.GraphModule) -> Callable[..., tuple]:
@@ -203,15 +176,10 @@ def _triton(gm: fx.GraphModule) -> Callable[..., tuple]:
             f"the 'triton' backend needs a CUDA device and triton ({missing}); "
             "use backend='inductor' (or 'eager') on CPU."
         )
-    devices = {
-        v.device.type
-        for n in gm.graph.nodes
-        if n.op == "placeholder" and isinstance(v := n.meta.get("val"), torch.Tensor)
-    }
-    if devices - {"cuda"}:
+    if (others := devices(gm) - {"cuda"}):
         raise LRPCError(
             "the 'triton' backend runs on CUDA tensors; this program's model and inputs are on "
-            f"{', '.join(sorted(devices))}: move them to the GPU (model.cuda(), x.cuda()) "
+            f"{', '.join(sorted(others))}: move them to the GPU (model.cuda(), x.cuda()) "
             "or use backend='inductor'."
         )
     fused = fusion.fuse(gm, patterns=TRITON_PATTERNS)

@@ -324,7 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="explain a trained digits CNN (and a MiniLM sentence similarity), write pictures"
     )
     p.add_argument("--rules", default=DEMO_RULES, help=f"preset for the digits CNN (default {DEMO_RULES})")
-    p.add_argument("--backend", default="auto", choices=backends.names(), help="backend for the digits CNN")
+    p.add_argument(
+        "--backend",
+        default="eager",
+        choices=backends.names(),
+        help="backend for the digits CNN (default eager: Inductor's compile, about 15 s, outlasts the demo's "
+        "calls; 'auto' compiles)",
+    )
     p.add_argument(
         "--text-backend",
         default="eager",

@@ -997,71 +997,39 @@ def test_auto_backend_falls_back_to_eager_with_a_warning(monkeypatch, broken) ->
 
 
 def test_auto_backend_picks_inductor(monkeypatch) -> None:
-    """Inductor on CUDA (on an H200 as fast as the fused-kernel backend, BENCHMARKS.md) and for programs
-    that are not convolution-bound on CPU."""
+    """Inductor on every device: on CUDA as fast as the fused-kernel backend (an H200), on CPU faster per
+    call than the eager program on the CNNs and the transformers (BENCHMARKS.md)."""
     from lrpc import backends
 
-    assert backends.choose("auto", torch.device("cpu")) == "inductor"
-    assert backends.choose("auto", torch.device("cuda")) == "inductor"
-    assert backends.choose("eager", torch.device("cpu")) == "eager"
-    assert backends.choose("triton", torch.device("cuda")) == "triton"
+    assert backends.choose("auto") == "inductor"
+    assert backends.choose("eager") == "eager"
+    assert backends.choose("triton") == "triton"
     calls = []
     monkeypatch.setitem(backends._BACKENDS, "inductor", lambda gm: calls.append(gm) or gm)
-    model = relu_net(bias=True)
-    a = lrpc.compile(model)
-    a(torch.randn(2, 6))
-    assert len(calls) == 1 and a.report().backend == "inductor"
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
+    for model, x in ((relu_net(bias=True), torch.randn(2, 6)), (cnn, torch.randn(2, 3, 8, 8))):
+        a = lrpc.compile(model)
+        a(x)
+        assert a.report().backend == "inductor"
+    assert len(calls) == 2
 
 
-@pytest.mark.slow
-class PatchNet(nn.Module):
-    """A ViT-like shape: one small patch convolution, then large linear layers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.patch = nn.Conv2d(3, 4, 4, stride=4)
-        self.mlp = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.patch(x).flatten(1))
-
-
-def test_auto_backend_on_cpu_runs_convolution_bound_programs_eagerly(monkeypatch) -> None:
-    """On CPU Inductor runs the same convolution kernels plus layout copies (slower than the eager program
-    on VGG16 / ResNet-50, BENCHMARKS.md): ``auto`` picks the eager program when convolutions do most of
-    the arithmetic, Inductor when matmuls do, and Inductor on CUDA whatever the program."""
+def test_inductor_keeps_the_programs_layouts_off_cuda(monkeypatch) -> None:
+    """On CPU Inductor's layout optimization copies every convolution weight and activation into
+    channels-last on every call (the weights are program inputs, not frozen constants): 1.40x -> 1.03x
+    gradient x input on ResNet-50 with it off. It stays on for CUDA programs."""
     from lrpc import backends
 
-    cnn = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(16 * 8 * 8, 10),
-    ).eval()
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw["options"]) or fn)
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
     x = torch.randn(2, 3, 8, 8)
     gm = lrpc.compile(cnn, backend="eager").program(x).graph_module
-    # by hand, multiply-adds: each convolution once forward and once backward (relevance), 2048 outputs
-    # summing over 3*3*3 and 16*3*3 inputs; the dense layer forward (addmm), 2*10*1024, and its relevance
-    # for the explained class only (bmm with one row per sample), 2*1024
-    conv, mat = 2 * 2048 * (27 + 144), 2 * 10 * 1024 + 2 * 1024
-    assert backends.convolution_share(gm) == pytest.approx(conv / (conv + mat), rel=1e-12)
-    assert backends.choose("auto", torch.device("cpu"), gm) == "eager"
-    assert backends.choose("auto", torch.device("cuda"), gm) == "inductor"
-    assert backends.choose("inductor", torch.device("cpu"), gm) == "inductor"
-    a = lrpc.compile(cnn)
-    a(x)
-    assert a.report().backend == "eager"
-
-    patch = PatchNet().eval()
-    gm = lrpc.compile(patch, backend="eager").program(torch.randn(2, 3, 16, 16)).graph_module
-    assert backends.convolution_share(gm) < 0.1
-    calls = []
-    monkeypatch.setitem(backends._BACKENDS, "inductor", lambda gm: calls.append(gm) or gm)
-    b = lrpc.compile(patch)
-    b(torch.randn(2, 3, 16, 16))
-    assert len(calls) == 1 and b.report().backend == "inductor"
+    backends.get("inductor")(gm)
+    assert seen == [{"layout_optimization": False}]
+    monkeypatch.setattr(backends, "devices", lambda gm: {"cuda"})
+    backends.get("inductor")(gm)
+    assert seen[-1] == {}
 
 
 def test_inductor_backend_matches_eager_and_reuses_programs() -> None:
