@@ -52,7 +52,9 @@ def index_tensor(target: int | Tensor, batch: int, device: torch.device) -> Tens
         return torch.full((batch,), target, dtype=torch.long, device=device)
     if target.dtype in (torch.float16, torch.float32, torch.float64, torch.bfloat16, torch.bool):
         raise LRPCError(f"target tensor must hold integer class indices, got dtype {target.dtype}")
-    target = target.to(device=device, dtype=torch.long).reshape(-1)
+    target = target.to(device=device, dtype=torch.long)
+    if target.dim() != 1:
+        target = target.reshape(-1)
     if target.numel() == 1 and batch != 1:
         target = target.expand(batch)
     if target.numel() != batch:
