@@ -41,10 +41,10 @@ def resolve(name: str) -> str:
 def choose(name: str) -> str:
     """The backend a program runs with. ``auto`` is Inductor on every device, as measured
     (BENCHMARKS.md, 2026-11-26): on CUDA as fast as the fused kernels of ``"triton"`` or faster (an H200);
-    on CPU faster per call than the eager program on every benchmark model (VGG16 and ResNet-50 1.00-1.09x
-    gradient x input against 1.16-1.31x; the transformers 5-23% faster). Its first call compiles (15 s
-    for a small CNN, about a minute for ResNet-50 on 2 cores): for a handful of calls ``"eager"`` is
-    quicker in total."""
+    on CPU faster per call than the eager program on every benchmark model (VGG16 and ResNet-50 ε
+    0.99-1.09x gradient x input against 1.06-1.50x; the transformers 0.87-1.00x against 1.01-1.24x). Its
+    first call compiles (15 s for a small CNN, about 50 s for ResNet-50 on 2 cores): for a handful of
+    calls ``"eager"`` is quicker in total."""
     return "inductor" if name == AUTO else name
 
 
@@ -108,6 +108,7 @@ def _eager(gm: fx.GraphModule) -> Callable[..., tuple]:
 def _rewritten(gm: fx.GraphModule, graph_pass: Callable[[fx.Graph], fx.Graph]) -> fx.GraphModule:
     """``graph_pass`` applied to a copy of ``gm``: the program users print stays as generated."""
     graph = fx.Graph()
+    graph._codegen = gm.graph._codegen  # keep the calling convention make_fx gave the program
     graph.output(graph.graph_copy(gm.graph, {}))
     return fx.GraphModule(gm, graph_pass(graph))
 

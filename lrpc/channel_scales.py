@@ -10,7 +10,8 @@ weight, per output channel, so the same values come from scaling its output or i
 
 Under Inductor the products with ``k`` fuse into the pointwise kernels next to them (the batch norm's
 place in the forward, the ε step's quotient in the relevance pass), so a weight-sized pass per layer and
-call becomes free: ResNet-50 epsilon spent about 20 ms of a 300 ms call (2 CPU cores) folding weights. In
+call becomes free: ResNet-50 epsilon under Inductor, in one process on 2 CPU cores, went from 1.04x to
+0.91-0.94x gradient x input. In
 the eager program the scaled activations would be extra passes, larger than the weights at larger batches,
 so only the compiled backends use this. Rounding differs from the folded form in the last bits.
 """
