@@ -342,7 +342,7 @@ def rel_diff(a_path: str, b_path: str) -> float | None:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def compare(rows: list[Row], device: str) -> None:
+def compare(rows: list[Row]) -> None:
     """lrpc rows against the peer implementing the same rules; on the ReLU CNNs epsilon against gradient x
     input, which LRP-0 equals exactly and LRP-epsilon up to epsilon. Peer rows against lrpc's row with the
     backend ``auto`` picks (or another backend's)."""
@@ -438,7 +438,7 @@ HEADER = [
 AUTO_BACKEND = choose("auto")  # the backend the targets are checked on
 
 
-def targets(rows: list[Row], device: str) -> list[str]:
+def targets(rows: list[Row]) -> list[str]:
     """The issue's targets for lrpc's rows with auto's backend: met or missed, with the measured numbers."""
     lines = []
     by_model: dict[str, list[Row]] = {}
@@ -676,7 +676,7 @@ def main() -> None:
                 "",
                 "Targets (lrpc with the backend `auto` picks):",
                 "",
-                *(targets(all_rows, args.device) or ["- no lrpc rows with auto's backend in this run"]),
+                *(targets(all_rows) or ["- no lrpc rows with auto's backend in this run"]),
             ]
         )
 
@@ -688,7 +688,7 @@ def main() -> None:
             rows = rows_for(model, presets, backends, not args.no_peers, args.quick)
             print(f"{LABELS[model]}: {len(rows)} methods, {size}", file=sys.stderr, flush=True)
             run_model(model, rows, size, args, tmp)
-            compare(rows, args.device)
+            compare(rows)
             all_rows += rows
             body += table(rows, size)
             print("\n".join(HEADER + table(rows, size)), file=sys.stderr, flush=True)
