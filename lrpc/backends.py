@@ -126,8 +126,66 @@ def _compiled(gm: fx.GraphModule) -> Callable[..., tuple]:
     options = {} if "cuda" in devices(gm) else {"layout_optimization": False}
     # batch-norm-folded weights: Inductor fuses the per-channel scale into the neighbouring pointwise kernels
     gm = _rewritten(gm, unfold_weight_scales)
+    if not _symbolic(gm):
+        return _StaticInductor(gm, options)
     # the bound forward, not the module: the module's __call__ adds a few microseconds to every call
     return torch.compile(gm.forward, backend="inductor", fullgraph=True, dynamic=None, options=options)
+
+
+class _StaticInductor:
+    """A program with static shapes compiled by Inductor directly (``torch._inductor.compile``), on its
+    first call's inputs, and run without ``torch.compile``'s guards. Dynamo's guards would check what
+    lrpc's program cache has already matched (each input's dtype, device and sizes) and cost a tiny model's
+    call about 20 µs of its 60. Strides are the one property left: Inductor's code assumes the first call's
+    strides, so an input laid out otherwise is copied into them (results stay right; such calls pay a copy).
+    Programs with dynamic sizes keep ``torch.compile``, whose guards carry the size conditions that
+    Inductor's code relies on."""
+
+    def __init__(self, gm: fx.GraphModule, options: dict) -> None:
+        self._gm, self._options = gm, options
+        self._run: Callable[..., list] | None = None
+        self._strides: list[tuple[int, ...] | None] = []
+
+    def __call__(self, *args: object) -> tuple:
+        if self._run is None:
+            import torch._inductor  # noqa: PLC0415 - loaded by the first compile, as torch.compile does
+
+            # the strides compiled for must be ones a copy can take (not an expanded input's zeros)
+            args = tuple(_dense(a) for a in args)
+            # inference graph: no autograd bookkeeping for the parameters that require grad
+            with torch.no_grad():
+                self._run = torch._inductor.compile(self._gm, list(args), self._options)
+            self._strides = [a.stride() if isinstance(a, torch.Tensor) else None for a in args]
+        else:
+            args = tuple(_restrided(a, s) for a, s in zip(args, self._strides))
+        return tuple(self._run(*args))
+
+
+def _restrided(value: object, stride: tuple[int, ...] | None) -> object:
+    if stride is None or value.stride() == stride:  # type: ignore[union-attr]
+        return value
+    t: torch.Tensor = value  # type: ignore[assignment]
+    return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def _dense(value: object) -> object:
+    """``value`` without broadcast (zero-stride) dims, whose layout a copy could not take."""
+    if isinstance(value, torch.Tensor) and any(s == 0 < n - 1 for s, n in zip(value.stride(), value.shape)):
+        return value.contiguous()
+    return value
+
+
+def _symbolic(gm: fx.GraphModule) -> bool:
+    """Whether any input of ``gm`` has a symbolic size (or is a symbolic integer)."""
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        val = n.meta.get("val")
+        if isinstance(val, torch.SymInt) or (
+            isinstance(val, torch.Tensor) and not all(isinstance(d, int) for d in val.shape)
+        ):
+            return True
+    return False
 
 
 def devices(gm: fx.GraphModule) -> set[str]:

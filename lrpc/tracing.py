@@ -242,6 +242,7 @@ def trace(
             program = program.run_decompositions(decomposition_table())
         except Exception as e:  # noqa: BLE001
             raise TraceError(f"decomposing the exported graph of {type(model).__name__} failed: {e}") from e
+    program.example_inputs = None  # the program is cached: it must not keep the first call's inputs alive
     return _traced(program, wrapper, tensor_names, time.perf_counter() - start)
 
 

@@ -1029,14 +1029,15 @@ def test_inductor_keeps_the_programs_layouts_off_cuda(monkeypatch) -> None:
     from lrpc import backends
 
     seen = []
+    monkeypatch.setattr(torch._inductor, "compile", lambda gm, args, options: seen.append(options) or gm)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw["options"]) or fn)
     cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
-    x = torch.randn(2, 3, 8, 8)
-    gm = lrpc.compile(cnn, backend="eager").program(x).graph_module
-    backends.get("inductor")(gm)
-    assert seen == [{"layout_optimization": False}]
+    a = lrpc.compile(cnn, backend="inductor")
+    a(torch.randn(2, 3, 8, 8))
+    a(torch.randn(3, 3, 8, 8))  # the dynamic program, through torch.compile
+    assert seen == [{"layout_optimization": False}] * 2
     monkeypatch.setattr(backends, "devices", lambda gm: {"cuda"})
-    backends.get("inductor")(gm)
+    lrpc.compile(cnn, backend="inductor")(torch.randn(2, 3, 8, 8))
     assert seen[-1] == {}
 
 
@@ -1052,8 +1053,47 @@ def test_inductor_backend_matches_eager_and_reuses_programs() -> None:
         torch.testing.assert_close(a(x).relevance, nonzero(compile_eager(model)(x).relevance))
     assert a.stats["traces"] == 2
     assert a.report().backend == "inductor"
-    # the first batch's program, then the dynamic one: Dynamo compiles each once, never per size
-    assert counters["stats"]["unique_graphs"] == 2
+    # the first batch's program goes to Inductor directly; the dynamic one through Dynamo, compiled once
+    # for every size after
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_cached_programs_do_not_keep_the_inputs_alive(backend: str) -> None:
+    """A program is cached for the attributor's lifetime; the input it was traced and compiled on (a
+    batch of images can be tens of MB) must be freed with the user's last reference to it."""
+    import gc
+    import weakref
+
+    a = lrpc.compile(relu_net(bias=True), backend=backend)
+    x = torch.randn(4, 6)
+    alive = weakref.ref(x)
+    res = a(x)
+    del x, res
+    gc.collect()
+    assert alive() is None
+    a(torch.randn(4, 6))  # and the cached program still runs
+    assert a.stats["traces"] == 1
+
+
+def test_static_inductor_program_takes_any_strides() -> None:
+    """The first program of a signature runs Inductor's code without Dynamo's guards: inputs whose strides
+    differ from the first call's (transposed, broadcast, sliced) are copied into them, never misread."""
+    from torch._dynamo.utils import counters
+
+    model = relu_net(bias=True)
+    reference = compile_eager(model)
+    torch._dynamo.reset()
+    counters.clear()
+    a = lrpc.compile(model, backend="inductor")
+    base = torch.randn(6, 4)
+    for x in (base.t(), torch.randn(4, 6), torch.randn(1, 6).expand(4, 6), torch.randn(4, 12)[:, ::2]):
+        torch.testing.assert_close(a(x).relevance, nonzero(reference(x).relevance))
+    broadcast_first = lrpc.compile(model, backend="inductor")
+    for x in (torch.randn(1, 6).expand(4, 6), torch.randn(4, 6)):
+        torch.testing.assert_close(broadcast_first(x).relevance, nonzero(reference(x).relevance))
+    assert a.stats["traces"] == broadcast_first.stats["traces"] == 1
+    assert counters["stats"]["unique_graphs"] == 0
 
 
 class Head(nn.Module):

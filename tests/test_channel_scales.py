@@ -152,12 +152,18 @@ def test_inductor_backend_compiles_the_unfolded_program(monkeypatch) -> None:
     from lrpc import backends
 
     compiled = []
+    # a program with static sizes goes to Inductor directly, a dynamic one through torch.compile
+    monkeypatch.setattr(torch._inductor, "compile", lambda gm, args, options: compiled.append(gm) or gm)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn.__self__) or fn)
-    model, x = bn_net(), torch.randn(3, 3, 8, 8)
-    gm = lrpc.compile(model, backend="eager").program(x, target=1).graph_module
-    backends.get("inductor")(gm)
-    (unfolded,) = compiled
-    assert weight_products(gm.graph, model) >= 3 and weight_products(unfolded.graph, model) == 0
+    model = bn_net()
+    a = lrpc.compile(model, backend="inductor")
+    for batch in (3, 4):
+        x = torch.randn(batch, 3, 8, 8)
+        torch.testing.assert_close(a(x, target=1).relevance, lrpc.compile(model, backend="eager")(x, target=1).relevance)
+    assert len(compiled) == 2 and not backends._symbolic(compiled[0]) and backends._symbolic(compiled[1])
+    gm = a.program(torch.randn(3, 3, 8, 8), target=1).graph_module
+    assert weight_products(gm.graph, model) >= 3
+    assert all(weight_products(unfolded.graph, model) == 0 for unfolded in compiled)
 
 
 @pytest.mark.slow
