@@ -148,7 +148,7 @@ class _StaticInductor:
 
     def __call__(self, *args: object) -> tuple:
         if self._run is None:
-            import torch._inductor  # noqa: PLC0415 - loaded by the first compile, as torch.compile does
+            import torch._inductor  # loaded by the first compile, as torch.compile does
 
             # the strides compiled for must be ones a copy can take (not an expanded input's zeros)
             args = tuple(_dense(a) for a in args)

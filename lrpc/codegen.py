@@ -22,9 +22,10 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from .canonize import ACTIVATION_META
 from .errors import LRPCError
+from .input_gradients import merge_input_gradients
+from .memory import rematerialize
 from .ops import SIDE_EFFECT_OPS, lookup
 from .planning import Plan, Step, bind
-from .memory import rematerialize
 from .rules import Operation
 from .targets import TargetSpec, seed_relevance
 
@@ -256,6 +257,7 @@ def generate(plan: Plan, target: TargetSpec, example_inputs: list[Any]) -> tuple
     with fx_traceback.preserve_node_meta(), torch.no_grad():
         gm = make_fx(program, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example_inputs)
     eliminate_common_subexpressions(gm.graph)
+    merge_input_gradients(gm.graph)
     rematerialize(gm.graph)
     gm.graph.eliminate_dead_code()
     gm.recompile()
