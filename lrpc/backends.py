@@ -134,45 +134,60 @@ def _compiled(gm: fx.GraphModule) -> Callable[..., tuple]:
 
 class _StaticInductor:
     """A program with static shapes compiled by Inductor directly (``torch._inductor.compile``), on its
-    first call's inputs, and run without ``torch.compile``'s guards. Dynamo's guards would check what
-    lrpc's program cache has already matched (each input's dtype, device and sizes) and cost a tiny model's
-    call about 20 µs of its 60. Strides are the one property left: Inductor's code assumes the first call's
-    strides, so an input laid out otherwise is copied into them (results stay right; such calls pay a copy).
+    first call's inputs, and run without ``torch.compile``'s guards, which cost a tiny model's call about
+    20 µs of its 60. Instead: lrpc's program cache has matched the sizes, dtypes and devices of the call's
+    own tensors; here each argument, the model's parameters included, is checked against the dtype and
+    device it was compiled for (a model moved or cast after its first call gets a new compile, as Dynamo
+    would give it), and an argument laid out otherwise than at compile time is copied into that layout.
     Programs with dynamic sizes keep ``torch.compile``, whose guards carry the size conditions that
     Inductor's code relies on."""
 
     def __init__(self, gm: fx.GraphModule, options: dict) -> None:
         self._gm, self._options = gm, options
         self._run: Callable[..., list] | None = None
-        self._strides: list[tuple[int, ...] | None] = []
+        self._layouts: list[tuple[torch.dtype, torch.device, tuple[int, ...]] | None] = []
 
     def __call__(self, *args: object) -> tuple:
-        if self._run is None:
-            import torch._inductor  # loaded by the first compile, as torch.compile does
+        matched = self._matched(args) if self._run is not None else None
+        if matched is None:
+            matched = self._compile(args)
+        return tuple(self._run(*matched))  # type: ignore[misc]
 
-            # the strides compiled for must be ones a copy can take (not an expanded input's zeros)
-            args = tuple(_dense(a) for a in args)
-            # inference graph: no autograd bookkeeping for the parameters that require grad
-            with torch.no_grad():
-                self._run = torch._inductor.compile(self._gm, list(args), self._options)
-            self._strides = [a.stride() if isinstance(a, torch.Tensor) else None for a in args]
-        else:
-            args = tuple(_restrided(a, s) for a, s in zip(args, self._strides))
-        return tuple(self._run(*args))
+    def _compile(self, args: tuple) -> tuple:
+        import torch._inductor  # loaded by the first compile, as torch.compile does
+
+        args = tuple(_standard_layout(a) for a in args)
+        # inference graph: no autograd bookkeeping for the parameters that require grad
+        with torch.no_grad():
+            self._run = torch._inductor.compile(self._gm, list(args), self._options)
+        self._layouts = [(a.dtype, a.device, a.stride()) if isinstance(a, torch.Tensor) else None for a in args]
+        return args
+
+    def _matched(self, args: tuple) -> tuple | None:
+        """``args`` in the compiled layouts, or ``None`` if one has another dtype or device."""
+        out = None
+        for i, (a, layout) in enumerate(zip(args, self._layouts)):
+            if layout is None:
+                continue
+            dtype, device, stride = layout
+            if a.dtype != dtype or a.device != device:  # type: ignore[attr-defined]
+                return None
+            if a.stride() != stride:  # type: ignore[attr-defined]
+                out = out or list(args)
+                out[i] = torch.empty_strided(a.shape, stride, dtype=dtype, device=device).copy_(a)  # type: ignore[attr-defined]
+        return args if out is None else tuple(out)
 
 
-def _restrided(value: object, stride: tuple[int, ...] | None) -> object:
-    if stride is None or value.stride() == stride:  # type: ignore[union-attr]
+def _standard_layout(value: object) -> object:
+    """``value`` if it is contiguous (or channels-last), else a contiguous copy: the layout compiled for
+    should be the common one, and one a copy can take (not a broadcast's zero strides)."""
+    if not isinstance(value, torch.Tensor) or value.is_contiguous():
         return value
-    t: torch.Tensor = value  # type: ignore[assignment]
-    return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
-
-
-def _dense(value: object) -> object:
-    """``value`` without broadcast (zero-stride) dims, whose layout a copy could not take."""
-    if isinstance(value, torch.Tensor) and any(s == 0 < n - 1 for s, n in zip(value.stride(), value.shape)):
-        return value.contiguous()
-    return value
+    if value.dim() == 4 and value.is_contiguous(memory_format=torch.channels_last):
+        return value
+    if value.dim() == 5 and value.is_contiguous(memory_format=torch.channels_last_3d):
+        return value
+    return value.contiguous()
 
 
 def _symbolic(gm: fx.GraphModule) -> bool:

@@ -11,13 +11,15 @@ On a layer with few input channels (an image's first layer: 3) a backward costs 
 channels as for 3, since its work is set by the output channels and the pixels: on 2 CPU cores, one
 thread, VGG16's first layer at 224x224 took 13 ms for the merged backward and 40 ms for the three, which
 is z^B's (``epsilon-gamma-box``) extra cost over the gradient on that layer. Wider layers gain nothing
-(the merged backward costs the sum of its parts, measured at 64 and 256 input channels), and the stacked
-input would be an extra copy, so only layers with at most :data:`MAX_CHANNELS` input channels merge.
+(the merged backward costs the sum of its parts, measured at 64 and 256 input channels) and would copy
+their weights into the stack, so only layers with at most :data:`MAX_CHANNELS` input channels merge.
 The arithmetic is the same, per channel.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import operator
 from collections import defaultdict
 
@@ -26,7 +28,8 @@ from torch import fx
 
 aten = torch.ops.aten
 
-#: The most input channels per merged gradient (an image's 1-4, an audio spectrogram's 1).
+#: The most input channels a convolution may have for its input gradient to be merged (an image's 1-4, an
+#: audio spectrogram's 1).
 MAX_CHANNELS = 16
 
 
@@ -54,9 +57,11 @@ def merge_input_gradients(graph: fx.Graph) -> fx.Graph:
 
 
 def _sibling_key(node: fx.Node) -> tuple | None:
-    """What siblings share (the gradient, the geometry, the input's and weight's layout but channels), or
-    ``None`` for a call that does not qualify."""
+    """What siblings share (the gradient, the geometry, the input's and weight's sizes but their channels,
+    dtypes, device), or ``None`` for a call that does not qualify."""
     if node.op != "call_function" or node.target is not aten.convolution_backward.default:
+        return None
+    if len(node.args) != 11 or node.kwargs:
         return None
     grad, x, w, _, stride, padding, dilation, transposed, out_pad, groups, mask = node.args
     if transposed or groups != 1 or list(mask) != [True, False, False]:
@@ -74,15 +79,29 @@ def _sibling_key(node: fx.Node) -> tuple | None:
 
 
 def _merge(graph: fx.Graph, group: list[fx.Node], first: fx.Node) -> None:
-    def call(target: object, args: tuple) -> fx.Node:
-        node = graph.call_function(target, args)  # type: ignore[arg-type]
-        node.meta = {k: v for k, v in first.meta.items() if k != "val"}  # the rule's label, the source line
-        node.meta["val"] = target(*fx.node.map_arg(args, lambda n: n.meta["val"]))  # type: ignore[operator]
+    # the fake tensors' mode: a factory call (``empty``) has no fake argument to find it by
+    mode = getattr(first.args[1].meta["val"], "fake_mode", None) or contextlib.nullcontext()
+
+    def call(target: object, args: tuple, kwargs: dict | None = None) -> fx.Node:
+        node = graph.call_function(target, args, kwargs)  # type: ignore[arg-type]
+        # the rule's label and source line, as the calls it replaces
+        node.meta = {k: copy.copy(v) for k, v in first.meta.items() if k != "val"}
+        fake = fx.node.map_arg((args, kwargs or {}), lambda n: n.meta["val"])
+        with mode:
+            node.meta["val"] = target(*fake[0], **fake[1])  # type: ignore[operator]
         return node
 
     args = list(first.args)
     with graph.inserting_before(first):
-        args[1] = call(aten.cat.default, ([n.args[1] for n in group], 1))
+        # the input of an input-gradient-only backward gives its size, its values are never read: the
+        # stacked input is allocated, not copied from the members' inputs
+        x = first.args[1]
+        sizes = [
+            d if isinstance(d, int) else call(aten.sym_size.int, (x, i)) for i, d in enumerate(x.meta["val"].shape)
+        ]
+        sizes[1] = sum(n.args[1].meta["val"].shape[1] for n in group)
+        val = x.meta["val"]
+        args[1] = call(aten.empty.memory_format, (sizes,), {"dtype": val.dtype, "device": val.device})
         args[2] = call(aten.cat.default, ([n.args[2] for n in group], 1))
         grads = call(operator.getitem, (call(aten.convolution_backward.default, tuple(args)), 0))
         start, parts = 0, []
@@ -90,7 +109,8 @@ def _merge(graph: fx.Graph, group: list[fx.Node], first: fx.Node) -> None:
             width = node.args[2].meta["val"].shape[1]
             parts.append(call(aten.slice.Tensor, (grads, 1, start, start + width)))
             start += width
-    for node, part in zip(group, parts):  # erased after the inserts: they go before the first of them
+    # erased only now: the inserts above go before ``first``, which must still be in the graph
+    for node, part in zip(group, parts):
         for user in list(node.users):
             user.replace_all_uses_with(part)
             graph.erase_node(user)

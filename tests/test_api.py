@@ -1089,11 +1089,27 @@ def test_static_inductor_program_takes_any_strides() -> None:
     base = torch.randn(6, 4)
     for x in (base.t(), torch.randn(4, 6), torch.randn(1, 6).expand(4, 6), torch.randn(4, 12)[:, ::2]):
         torch.testing.assert_close(a(x).relevance, nonzero(reference(x).relevance))
-    broadcast_first = lrpc.compile(model, backend="inductor")
-    for x in (torch.randn(1, 6).expand(4, 6), torch.randn(4, 6)):
-        torch.testing.assert_close(broadcast_first(x).relevance, nonzero(reference(x).relevance))
-    assert a.stats["traces"] == broadcast_first.stats["traces"] == 1
+    for first in (torch.randn(1, 6).expand(4, 6), torch.randn(9).as_strided((4, 6), (1, 1))):  # overlapping
+        b = lrpc.compile(model, backend="inductor")
+        for x in (first, torch.randn(4, 6), base.t()):
+            torch.testing.assert_close(b(x).relevance, nonzero(reference(x).relevance))
+        assert b.stats["traces"] == 1
+    assert a.stats["traces"] == 1
     assert counters["stats"]["unique_graphs"] == 0
+
+
+def test_static_inductor_program_follows_a_model_cast_after_compiling() -> None:
+    """Token ids keep the call's signature when the model is cast (or moved) after its first call: the
+    cached program must not run code compiled for float32 parameters on float64 ones. It is compiled
+    again, as Dynamo's guards would have it."""
+    model = BagOfEmbeddings().eval()
+    ids = torch.randint(0, 50, (3, 7))
+    a = lrpc.compile(model, rules="lrp0", backend="inductor")
+    assert a(ids).relevance.dtype == torch.float32
+    model.double()
+    res = a(ids)
+    assert res.relevance.dtype == torch.float64 and a.stats["traces"] == 1
+    torch.testing.assert_close(res.relevance, nonzero(compile_eager(model, rules="lrp0")(ids).relevance))
 
 
 class Head(nn.Module):

@@ -126,3 +126,29 @@ def test_network_program_equals_the_unmerged_one(rules: str, monkeypatch) -> Non
     for a, e in zip(merged, separate):
         if isinstance(e, torch.Tensor) and e.is_floating_point():
             torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_merged_program_at_other_batch_sizes(backend: str, monkeypatch) -> None:
+    """The second batch size compiles a dynamic program: the stacked input's size is symbolic there."""
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    ).eval()
+    preset = lrpc.presets.epsilon_gamma_box(low=-3.0, high=3.0)
+    merged = lrpc.compile(model, rules=preset, backend=backend)
+    batches = (2, 5, 3)
+    actual = [
+        merged(x, target=1).relevance
+        for x in (torch.randn(b, 3, 6, 6, generator=torch.Generator().manual_seed(b)) for b in batches)
+    ]
+    dynamic = merged.program(torch.randn(5, 3, 6, 6), target=1)
+    assert dynamic.traced.ranges and sum(n.target is BACKWARD for n in dynamic.graph_module.graph.nodes) == 1
+    monkeypatch.setattr(input_gradients, "MAX_CHANNELS", 0)
+    separate = lrpc.compile(model, rules=preset, backend="eager")
+    for b, got in zip(batches, actual):
+        x = torch.randn(b, 3, 6, 6, generator=torch.Generator().manual_seed(b))
+        expected = separate(x, target=1).relevance
+        assert expected.abs().max() > 0
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
+    assert merged.stats["traces"] == 2
