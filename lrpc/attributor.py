@@ -427,7 +427,7 @@ def compile(model: nn.Module, **options: Any) -> Attributor:
             rule; ``"warn"`` routes relevance through its gradient, warns, and records the fallback.
         dynamic: ``None`` (default, like ``torch.compile``'s automatic dynamic shapes): the first program
             for an input signature is compiled for its exact sizes (faster to compile: BERT-base's first
-            call with Inductor on 2 CPU cores took 44 s instead of 68 s); a later call with a new batch
+            call with Inductor on 2 CPU cores took 39 s instead of 68 s); a later call with a new batch
             size or sequence length compiles one program whose batch (and token sequence) dimension is
             dynamic where export allows, and that program serves every size after. ``True``: dynamic from
             the first call (for inputs whose sizes change from call to call). ``False``: never dynamic,

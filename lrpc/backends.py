@@ -41,10 +41,10 @@ def resolve(name: str) -> str:
 def choose(name: str) -> str:
     """The backend a program runs with. ``auto`` is Inductor on every device, as measured
     (BENCHMARKS.md, 2026-11-26): on CUDA as fast as the fused kernels of ``"triton"`` or faster (an H200);
-    on CPU faster per call than the eager program on every benchmark model (VGG16 and ResNet-50 ε
-    0.99-1.09x gradient x input against 1.06-1.50x; the transformers 0.87-1.00x against 1.01-1.24x). Its
-    first call compiles (15 s for a small CNN, about 50 s for ResNet-50 on 2 cores): for a handful of
-    calls ``"eager"`` is quicker in total."""
+    on CPU faster per call than the eager program on every benchmark model (over the last runs VGG16 and
+    ResNet-50 ε 0.99-1.09x gradient x input against 1.08-1.50x; the transformers 0.85-1.04x against
+    0.97-1.24x). Its first call compiles (about 40 s for ResNet-50 or BERT-base on 2 cores): for a handful
+    of calls ``"eager"`` is quicker in total."""
     return "inductor" if name == AUTO else name
 
 
