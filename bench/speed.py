@@ -481,7 +481,7 @@ def targets(rows: list[Row]) -> list[str]:
     return lines
 
 
-def machine(device: str, threads: int) -> str:
+def machine(device: str) -> str:
     parts = [f"{platform.system()} {platform.release()}, {platform.machine()}"]
     try:
         lscpu = subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=10).stdout
@@ -642,7 +642,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="lrpc-speed-"))
     lines = [
         f"Command: `{command.strip()}`; {date.today().isoformat()}",
-        f"Machine: {machine(args.device, args.threads)}; torch threads per process: {args.threads or torch.get_num_threads()}",
+        f"Machine: {machine(args.device)}; torch threads per process: {args.threads or torch.get_num_threads()}",
         f"Versions: {versions()}",
         "",
     ]

@@ -5,10 +5,10 @@
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from .channel_scales import unfold_weight_scales
 from .errors import LRPCError
