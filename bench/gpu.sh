@@ -24,7 +24,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
 
-timeout 100 python3 -m pytest -q -p no:cacheprovider -m "slow or not slow" -n 8 tests/test_kernels.py 2>&1 | tail -15 | tee "$out/tests.log"
+timeout 100 python3 -m pytest -q -p no:cacheprovider -m "slow or not slow" -n 8 tests/test_kernels.py tests/test_cuda.py 2>&1 | tail -15 | tee "$out/tests.log"
 
 timeout $(( $(left) < 130 ? $(left) : 130 )) python3 bench/kernels.py --sweep --out "$out/kernels.md" 2>&1 | tail -40 > "$out/kernels.log"
 echo "kernels bench done at $((SECONDS - start)) s"

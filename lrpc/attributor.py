@@ -167,6 +167,8 @@ class Attributor:
     def __call__(self, *args: Any, target: Any = None, seed: str | None = None, **kwargs: Any) -> Attribution:
         spec, index = parse_target(target, seed or self.seed)
         program, tensors, sizes = self._program(args, kwargs, spec)
+        # the program was traced on contiguous inputs: its views (a flatten after a convolution) assume them
+        tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
         extra = []
         if spec.mode == "index":
             extra.append(index_tensor(index, _batch(program, sizes), tensors[0].device))

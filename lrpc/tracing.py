@@ -218,7 +218,9 @@ def trace(
 
     start = time.perf_counter()
     leaves, spec, names = flatten_inputs(model, args, kwargs)
-    tensors = [x for x in leaves if isinstance(x, Tensor)]
+    # traced contiguous, as every call runs them (Attributor.__call__): export specializes the program's
+    # views to the example's strides, and a channels-last example would give views a contiguous input breaks
+    tensors = [x.contiguous() for x in leaves if isinstance(x, Tensor)]
     tensor_names = [n for n, x in zip(names, leaves) if isinstance(x, Tensor)]
     wrapper = _Explained(model, spec, leaves, output)
     if model.training:

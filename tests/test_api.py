@@ -1180,3 +1180,20 @@ def test_one_class_head_matches_the_full_layer(shape, bias: bool, rule: str, mon
     if rule == "epsilon":
         assert torch.equal(res.relevance, ref.relevance)
     assert _relevance_matmuls(cut.graph_module(x, target=target), 50) == 1  # the forward's
+
+
+@pytest.mark.parametrize("first", ["contiguous", "channels_last"])
+def test_inputs_in_other_memory_formats(first: str) -> None:
+    """A program is traced on contiguous inputs and called on them: a channels-last image (whichever call
+    comes first) must neither break the views after a convolution (Flatten) nor change the relevance."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    layouts = [x, x.to(memory_format=torch.channels_last)]
+    if first == "channels_last":
+        layouts.reverse()
+    a = compile_eager(model, rules="lrp0")
+    results = [a(t, target=1).relevance for t in layouts]
+    assert a.stats["traces"] == 1
+    torch.testing.assert_close(results[0], results[1])
+    torch.testing.assert_close(results[0], nonzero(grad_x_input(model, x, torch.tensor([1, 1]))), rtol=1e-5, atol=1e-6)
