@@ -96,11 +96,9 @@ def _merge(graph: fx.Graph, group: list[fx.Node], first: fx.Node) -> None:
         # the input of an input-gradient-only backward gives its size, its values are never read: the
         # stacked input is allocated, not copied from the members' inputs
         x = first.args[1]
-        sizes = [
-            d if isinstance(d, int) else call(aten.sym_size.int, (x, i)) for i, d in enumerate(x.meta["val"].shape)
-        ]
-        sizes[1] = sum(n.args[1].meta["val"].shape[1] for n in group)
         val = x.meta["val"]
+        sizes = [d if isinstance(d, int) else call(aten.sym_size.int, (x, i)) for i, d in enumerate(val.shape)]
+        sizes[1] = sum(n.args[1].meta["val"].shape[1] for n in group)
         args[1] = call(aten.empty.memory_format, (sizes,), {"dtype": val.dtype, "device": val.device})
         args[2] = call(aten.cat.default, ([n.args[2] for n in group], 1))
         grads = call(operator.getitem, (call(aten.convolution_backward.default, tuple(args)), 0))

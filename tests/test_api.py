@@ -1077,8 +1077,9 @@ def test_cached_programs_do_not_keep_the_inputs_alive(backend: str) -> None:
 
 
 def test_static_inductor_program_takes_any_strides() -> None:
-    """The first program of a signature runs Inductor's code without Dynamo's guards: inputs whose strides
-    differ from the first call's (transposed, broadcast, sliced) are copied into them, never misread."""
+    """The first program of a signature runs Inductor's code without Dynamo's guards: inputs laid out in
+    any way (transposed, broadcast, sliced, overlapping; the attributor makes them contiguous) give the
+    eager program's relevance, from one program."""
     from torch._dynamo.utils import counters
 
     model = relu_net(bias=True)
@@ -1096,6 +1097,39 @@ def test_static_inductor_program_takes_any_strides() -> None:
         assert b.stats["traces"] == 1
     assert a.stats["traces"] == 1
     assert counters["stats"]["unique_graphs"] == 0
+
+
+def test_static_inductor_backend_copies_arguments_into_the_compiled_strides(monkeypatch) -> None:
+    """At the backend seam (where the parameters and the index tensor arrive as they are): an argument
+    whose strides differ from the compiled ones is copied into them, without a new compile; a broadcast or
+    overlapping first argument is compiled as contiguous; another dtype compiles again."""
+    from lrpc import backends
+
+    compiles = []
+    real = torch._inductor.compile
+    monkeypatch.setattr(torch._inductor, "compile", lambda *a, **k: compiles.append(1) or real(*a, **k))
+    model, x = relu_net(bias=True), torch.randn(4, 6)
+    program = compile_eager(model).program(x, target=1)
+    args = [*program.traced.state, x, torch.full((4,), 1)]
+    weight = args[0]
+    assert weight.dim() == 2
+    variants = [
+        args,
+        [weight.t().contiguous().t(), *args[1:]],  # a parameter stored transposed
+        [*args[:-1], torch.tensor([1]).expand(4)],  # a broadcast index
+        [*args[:-2], torch.randn(9).as_strided((4, 6), (1, 1)), args[-1]],  # overlapping
+    ]
+    for first in (variants[0], variants[2], variants[3]):
+        run = backends.get("inductor")(program.graph_module)
+        before = len(compiles)
+        for call in (first, *variants):
+            expected = program.graph_module(*call)[3]
+            assert expected.abs().max() > 0
+            torch.testing.assert_close(run(*call)[3], expected)
+        assert len(compiles) == before + 1
+    double = [t.double() if t.is_floating_point() else t for t in args]
+    torch.testing.assert_close(run(*double)[3], program.graph_module(*double)[3])
+    assert run(*double)[3].dtype == torch.float64 and len(compiles) == before + 2
 
 
 def test_static_inductor_program_follows_a_model_cast_after_compiling() -> None:
