@@ -269,7 +269,9 @@ class Attributor:
         self.stats["traces"] += 1
         traced = trace(self.model, args, kwargs, output=self.output, dynamic=dynamic)
         start = time.perf_counter()
-        graph = canonicalize(traced.graph, traced.user_placeholders, fold=self.preset.fold_batch_norm)
+        graph = canonicalize(
+            traced.graph, traced.user_placeholders, fold=self.preset.fold_batch_norm, keep=self.layers
+        )
         inputs = {s.name: n for s, n in zip(traced.inputs, traced.user_placeholders)}
         the_plan = make_plan(
             graph,

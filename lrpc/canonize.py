@@ -14,7 +14,6 @@ Each pass takes an ``fx.Graph`` and returns it (rewritten in place), in the styl
 
 from __future__ import annotations
 
-import contextlib
 import operator
 from typing import Any, Callable, Sequence
 
@@ -22,8 +21,9 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .narrowing import narrow_positions
 from .ops import Family, lookup
-from .tracing import module_stack
+from .tracing import insert_call, module_stack
 
 aten = torch.ops.aten
 
@@ -37,9 +37,12 @@ ACTIVATION_META = "lrpc_activation"
 _BATCH_NORM = (aten._native_batch_norm_legit_no_training.default,)
 
 
-def canonicalize(graph: fx.Graph, inputs: Sequence[fx.Node] = (), *, fold: bool = True) -> fx.Graph:
+def canonicalize(
+    graph: fx.Graph, inputs: Sequence[fx.Node] = (), *, fold: bool = True, keep: Sequence[str] = ()
+) -> fx.Graph:
     """All canonicalization passes, in order. ``inputs``: the user-input placeholders; ``fold=False``
-    keeps batch norms as they are."""
+    keeps batch norms as they are; ``keep``: module paths whose values stay whole (requested layers)."""
+    graph = narrow_positions(graph, keep)
     if fold:
         graph = fold_batch_norm(graph)
     graph = freeze_normalizers(graph)
@@ -50,14 +53,7 @@ def canonicalize(graph: fx.Graph, inputs: Sequence[fx.Node] = (), *, fold: bool 
 
 
 def _insert(graph: fx.Graph, op: Callable, args: tuple, meta_from: fx.Node) -> fx.Node:
-    """Insert ``op(*args)`` with ``meta['val']`` computed on the fake values of its arguments."""
-    node = graph.call_function(op, args)
-    node.meta.update({k: v for k, v in meta_from.meta.items() if k in ("nn_module_stack", "stack_trace")})
-    vals = fx.node.map_arg(args, lambda n: n.meta["val"])
-    fake_mode = meta_from.meta["val"].fake_mode if hasattr(meta_from.meta["val"], "fake_mode") else None
-    with fake_mode if fake_mode is not None else contextlib.nullcontext():
-        node.meta["val"] = op(*vals)
-    return node
+    return insert_call(graph, op, args, like=meta_from)
 
 
 def fold_batch_norm(graph: fx.Graph) -> fx.Graph:

@@ -301,6 +301,30 @@ def _bound(value: Any, infinite: float) -> Any:
         return infinite
 
 
+def insert_call(
+    graph: fx.Graph,
+    target: Callable,
+    args: tuple,
+    kwargs: dict | None = None,
+    *,
+    like: fx.Node,
+    name: str | None = None,
+) -> fx.Node:
+    """Insert ``target(*args, **kwargs)`` at the graph's insertion point, with ``like``'s metadata (module
+    stack, source line) and its own ``meta["val"]``, computed on the arguments' fake values. If that
+    computation raises, nothing is inserted."""
+    vals = fx.node.map_arg((args, kwargs or {}), lambda n: n.meta["val"])
+    mode = getattr(like.meta.get("val"), "fake_mode", None)
+    for v in pytree.tree_leaves(vals):
+        mode = mode or getattr(v, "fake_mode", None)
+    with mode if mode is not None else contextlib.nullcontext():
+        val = target(*vals[0], **vals[1])
+    node = graph.create_node("call_function", target, args, kwargs, name=name)
+    node.meta.update({k: v for k, v in like.meta.items() if k not in ("val", "tensor_meta")})
+    node.meta["val"] = val
+    return node
+
+
 def module_path(node: fx.Node) -> str:
     """The path of the innermost user module a node was created in (``""`` for the top level)."""
     stack = node.meta.get("nn_module_stack") or {}

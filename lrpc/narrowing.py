@@ -1,0 +1,296 @@
+"""Narrowing: compute only the sequence position that the explained output reads.
+
+A classifier that reads one position of a sequence (BERT's pooler and ViT's head read token 0,
+``h[:, 0]``) leaves the rest of its last block's output unused: the feed-forward layers, and the attention's
+query rows and output projection at every other position. torch.export keeps them (a node is dead only
+when its whole value is unused), so the forward would compute them and the relevance pass would send zero
+relevance back through them at full size.
+
+:func:`narrow_positions` moves each such ``select`` up the graph through the ops that treat the selected
+dimension position by position (elementwise ops, linear layers, norms and softmaxes over other dimensions,
+views, matmul rows), so that they compute the selected position only. It stops where a value is needed
+whole: a value with other users (the keys and values of attention), an input, a parameter, an op it does
+not know, or a module whose relevance the user asked for. There it slices.
+
+Nothing that is returned changes: the output is computed from the same values, and LRP rules are linear
+in the relevance they receive, so the positions cut away would have sent zero relevance back.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import sys
+from collections.abc import Callable, Collection
+from typing import Any
+
+import torch
+from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .ops import VALUE_MOVING_OPS
+from .tracing import insert_call, module_stack
+
+aten = torch.ops.aten
+
+#: ``{argument position: dimension of that argument to narrow}`` and the op's new arguments.
+Through = tuple[dict[int, int], tuple]
+
+
+def narrow_positions(graph: fx.Graph, keep: Collection[str] = ()) -> fx.Graph:
+    """Compute only what each ``select(x, dim, index)`` reads of ``x``, as far up as that is possible.
+
+    ``keep``: module paths whose nodes must stay whole (layers whose relevance is returned).
+    """
+    roots = [n for n in graph.nodes if n.op == "call_function" and n.target is aten.select.int]
+    for root in roots:
+        _narrow(graph, root, tuple(keep))
+    graph.eliminate_dead_code()
+    return graph
+
+
+def _narrow(graph: fx.Graph, root: fx.Node, keep: tuple[str, ...]) -> None:
+    source, dim, index = root.args
+    if not isinstance(source, fx.Node) or not isinstance(index, int) or _val(source) is None:
+        return
+    dim = dim % _val(source).dim()
+    asked: dict[fx.Node, set[int | None]] = {source: {dim}}  # dims a narrowed user needs; None: whole
+    narrowed: dict[fx.Node, Through] = {}
+    nodes = list(graph.nodes)
+    for node in reversed(nodes[: nodes.index(root)]):
+        dims = asked.get(node)
+        if not dims or None in dims or len(dims) != 1:
+            continue
+        (d,) = dims
+        if any(u is not root and u not in narrowed for u in node.users) or _kept(node, keep):
+            continue
+        through = _through(node, d)
+        if through is None:
+            continue
+        narrowed[node] = through
+        positions, _ = through
+        for i, arg in enumerate(node.args):
+            for a in _nodes(arg):
+                asked.setdefault(a, set()).add(positions.get(i) if a is arg else None)
+        for a in _nodes(node.kwargs):
+            asked.setdefault(a, set()).add(None)
+    # moving the select only through views and copies saves nothing: leave the graph as it is
+    if all(n.target in VALUE_MOVING_OPS or n.target is operator.getitem for n in narrowed):
+        return
+    _rewrite(graph, root, narrowed, index)
+
+
+def _rewrite(graph: fx.Graph, root: fx.Node, narrowed: dict[fx.Node, Through], index: int) -> None:
+    new: dict[fx.Node, fx.Node] = {}
+    slices: dict[tuple[fx.Node, int], fx.Node] = {}
+
+    def version(node: fx.Node, d: int, user: fx.Node) -> fx.Node:
+        """``node`` at the one position: its narrowed copy, or a slice of it where it stays whole. The slice
+        belongs to the narrowed ``user`` (its module), not to ``node``'s module, whose output stays whole."""
+        if node in new:
+            return new[node]
+        if (node, d) not in slices:
+            end = index + 1 if index != -1 else sys.maxsize
+            with graph.inserting_after(node):
+                slices[node, d] = insert_call(
+                    graph, aten.slice.Tensor, (node, d, index, end), like=user, name=f"{node.name}_at{index}"
+                )
+        return slices[node, d]
+
+    for node in graph.nodes:
+        if node not in narrowed:
+            continue
+        positions, args = narrowed[node]
+        if node.target is operator.getitem and node.args[0] not in narrowed:
+            continue  # a tuple cannot be sliced: slice the item where a user needs it
+        args = tuple(version(a, positions[i], node) if i in positions else a for i, a in enumerate(args))
+        with graph.inserting_after(node):
+            new[node] = _call(graph, node, args)
+    source, dim, _ = root.args
+    root.args = (version(source, dim % _val(source).dim(), root), dim, 0)
+
+
+def _call(graph: fx.Graph, node: fx.Node, args: tuple) -> fx.Node:
+    try:
+        return insert_call(graph, node.target, args, node.kwargs, like=node, name=f"{node.name}_narrowed")
+    except RuntimeError:
+        if node.target not in _VIEWS:
+            raise
+    # a slice the narrowed view reads may not be viewable as the new shape: reshape copies it then
+    return insert_call(graph, aten.reshape.default, args, like=node, name=f"{node.name}_narrowed")
+
+
+def _kept(node: fx.Node, keep: tuple[str, ...]) -> bool:
+    return any(path in keep for path, _ in module_stack(node))
+
+
+def _nodes(arg: Any) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(arg, found.append)
+    return found
+
+
+def _val(node: Any) -> torch.Tensor | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if isinstance(val, (tuple, list)) and val:  # a multi-output op (a norm): its outputs share leading dims
+        val = val[0]
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _same(a: Any, b: Any) -> bool:
+    return bool(statically_known_true(a == b))
+
+
+def _whole_dim(node: fx.Node, d: int) -> bool:
+    """Whether dim ``d`` of ``node``'s value has size other than 1 (a size-1 dim is broadcast, not narrowed)."""
+    return not _same(_val(node).shape[d], 1)
+
+
+# --- how each op's output at one position is computed from its inputs --------------------------------------
+def _through(node: fx.Node, d: int) -> Through | None:
+    """The inputs to narrow (and along which dim) so that ``node`` computes position ``d`` only, or ``None``
+    where the op mixes positions along ``d`` or lrpc does not know it."""
+    if node.op != "call_function":
+        return None
+    if node.target is operator.getitem:
+        return {0: d}, node.args
+    out = _val(node)
+    if out is None or not _whole_dim(node, d) or any(_val(a) is not None for a in _nodes(node.kwargs)):
+        return None
+    rule = _RULES.get(node.target)
+    if rule is None and torch.Tag.pointwise in getattr(node.target, "tags", ()):
+        rule = _pointwise
+    return rule(node, d, out.dim()) if rule is not None else None
+
+
+def _pointwise(node: fx.Node, d: int, rank: int) -> Through:
+    """Broadcasting elementwise ops: each tensor argument along its own dim (right-aligned), unless it is
+    broadcast along it."""
+    positions = {}
+    for i, a in enumerate(node.args):
+        if _val(a) is not None:
+            ad = d - (rank - _val(a).dim())
+            if ad >= 0 and _whole_dim(a, ad):
+                positions[i] = ad
+    return positions, node.args
+
+
+def _first_arg(node: fx.Node, d: int, rank: int = 0) -> Through:
+    return {0: d}, node.args
+
+
+def _linear(node: fx.Node, d: int, rank: int) -> Through | None:
+    return _first_arg(node, d) if d < rank - 1 else None
+
+
+def _norm(node: fx.Node, d: int, rank: int) -> Through | None:
+    return _first_arg(node, d) if d < _val(node.args[0]).dim() - len(node.args[1]) else None
+
+
+def _softmax(node: fx.Node, d: int, rank: int) -> Through | None:
+    return _first_arg(node, d) if node.args[1] % rank != d else None
+
+
+def _reduction(node: fx.Node, d: int, rank: int) -> Through | None:
+    """``sum`` / ``mean`` / ``amax`` / ``any`` over dims other than the narrowed one."""
+    x = _val(node.args[0])
+    reduced = node.args[1] if len(node.args) > 1 else None
+    if reduced is None:
+        return None
+    reduced = {r % x.dim() for r in ([reduced] if isinstance(reduced, int) else reduced)}
+    keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+    kept = list(range(x.dim())) if keepdim else [i for i in range(x.dim()) if i not in reduced]
+    xd = kept[d]
+    return ({0: xd}, node.args) if xd not in reduced else None
+
+
+def _view(node: fx.Node, d: int, rank: int) -> Through | None:
+    """A view keeps position ``d`` if some input dim has the same size and the same number of elements
+    before it; the new shape has 1 there."""
+    x, out = _val(node.args[0]), _val(node)
+    before = math.prod(out.shape[:d])
+    for xd in range(x.dim()):
+        if _same(math.prod(x.shape[:xd]), before) and _same(x.shape[xd], out.shape[d]):
+            shape = list(node.args[1])
+            shape[d] = 1
+            return {0: xd}, (node.args[0], shape)
+    return None
+
+
+def _expand(node: fx.Node, d: int, rank: int) -> Through:
+    xd = d - (rank - _val(node.args[0]).dim())
+    sizes = list(node.args[1])
+    sizes[d] = 1
+    return ({0: xd} if xd >= 0 and _whole_dim(node.args[0], xd) else {}), (node.args[0], sizes, *node.args[2:])
+
+
+def _permute(node: fx.Node, d: int, rank: int) -> Through:
+    return {0: node.args[1][d] % rank}, node.args
+
+
+def _transpose(node: fx.Node, d: int, rank: int) -> Through:
+    a, b = node.args[1] % rank, node.args[2] % rank
+    return {0: b if d == a else a if d == b else d}, node.args
+
+
+def _unsqueeze(node: fx.Node, d: int, rank: int) -> Through:
+    return {0: d if d < node.args[1] % rank else d - 1}, node.args
+
+
+def _squeeze(node: fx.Node, d: int, rank: int) -> Through:
+    x = _val(node.args[0])
+    dims = node.args[1] if len(node.args) > 1 else [i for i in range(x.dim()) if _same(x.shape[i], 1)]
+    dims = {i % x.dim() for i in ([dims] if isinstance(dims, int) else dims)}
+    dims = {i for i in dims if _same(x.shape[i], 1)}  # squeeze leaves a dim of another size
+    kept = [i for i in range(x.dim()) if i not in dims]
+    return {0: kept[d]}, node.args
+
+
+def _slice(node: fx.Node, d: int, rank: int) -> Through | None:
+    return _first_arg(node, d) if node.args[1] % rank != d else None
+
+
+def _select(node: fx.Node, d: int, rank: int) -> Through:
+    return {0: d if d < node.args[1] % (rank + 1) else d + 1}, node.args
+
+
+def _bmm(node: fx.Node, d: int, rank: int) -> Through:
+    """``(N, M, K) @ (N, K, P)``: a batch entry of both, a row of the first, a column of the second."""
+    return ({0: 0, 1: 0} if d == 0 else {0: 1} if d == 1 else {1: 2}), node.args
+
+
+def _mm(node: fx.Node, d: int, rank: int) -> Through:
+    return ({0: 0} if d == 0 else {1: 1}), node.args
+
+
+_VIEWS = (aten.view.default, aten._unsafe_view.default)
+
+_RULES: dict[Any, Callable[[fx.Node, int, int], Through | None]] = {
+    aten.linear.default: _linear,
+    aten.native_layer_norm.default: _norm,
+    aten.rms_norm.default: _norm,
+    aten._softmax.default: _softmax,
+    aten._log_softmax.default: _softmax,
+    aten.sum.dim_IntList: _reduction,
+    aten.mean.dim: _reduction,
+    aten.amax.default: _reduction,
+    aten.amin.default: _reduction,
+    aten.any.dim: _reduction,
+    aten.view.default: _view,
+    aten._unsafe_view.default: _view,
+    aten.reshape.default: _view,
+    aten.expand.default: _expand,
+    aten.permute.default: _permute,
+    aten.transpose.int: _transpose,
+    aten.unsqueeze.default: _unsqueeze,
+    aten.squeeze.dim: _squeeze,
+    aten.squeeze.dims: _squeeze,
+    aten.squeeze.default: _squeeze,
+    aten.slice.Tensor: _slice,
+    aten.select.int: _select,
+    aten.bmm.default: _bmm,
+    aten.mm.default: _mm,
+    aten.clone.default: _first_arg,
+    aten._to_copy.default: _first_arg,
+    aten.alias.default: _first_arg,
+}
