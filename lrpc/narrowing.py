@@ -195,7 +195,7 @@ def _reduction(node: fx.Node, d: int, rank: int) -> Through | None:
     """``sum`` / ``mean`` / ``amax`` / ``any`` over dims other than the narrowed one."""
     x = _val(node.args[0])
     reduced = node.args[1] if len(node.args) > 1 else None
-    if reduced is None:
+    if reduced is None or reduced == []:  # no dims: a reduction over all of them
         return None
     reduced = {r % x.dim() for r in ([reduced] if isinstance(reduced, int) else reduced)}
     keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
@@ -247,7 +247,8 @@ def _squeeze(node: fx.Node, d: int, rank: int) -> Through:
 
 
 def _slice(node: fx.Node, d: int, rank: int) -> Through | None:
-    return _first_arg(node, d) if node.args[1] % rank != d else None
+    sliced = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return _first_arg(node, d) if sliced % rank != d else None
 
 
 def _select(node: fx.Node, d: int, rank: int) -> Through:
