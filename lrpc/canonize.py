@@ -7,6 +7,8 @@ Each pass takes an ``fx.Graph`` and returns it (rewritten in place), in the styl
 * :func:`freeze_normalizers`: in ``x * s`` where ``s`` is a statistic of ``x`` (``rsqrt(mean(x²) + eps)``
   in a hand-written RMSNorm, ``1/std`` in a decomposed layer norm), ``s`` is marked constant, so the
   normalization passes relevance like the composite norm ops do (AttnLRP);
+* :func:`lrpc.narrowing.narrow_positions`: a classifier that reads one position of a sequence computes
+  its last block at that position only;
 * :func:`group_activations`: an elementwise function of one tensor written with primitive ops
   (GPT-2's ``0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))``, ``x·sigmoid(1.702x)``) is marked as one
   activation, so it gets the activation rule (identity) instead of a product rule inside it.
@@ -15,10 +17,11 @@ Each pass takes an ``fx.Graph`` and returns it (rewritten in place), in the styl
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .narrowing import narrow_positions
@@ -42,18 +45,14 @@ def canonicalize(
 ) -> fx.Graph:
     """All canonicalization passes, in order. ``inputs``: the user-input placeholders; ``fold=False``
     keeps batch norms as they are; ``keep``: module paths whose values stay whole (requested layers)."""
-    graph = narrow_positions(graph, keep)
     if fold:
         graph = fold_batch_norm(graph)
-    graph = freeze_normalizers(graph)
-    graph = group_activations(graph, inputs)
+    graph = freeze_normalizers(graph)  # before narrowing: it tells statistics from values by their sizes
+    graph = narrow_positions(graph, keep)
+    graph = group_activations(graph, inputs)  # after: it records the nodes of each activation
     graph.eliminate_dead_code()
     graph.lint()
     return graph
-
-
-def _insert(graph: fx.Graph, op: Callable, args: tuple, meta_from: fx.Node) -> fx.Node:
-    return insert_call(graph, op, args, like=meta_from)
 
 
 def fold_batch_norm(graph: fx.Graph) -> fx.Graph:
@@ -70,19 +69,21 @@ def fold_batch_norm(graph: fx.Graph) -> fx.Graph:
         if len(outs) != 1 or len(bn.users) != 1:
             continue
         (out,) = outs
+        def call(op: Callable, *args: Any, bn: fx.Node = bn) -> fx.Node:
+            return insert_call(graph, op, args, like=bn)
+
         with graph.inserting_before(layer):
-            scale = _insert(graph, aten.rsqrt.default, (_insert(graph, aten.add.Tensor, (var, eps), bn),), bn)
+            scale = call(aten.rsqrt.default, call(aten.add.Tensor, var, eps))
             if gamma is not None:
-                scale = _insert(graph, aten.mul.Tensor, (scale, gamma), bn)
+                scale = call(aten.mul.Tensor, scale, gamma)
             weight = layer.args[1]
             rank = len(weight.meta["val"].shape)
-            col = _insert(graph, aten.view.default, (scale, [-1] + [1] * (rank - 1)), bn)
-            new_weight = _insert(graph, aten.mul.Tensor, (weight, col), bn)
+            new_weight = call(aten.mul.Tensor, weight, call(aten.view.default, scale, [-1] + [1] * (rank - 1)))
             bias = layer.args[2] if len(layer.args) > 2 else None
-            shift = mean if bias is None else _insert(graph, aten.sub.Tensor, (mean, bias), bn)
-            new_bias = _insert(graph, aten.neg.default, (_insert(graph, aten.mul.Tensor, (shift, scale), bn),), bn)
+            shift = mean if bias is None else call(aten.sub.Tensor, mean, bias)
+            new_bias = call(aten.neg.default, call(aten.mul.Tensor, shift, scale))
             if beta is not None:
-                new_bias = _insert(graph, aten.add.Tensor, (new_bias, beta), bn)
+                new_bias = call(aten.add.Tensor, new_bias, beta)
         args = list(layer.args)
         args[1] = new_weight
         if len(args) > 2:

@@ -12,8 +12,10 @@ views, matmul rows), so that they compute the selected position only. It stops w
 whole: a value with other users (the keys and values of attention), an input, a parameter, an op it does
 not know, or a module whose relevance the user asked for. There it slices.
 
-Nothing that is returned changes: the output is computed from the same values, and LRP rules are linear
-in the relevance they receive, so the positions cut away would have sent zero relevance back.
+The output is computed from the same values. LRP rules are linear in the relevance they receive and local
+to their op, so the positions cut away, which would have received none, would have sent none back: the
+relevance is the unnarrowed program's too. That needs the passes that read the graph's sizes (statistic
+detection in :func:`lrpc.canonize.freeze_normalizers`) to run before this one.
 """
 
 from __future__ import annotations
@@ -55,19 +57,19 @@ def _narrow(graph: fx.Graph, root: fx.Node, keep: tuple[str, ...]) -> None:
         return
     dim = dim % _val(source).dim()
     asked: dict[fx.Node, set[int | None]] = {source: {dim}}  # dims a narrowed user needs; None: whole
-    narrowed: dict[fx.Node, Through] = {}
-    nodes = list(graph.nodes)
-    for node in reversed(nodes[: nodes.index(root)]):
-        dims = asked.get(node)
-        if not dims or None in dims or len(dims) != 1:
+    narrowed: dict[fx.Node, tuple[int, Through]] = {}
+    node = root
+    while asked and (node := node.prev).op != "root":  # backwards: a node's users are decided before it
+        dims = asked.pop(node, None)
+        if dims is None or len(dims) != 1 or None in dims:
             continue
         (d,) = dims
-        if any(u is not root and u not in narrowed for u in node.users) or _kept(node, keep):
+        if any(u is not root and u not in narrowed and not _dtype_check(u) for u in node.users) or _kept(node, keep):
             continue
         through = _through(node, d)
         if through is None:
             continue
-        narrowed[node] = through
+        narrowed[node] = d, through
         positions, _ = through
         for i, arg in enumerate(node.args):
             for a in _nodes(arg):
@@ -80,7 +82,7 @@ def _narrow(graph: fx.Graph, root: fx.Node, keep: tuple[str, ...]) -> None:
     _rewrite(graph, root, narrowed, index)
 
 
-def _rewrite(graph: fx.Graph, root: fx.Node, narrowed: dict[fx.Node, Through], index: int) -> None:
+def _rewrite(graph: fx.Graph, root: fx.Node, narrowed: dict[fx.Node, tuple[int, Through]], index: int) -> None:
     new: dict[fx.Node, fx.Node] = {}
     slices: dict[tuple[fx.Node, int], fx.Node] = {}
 
@@ -97,27 +99,38 @@ def _rewrite(graph: fx.Graph, root: fx.Node, narrowed: dict[fx.Node, Through], i
                 )
         return slices[node, d]
 
-    for node in graph.nodes:
+    for node in list(graph.nodes):
         if node not in narrowed:
             continue
-        positions, args = narrowed[node]
+        d, (positions, args) = narrowed[node]
         if node.target is operator.getitem and node.args[0] not in narrowed:
             continue  # a tuple cannot be sliced: slice the item where a user needs it
         args = tuple(version(a, positions[i], node) if i in positions else a for i, a in enumerate(args))
-        with graph.inserting_after(node):
-            new[node] = _call(graph, node, args)
+        expected = list(_val(node).shape)
+        expected[d] = 1
+        try:
+            with graph.inserting_after(node):
+                twin = insert_call(graph, node.target, args, node.kwargs, like=node, name=f"{node.name}_narrowed")
+        except Exception:  # noqa: BLE001 - the op rejects the narrowed arguments (a view of a slice)
+            twin = None
+        if twin is None or not all(_same(a, b) for a, b in zip(_val(twin).shape, expected, strict=True)):
+            # keep the graph as it was, rather than compute something else: the copies made so far are
+            # unused and go with the dead code
+            return
+        new[node] = twin
+    for node, twin in new.items():
+        for user in [u for u in node.users if _dtype_check(u)]:
+            user.replace_input_with(node, twin)
     source, dim, _ = root.args
     root.args = (version(source, dim % _val(source).dim(), root), dim, 0)
 
 
-def _call(graph: fx.Graph, node: fx.Node, args: tuple) -> fx.Node:
-    try:
-        return insert_call(graph, node.target, args, node.kwargs, like=node, name=f"{node.name}_narrowed")
-    except RuntimeError:
-        if node.target not in _VIEWS:
-            raise
-    # a slice the narrowed view reads may not be viewable as the new shape: reshape copies it then
-    return insert_call(graph, aten.reshape.default, args, like=node, name=f"{node.name}_narrowed")
+def _dtype_check(node: fx.Node) -> bool:
+    """Export's check of a ``.to()`` argument's dtype and device: it holds for the narrowed value too."""
+    if node.target is not aten._assert_tensor_metadata.default:
+        return False
+    args = dict(zip(("size", "stride"), node.args[1:3])) | dict(node.kwargs)
+    return args.get("size") is None and args.get("stride") is None
 
 
 def _kept(node: fx.Node, keep: tuple[str, ...]) -> bool:
@@ -152,7 +165,7 @@ def _through(node: fx.Node, d: int) -> Through | None:
     where the op mixes positions along ``d`` or lrpc does not know it."""
     if node.op != "call_function":
         return None
-    if node.target is operator.getitem:
+    if node.target is operator.getitem:  # an output of a multi-output op: decided with that op
         return {0: d}, node.args
     out = _val(node)
     if out is None or not _whole_dim(node, d) or any(_val(a) is not None for a in _nodes(node.kwargs)):
@@ -175,20 +188,24 @@ def _pointwise(node: fx.Node, d: int, rank: int) -> Through:
     return positions, node.args
 
 
-def _first_arg(node: fx.Node, d: int, rank: int = 0) -> Through:
+def _first_arg(node: fx.Node, d: int, rank: int) -> Through:
     return {0: d}, node.args
 
 
+def _dims(dims: int | list[int], rank: int) -> set[int]:
+    return {i % rank for i in ([dims] if isinstance(dims, int) else dims)}
+
+
 def _linear(node: fx.Node, d: int, rank: int) -> Through | None:
-    return _first_arg(node, d) if d < rank - 1 else None
+    return _first_arg(node, d, rank) if d < rank - 1 else None
 
 
 def _norm(node: fx.Node, d: int, rank: int) -> Through | None:
-    return _first_arg(node, d) if d < _val(node.args[0]).dim() - len(node.args[1]) else None
+    return _first_arg(node, d, rank) if d < _val(node.args[0]).dim() - len(node.args[1]) else None
 
 
 def _softmax(node: fx.Node, d: int, rank: int) -> Through | None:
-    return _first_arg(node, d) if node.args[1] % rank != d else None
+    return _first_arg(node, d, rank) if node.args[1] % rank != d else None
 
 
 def _reduction(node: fx.Node, d: int, rank: int) -> Through | None:
@@ -197,7 +214,7 @@ def _reduction(node: fx.Node, d: int, rank: int) -> Through | None:
     reduced = node.args[1] if len(node.args) > 1 else None
     if reduced is None or reduced == []:  # no dims: a reduction over all of them
         return None
-    reduced = {r % x.dim() for r in ([reduced] if isinstance(reduced, int) else reduced)}
+    reduced = _dims(reduced, x.dim())
     keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
     kept = list(range(x.dim())) if keepdim else [i for i in range(x.dim()) if i not in reduced]
     xd = kept[d]
@@ -228,27 +245,26 @@ def _permute(node: fx.Node, d: int, rank: int) -> Through:
     return {0: node.args[1][d] % rank}, node.args
 
 
-def _transpose(node: fx.Node, d: int, rank: int) -> Through:
-    a, b = node.args[1] % rank, node.args[2] % rank
-    return {0: b if d == a else a if d == b else d}, node.args
-
-
 def _unsqueeze(node: fx.Node, d: int, rank: int) -> Through:
     return {0: d if d < node.args[1] % rank else d - 1}, node.args
 
 
-def _squeeze(node: fx.Node, d: int, rank: int) -> Through:
+def _squeeze(node: fx.Node, d: int, rank: int) -> Through | None:
+    """``squeeze`` of dims of size 1 only: the narrowed dim has size 1 too, and squeezing without dims, or
+    a dim of another size (a no-op before), would remove it."""
     x = _val(node.args[0])
-    dims = node.args[1] if len(node.args) > 1 else [i for i in range(x.dim()) if _same(x.shape[i], 1)]
-    dims = {i % x.dim() for i in ([dims] if isinstance(dims, int) else dims)}
-    dims = {i for i in dims if _same(x.shape[i], 1)}  # squeeze leaves a dim of another size
+    if len(node.args) < 2:
+        return None
+    dims = _dims(node.args[1], x.dim())
+    if not all(_same(x.shape[i], 1) for i in dims):
+        return None
     kept = [i for i in range(x.dim()) if i not in dims]
     return {0: kept[d]}, node.args
 
 
 def _slice(node: fx.Node, d: int, rank: int) -> Through | None:
     sliced = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    return _first_arg(node, d) if sliced % rank != d else None
+    return _first_arg(node, d, rank) if sliced % rank != d else None
 
 
 def _select(node: fx.Node, d: int, rank: int) -> Through:
@@ -264,8 +280,7 @@ def _mm(node: fx.Node, d: int, rank: int) -> Through:
     return ({0: 0} if d == 0 else {1: 1}), node.args
 
 
-_VIEWS = (aten.view.default, aten._unsafe_view.default)
-
+# ops of the decomposed graph only: reshape, transpose and the like arrive as view and permute
 _RULES: dict[Any, Callable[[fx.Node, int, int], Through | None]] = {
     aten.linear.default: _linear,
     aten.native_layer_norm.default: _norm,
@@ -278,15 +293,10 @@ _RULES: dict[Any, Callable[[fx.Node, int, int], Through | None]] = {
     aten.amin.default: _reduction,
     aten.any.dim: _reduction,
     aten.view.default: _view,
-    aten._unsafe_view.default: _view,
-    aten.reshape.default: _view,
     aten.expand.default: _expand,
     aten.permute.default: _permute,
-    aten.transpose.int: _transpose,
     aten.unsqueeze.default: _unsqueeze,
-    aten.squeeze.dim: _squeeze,
     aten.squeeze.dims: _squeeze,
-    aten.squeeze.default: _squeeze,
     aten.slice.Tensor: _slice,
     aten.select.int: _select,
     aten.bmm.default: _bmm,

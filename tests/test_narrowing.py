@@ -68,10 +68,11 @@ def unnarrowed(monkeypatch, model, rules, inputs, target=1, **kw):
 
 
 def narrowed_linears(program) -> list[str]:
-    """Linear layers of the traced graph that run on one position (sequence dim of size 1)."""
+    """Linear layers of the traced graph that the pass narrowed, by their names before it (a node narrowed
+    for two selects in turn is named ``<name>_narrowed_narrowed``)."""
     return [
-        n.name for n in program.plan.graph.nodes
-        if n.target is torch.ops.aten.linear.default and n.meta["val"].dim() == 3 and n.meta["val"].shape[1] == 1
+        n.name.split("_narrowed")[0] for n in program.plan.graph.nodes
+        if n.target is torch.ops.aten.linear.default and n.name.endswith("_narrowed")
     ]
 
 
@@ -111,7 +112,7 @@ def test_narrowing_stops_at_the_input_and_keeps_lrp0_equal_to_gradient_times_inp
     x = torch.randn(3, 5, 6, dtype=D)
     attributor = lrpc.compile(model, rules="lrp0", backend="eager")
     result = attributor(x, target=2)
-    assert narrowed_linears(attributor.program(x, target=2)) == ["linear_narrowed", "linear_1_narrowed"]
+    assert narrowed_linears(attributor.program(x, target=2)) == ["linear", "linear_1"]
 
     xg = x.clone().requires_grad_()
     (grad,) = torch.autograd.grad(model(xg)[:, 2].sum(), xg)
@@ -135,7 +136,7 @@ def test_requested_layers_keep_their_whole_output(monkeypatch) -> None:
     assert rel_err(result.layers[layer], reference.layers[layer]) < 1e-10
     assert rel_err(result.relevance, reference.relevance) < 1e-10
     # what lies after the kept layer is still narrowed
-    assert "linear_11_narrowed" in narrowed_linears(attributor.program(**inputs, target=1))
+    assert "linear_11" in narrowed_linears(attributor.program(**inputs, target=1))
 
 
 def test_narrowed_programs_follow_dynamic_batch_and_length(monkeypatch) -> None:
@@ -150,24 +151,152 @@ def test_narrowed_programs_follow_dynamic_batch_and_length(monkeypatch) -> None:
     assert attributor.stats["traces"] == 2  # the first shape, then one dynamic program
 
 
-def test_ops_that_mix_positions_stop_the_narrowing(monkeypatch) -> None:
-    """A cumulative sum along the sequence needs every earlier position: only what follows it narrows."""
+class Small(nn.Module):
+    """``fc1``, then ``body`` (which reads one position), then nothing or ``fc2``: the cases below."""
 
-    class Cumulative(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1 = nn.Linear(6, 8)
-            self.fc2 = nn.Linear(8, 3)
+    def __init__(self, body):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 3)
+        self.pos = nn.Parameter(torch.randn(1, 1, 6))
+        self.body = body
 
-        def forward(self, x):
-            return self.fc2(torch.tanh(self.fc1(x).cumsum(1)))[:, 2]
+    def forward(self, x):
+        return self.body(self, x)
 
+
+def rows(program) -> list[int]:
+    """The rows (batch x positions) each linear layer of the program computes, in graph order."""
+    return [
+        n.meta["val"].numel() // n.meta["val"].shape[-1]
+        for n in program.plan.graph.nodes if n.target is torch.ops.aten.linear.default
+    ]
+
+
+def _feature_statistics(m, x):
+    h = m.fc1(x)
+    mixed = h - h.mean(-1, keepdim=True) + h.amax(-1, keepdim=True) - h.amin(-1, keepdim=True)
+    return m.fc2(mixed * h.sum(-1).unsqueeze(-1))[:, 2]
+
+
+def _statistic_over_positions(m, x):
+    h = m.fc1(x)
+    return m.fc2(h * torch.rsqrt(h.pow(2).mean(1, keepdim=True) + 1e-6))[:, 0]
+
+
+def _centered(m, x):
+    h = torch.tanh(m.fc1(x))
+    return m.fc2(h - h.mean(1, keepdim=True))[:, 2]
+
+
+def _two_positions(m, x):
+    h = torch.tanh(m.fc1(x))
+    return m.fc2(h[:, 1] + h[:, 3])
+
+
+def _per_token(after_fc1=torch.tanh, select=lambda y: y[:, 2]):
+    return lambda m, x: select(m.fc2(after_fc1(m.fc1(x))))
+
+
+# model body -> the rows each linear layer computes: 2 x 5 = 10 unnarrowed (x is 2 x 5 x 4), 2 at one position
+SMALL = {
+    "per-token layers": (_per_token(), [2, 2]),
+    "last position": (_per_token(select=lambda y: y[:, -1]), [2, 2]),
+    "second to last": (_per_token(select=lambda y: y[:, -2]), [2, 2]),
+    "broadcast parameter": (lambda m, x: m.fc2(torch.tanh(m.fc1(x) + m.pos))[:, 2], [2, 2]),
+    "batch dim": (_per_token(select=lambda y: y[1]), [5, 5]),
+    "transposed": (lambda m, x: m.fc2(torch.tanh(m.fc1(x)).transpose(0, 1))[3], [2, 2]),
+    "select of a select": (_per_token(select=lambda y: y[1][3]), [1, 1]),
+    "unsqueezed": (_per_token(lambda h: torch.tanh(h).unsqueeze(0), lambda y: y[:, :, 3]), [2, 2]),
+    "squeeze of a size-1 dim": (_per_token(lambda h: torch.tanh(h).unsqueeze(2).squeeze(2)), [2, 2]),
+    "sliced features": (_per_token(lambda h: torch.tanh(h)[..., :6]), [2, 2]),
+    "dtype round trip": (_per_token(lambda h: torch.tanh(h).float().double()), [2, 2]),
+    "layer norm over features": (_per_token(lambda h: nn.functional.layer_norm(h, (6,))), [2, 2]),
+    "rms norm over features": (_per_token(lambda h: nn.functional.rms_norm(h, (6,))), [2, 2]),
+    "log-softmax over features": (_per_token(lambda h: torch.log_softmax(h, -1)), [2, 2]),
+    "statistics over features": (_feature_statistics, [2, 2]),
+    "sum over the batch": (_per_token(lambda h: torch.tanh(h).sum(0), lambda y: y[2]), [2, 1]),
+    "rows of a matrix product": (lambda m, x: (torch.tanh(m.fc1(x[0])) @ m.fc2.weight.T)[2], [1]),
+    "columns of a matrix product": (lambda m, x: (m.fc2.weight @ torch.tanh(m.fc1(x[0])).T)[:, 2], [1]),
+    # positions mixed along the selected dim: only what comes after the mixing narrows
+    "broadcast position": (_per_token(lambda h: torch.tanh(h[:, :1].expand(2, 5, 6)), lambda y: y[:, 3]), [10, 2]),
+    "softmax over positions": (_per_token(lambda h: torch.softmax(h, 1)), [10, 2]),
+    "cumulative sum": (_per_token(lambda h: torch.tanh(h.cumsum(1))), [10, 2]),
+    "mean over positions": (_centered, [10, 2]),
+    # fc1 twice: the call whose output only the subtraction reads narrows, the one under the max does not
+    "max over positions": (lambda m, x: m.fc2(m.fc1(x) - m.fc1(x).amax(1, keepdim=True))[:, 2], [2, 10, 2]),
+    "statistic over positions": (_statistic_over_positions, [10, 2]),
+    "norm over positions": (_per_token(lambda h: nn.functional.layer_norm(h, (5, 6))), [10, 2]),
+    "positions reordered by a view": (_per_token(lambda h: torch.tanh(h).view(5, 2, 6), lambda y: y[3]), [10, 2]),
+    "a slice of positions": (_per_token(lambda h: torch.tanh(h)[:, 1:4], lambda y: y[:, 1]), [10, 2]),
+    # nothing to narrow before fc2 (or at all)
+    "two positions of one tensor": (_two_positions, [10, 2]),
+    "a feature": (lambda m, x: torch.tanh(m.fc1(x))[..., 2], [10]),
+    "squeeze of every size-1 dim": (_per_token(lambda h: torch.tanh(h).unsqueeze(2).squeeze()), [10, 2]),
+    "squeeze of a dim of another size": (_per_token(lambda h: torch.tanh(h).squeeze(1)), [10, 2]),
+}
+
+
+def small(case: str) -> nn.Module:
     torch.manual_seed(0)
-    model = Cumulative().to(D).eval()
-    x = torch.randn(2, 5, 6, dtype=D)
+    return Small(SMALL[case][0]).to(D).eval()
+
+
+X = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(3), dtype=D)
+
+
+@pytest.mark.parametrize("case", list(SMALL))
+def test_small_models_narrow_where_positions_are_independent(case: str, monkeypatch) -> None:
+    model = small(case)
     attributor = lrpc.compile(model, rules="epsilon", backend="eager")
-    result = attributor(x, target=0)
-    assert narrowed_linears(attributor.program(x, target=0)) == ["linear_1_narrowed"]  # fc2, not fc1
-    expected, _ = unnarrowed(monkeypatch, model, "epsilon", {"x": x}, target=0)
-    assert rel_err(result.relevance, expected.relevance) < 1e-10
-    assert result.relevance[:, 3:].abs().max() == 0 and result.relevance[:, :3].abs().max() > 0
+    result = attributor(X, target=0)
+    reference, full = unnarrowed(monkeypatch, model, "epsilon", {"x": X}, target=0)
+
+    assert rows(attributor.program(X, target=0)) == SMALL[case][1]
+    assert linears(attributor.program(X, target=0)) == linears(full)
+    with torch.no_grad():
+        torch.testing.assert_close(result.output, model(X), rtol=1e-12, atol=1e-12)
+    assert result.relevance.shape == X.shape
+    assert rel_err(result.relevance, reference.relevance) < 1e-10
+
+
+def test_a_select_of_features_narrows_what_is_elementwise() -> None:
+    """A linear layer mixes its features: a select of one stops there, and slices its output."""
+    program = lrpc.compile(small("a feature"), rules="epsilon", backend="eager").program(X, target=0)
+    (tanh,) = [n for n in program.plan.graph.nodes if n.target is torch.ops.aten.tanh.default]
+    assert tanh.meta["val"].shape == (2, 5, 1)
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        pytest.param(lambda node, d, rank: ({0: rank - 1}, node.args), id="features (the op rejects them)"),
+        pytest.param(lambda node, d, rank: ({}, node.args), id="nothing (a whole-size copy)"),
+    ],
+)
+def test_a_wrong_rule_in_the_table_leaves_the_graph_unnarrowed(wrong, monkeypatch) -> None:
+    """The narrowed copies are checked against the shapes they must have: a rule that narrows a linear
+    layer's input along the wrong dim, or not at all, is caught, and the graph stays as it was."""
+    import lrpc.narrowing
+
+    monkeypatch.setitem(lrpc.narrowing._RULES, torch.ops.aten.linear.default, wrong)
+    model = small("per-token layers")
+    attributor = lrpc.compile(model, rules="epsilon", backend="eager")
+    result = attributor(X, target=0)
+    assert rows(attributor.program(X, target=0)) == [10, 10]
+    with torch.no_grad():
+        torch.testing.assert_close(result.output, model(X), rtol=1e-12, atol=1e-12)
+
+
+def test_only_dtype_checks_follow_a_value_into_its_narrowed_copy() -> None:
+    """Export checks a ``.to()`` argument's dtype and device (which narrowing keeps); a check of its size
+    or strides would fail on the narrowed copy, so such a user keeps the value whole."""
+    from lrpc.narrowing import _dtype_check
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    check = torch.ops.aten._assert_tensor_metadata.default
+    assert _dtype_check(graph.call_function(check, (x, None, None, torch.float64), {"device": "cpu"}))
+    assert not _dtype_check(graph.call_function(check, (x, [2, 5, 6]), {"dtype": torch.float64}))
+    assert not _dtype_check(graph.call_function(check, (x,), {"stride": [30, 6, 1]}))
+    assert not _dtype_check(graph.call_function(torch.ops.aten.clone.default, (x,)))
