@@ -4,11 +4,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from .channel_scales import unfold_weight_scales
 from .errors import LRPCError
@@ -140,7 +143,8 @@ class _StaticInductor:
     device it was compiled for (a model moved or cast after its first call gets a new compile, as Dynamo
     would give it), and an argument laid out otherwise than at compile time is copied into that layout.
     Programs with dynamic sizes keep ``torch.compile``, whose guards carry the size conditions that
-    Inductor's code relies on."""
+    Inductor's code relies on. Both reach Inductor's on-disk caches, so a later process compiling the same
+    program loads its code (:func:`_cacheable`)."""
 
     def __init__(self, gm: fx.GraphModule, options: dict) -> None:
         self._gm, self._options = gm, options
@@ -158,8 +162,9 @@ class _StaticInductor:
 
         args = tuple(_standard_layout(a) for a in args)
         # inference graph: no autograd bookkeeping for the parameters that require grad
-        with torch.no_grad():
-            self._run = torch._inductor.compile(self._gm, list(args), self._options)
+        with torch.no_grad(), _cacheable() as fake:
+            examples = [fake.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in args]
+            self._run = torch._inductor.compile(self._gm, examples, self._options)
         self._layouts = [(a.dtype, a.device, a.stride()) if isinstance(a, torch.Tensor) else None for a in args]
         return args
 
@@ -176,6 +181,16 @@ class _StaticInductor:
                 out = out or list(args)
                 out[i] = torch.empty_strided(a.shape, stride, dtype=dtype, device=device).copy_(a)  # type: ignore[attr-defined]
         return args if out is None else tuple(out)
+
+
+@contextlib.contextmanager
+def _cacheable() -> Iterator[FakeTensorMode]:
+    """A tracing context for compiling outside Dynamo whose fake mode has a shape environment (with no
+    symbols: the shapes stay static). Inductor's and AOTAutograd's on-disk caches need one and skip the
+    graph without it, so that every process compiled its programs from scratch."""
+    fake = FakeTensorMode(shape_env=ShapeEnv())
+    with torch._guards.tracing(torch._guards.TracingContext(fake)):
+        yield fake
 
 
 def _standard_layout(value: object) -> object:
