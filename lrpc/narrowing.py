@@ -8,7 +8,7 @@ relevance back through them at full size.
 
 :func:`narrow_positions` moves each such ``select`` up the graph through the ops that treat the selected
 dimension position by position (elementwise ops, linear layers, norms and softmaxes over other dimensions,
-views, matmul rows), so that they compute the selected position only. It stops where a value is needed
+views, matmul rows, ``addmm`` rows), so that they compute the selected position only. It stops where a value is needed
 whole: a value with other users (the keys and values of attention), an input, a parameter, an op it does
 not know, or a module whose relevance the user asked for. There it slices.
 
@@ -280,6 +280,14 @@ def _mm(node: fx.Node, d: int, rank: int) -> Through:
     return ({0: 0} if d == 0 else {1: 1}), node.args
 
 
+def _addmm(node: fx.Node, d: int, rank: int) -> Through:
+    """``bias + (M, K) @ (K, N)`` (GPT-2's Conv1D): a row of the first factor or a column of the second, and
+    the bias where it is not broadcast along ``d``."""
+    positions, _ = _pointwise(node, d, rank) if _val(node.args[0]) is not None else ({}, None)
+    bias = {0: positions[0]} if 0 in positions else {}
+    return ({1: 0} if d == 0 else {2: 1}) | bias, node.args
+
+
 # ops of the decomposed graph only: reshape, transpose and the like arrive as view and permute
 _RULES: dict[Any, Callable[[fx.Node, int, int], Through | None]] = {
     aten.linear.default: _linear,
@@ -301,6 +309,7 @@ _RULES: dict[Any, Callable[[fx.Node, int, int], Through | None]] = {
     aten.select.int: _select,
     aten.bmm.default: _bmm,
     aten.mm.default: _mm,
+    aten.addmm.default: _addmm,
     aten.clone.default: _first_arg,
     aten._to_copy.default: _first_arg,
     aten.alias.default: _first_arg,

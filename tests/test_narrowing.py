@@ -166,10 +166,11 @@ class Small(nn.Module):
 
 
 def rows(program) -> list[int]:
-    """The rows (batch x positions) each linear layer of the program computes, in graph order."""
+    """The rows (batch x positions) each linear layer (``linear``, or ``addmm`` as in GPT-2's Conv1D) of the
+    program computes, in graph order."""
+    layers = (torch.ops.aten.linear.default, torch.ops.aten.addmm.default)
     return [
-        n.meta["val"].numel() // n.meta["val"].shape[-1]
-        for n in program.plan.graph.nodes if n.target is torch.ops.aten.linear.default
+        n.meta["val"].numel() // n.meta["val"].shape[-1] for n in program.plan.graph.nodes if n.target in layers
     ]
 
 
@@ -192,6 +193,18 @@ def _centered(m, x):
 def _two_positions(m, x):
     h = torch.tanh(m.fc1(x))
     return m.fc2(h[:, 1] + h[:, 3])
+
+
+def _conv1d(m, x):
+    """GPT-2's Conv1D: batch and positions flattened into the rows of an ``addmm``, then unflattened."""
+    h = torch.tanh(m.fc1(x))
+    return torch.addmm(m.fc2.bias, h.reshape(-1, 6), m.fc2.weight.T).view(*h.shape[:-1], 3)[:, -1]
+
+
+def _addmm_columns(m, x):
+    """Columns of an ``addmm`` whose bias is a matrix (expanded along the columns)."""
+    h = torch.tanh(m.fc1(x[0]))
+    return torch.addmm(m.fc2.bias[:, None].expand(3, 5), m.fc2.weight, h.T)[:, 2]
 
 
 def _per_token(after_fc1=torch.tanh, select=lambda y: y[:, 2]):
@@ -218,6 +231,8 @@ SMALL = {
     "sum over the batch": (_per_token(lambda h: torch.tanh(h).sum(0), lambda y: y[2]), [2, 1]),
     "rows of a matrix product": (lambda m, x: (torch.tanh(m.fc1(x[0])) @ m.fc2.weight.T)[2], [1]),
     "columns of a matrix product": (lambda m, x: (m.fc2.weight @ torch.tanh(m.fc1(x[0])).T)[:, 2], [1]),
+    "columns of an addmm": (_addmm_columns, [1, 3]),  # the addmm: 3 rows of one column
+    "flattened rows of an addmm, batch of one": (lambda m, x: _conv1d(m, x[:1]), [1, 1]),
     # positions mixed along the selected dim: only what comes after the mixing narrows
     "broadcast position": (_per_token(lambda h: torch.tanh(h[:, :1].expand(2, 5, 6)), lambda y: y[:, 3]), [10, 2]),
     "softmax over positions": (_per_token(lambda h: torch.softmax(h, 1)), [10, 2]),
@@ -231,6 +246,8 @@ SMALL = {
     "a slice of positions": (_per_token(lambda h: torch.tanh(h)[:, 1:4], lambda y: y[:, 1]), [10, 2]),
     # nothing to narrow before fc2 (or at all)
     "two positions of one tensor": (_two_positions, [10, 2]),
+    # batch and positions flattened into one dim: one position is every fifth row, not one slice
+    "flattened rows of an addmm, batch of two": (_conv1d, [10, 10]),
     "a feature": (lambda m, x: torch.tanh(m.fc1(x))[..., 2], [10]),
     "squeeze of every size-1 dim": (_per_token(lambda h: torch.tanh(h).unsqueeze(2).squeeze()), [10, 2]),
     "squeeze of a dim of another size": (_per_token(lambda h: torch.tanh(h).squeeze(1)), [10, 2]),
@@ -300,3 +317,43 @@ def test_only_dtype_checks_follow_a_value_into_its_narrowed_copy() -> None:
     assert not _dtype_check(graph.call_function(check, (x, [2, 5, 6]), {"dtype": torch.float64}))
     assert not _dtype_check(graph.call_function(check, (x,), {"stride": [30, 6, 1]}))
     assert not _dtype_check(graph.call_function(torch.ops.aten.clone.default, (x,)))
+
+
+def gpt2() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.1, use_cache=False
+    )
+    # transformers' SDPA mask for traced models is a float32 `full` of the dtype's minimum: float64 overflows
+    config._attn_implementation = "eager"
+    return transformers.GPT2LMHeadModel(config).to(D).eval()
+
+
+def llama() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1, use_cache=False,
+    )
+    return transformers.LlamaForCausalLM(config).to(D).eval()
+
+
+@pytest.mark.parametrize("build,batch", [(gpt2, 1), (llama, 2)], ids=["gpt2", "llama"])
+def test_a_language_model_explained_at_its_last_position_computes_its_head_there(build, batch) -> None:
+    """``output=`` picking the last position's logits: the LM head, and the last block's position-wise
+    layers, run at that position only (GPT-2's Conv1D flattens batch and positions, which a batch of one
+    keeps apart). The relevance is the full-logits program's, which puts its seed at that position too."""
+    model = build()
+    ids = torch.randint(0, 100, (batch, 9), generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    last = lrpc.compile(model, rules="attnlrp", backend="eager", output=lambda out: out.logits[:, -1])
+    result = last(**inputs, target=7)
+    reference = lrpc.compile(model, rules="attnlrp", backend="eager")(**inputs, target=7)
+
+    with torch.no_grad():
+        torch.testing.assert_close(result.output, model(**inputs).logits[:, -1], rtol=1e-12, atol=1e-12)
+    assert rel_err(result.relevance, reference.relevance) < 1e-10
+    # the head and the last block's output projection and feed-forward layers: one row per sample
+    per_layer = rows(last.program(**inputs, target=7))
+    assert per_layer[-1] == batch and per_layer.count(batch) >= 4, per_layer
+    assert sorted(set(per_layer)) == [batch, batch * 9]
