@@ -270,7 +270,11 @@ class Attributor:
         traced = trace(self.model, args, kwargs, output=self.output, dynamic=dynamic)
         start = time.perf_counter()
         graph = canonicalize(
-            traced.graph, traced.user_placeholders, fold=self.preset.fold_batch_norm, keep=self.layers
+            traced.graph,
+            traced.user_placeholders,
+            fold=self.preset.fold_batch_norm,
+            keep=self.layers,
+            narrow=not self.preset.holds_positions,
         )
         inputs = {s.name: n for s, n in zip(traced.inputs, traced.user_placeholders)}
         the_plan = make_plan(

@@ -26,14 +26,12 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .narrowing import narrow_positions
 from .ops import Family, lookup
-from .tracing import insert_call, module_stack
+from .tracing import FUSED_META, insert_call, module_stack
 
 aten = torch.ops.aten
 
 #: Marks tensor arguments (by schema name) that a node treats as constants.
 FROZEN_META = "lrpc_frozen_args"
-#: Module paths whose output a rewritten node now produces (batch norm folded into a conv).
-FUSED_META = "lrpc_fused_modules"
 #: On the output of an elementwise activation written with primitives: ``(source node, region nodes)``.
 ACTIVATION_META = "lrpc_activation"
 
@@ -41,14 +39,21 @@ _BATCH_NORM = (aten._native_batch_norm_legit_no_training.default,)
 
 
 def canonicalize(
-    graph: fx.Graph, inputs: Sequence[fx.Node] = (), *, fold: bool = True, keep: Sequence[str] = ()
+    graph: fx.Graph,
+    inputs: Sequence[fx.Node] = (),
+    *,
+    fold: bool = True,
+    keep: Sequence[str] = (),
+    narrow: bool = True,
 ) -> fx.Graph:
     """All canonicalization passes, in order. ``inputs``: the user-input placeholders; ``fold=False``
-    keeps batch norms as they are; ``keep``: module paths whose values stay whole (requested layers)."""
+    keeps batch norms as they are; ``keep``: module paths whose values stay whole (requested layers);
+    ``narrow=False`` skips narrowing (rules that hold a value per position need every position)."""
     if fold:
         graph = fold_batch_norm(graph)
     graph = freeze_normalizers(graph)  # before narrowing: it tells statistics from values by their sizes
-    graph = narrow_positions(graph, keep)
+    if narrow:
+        graph = narrow_positions(graph, keep)
     graph = group_activations(graph, inputs)  # after: it records the nodes of each activation
     graph.eliminate_dead_code()
     graph.lint()

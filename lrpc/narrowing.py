@@ -31,7 +31,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .ops import VALUE_MOVING_OPS
-from .tracing import insert_call, module_stack
+from .tracing import belongs_to, insert_call
 
 aten = torch.ops.aten
 
@@ -134,7 +134,7 @@ def _dtype_check(node: fx.Node) -> bool:
 
 
 def _kept(node: fx.Node, keep: tuple[str, ...]) -> bool:
-    return any(path in keep for path, _ in module_stack(node))
+    return any(belongs_to(node, path) for path in keep)
 
 
 def _nodes(arg: Any) -> list[fx.Node]:

@@ -66,6 +66,7 @@ class OpSpec:
     linearize: Callable[[Mapping[str, Any], Any], Callable[[Tensor], Tensor]] | None = None
     rule: "Rule | None" = None  # a rule of this op's own (lrpc.register_rule), above any preset
     impl: Callable[..., Any] | None = None  # same math, written so that its VJP adds no shape guards
+    product: str | None = None  # how it multiplies its factors (lrpc.rules.PRODUCT_KINDS), if it does
 
     def family_for(self, relevant_args: set[str], args: Mapping[str, Any]) -> Family:
         """The family of one call, given which arguments carry relevance."""
@@ -261,12 +262,14 @@ def _linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     return out.view(*input.shape[:-1], weight.shape[0])
 
 
-register_op("linear", _spec(Family.LINEAR, factors={"input", "weight"}, bias={"bias"}, impl=_linear))
-register_op(["mm", "bmm"], _spec(Family.LINEAR, factors={"self", "mat2"}))
-register_op("addmm", _spec(Family.LINEAR, factors={"mat1", "mat2"}, bias={"self"}))
-register_op("baddbmm", _spec(Family.LINEAR, factors={"batch1", "batch2"}, bias={"self"}))
+register_op(
+    "linear", _spec(Family.LINEAR, factors={"input", "weight"}, bias={"bias"}, impl=_linear, product="linear")
+)
+register_op(["mm", "bmm"], _spec(Family.LINEAR, factors={"self", "mat2"}, product="matmul"))
+register_op("addmm", _spec(Family.LINEAR, factors={"mat1", "mat2"}, bias={"self"}, product="matmul"))
+register_op("baddbmm", _spec(Family.LINEAR, factors={"batch1", "batch2"}, bias={"self"}, product="matmul"))
 register_op("convolution", _spec(Family.CONV, factors={"input", "weight"}, bias={"bias"}))
-register_op("mul", _spec(Family.SCALE, factors={"self", "other"}))
+register_op("mul", _spec(Family.SCALE, factors={"self", "other"}, product="elementwise"))
 # The divisor is treated as a normalizing constant: relevance flows to the numerator only.
 register_op("div", _spec(Family.SCALE, frozen={"other"}))
 

@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-from .canonize import ACTIVATION_META, FROZEN_META, FUSED_META
+from .canonize import ACTIVATION_META, FROZEN_META
 from .errors import LRPCError, RuleError, UnsupportedOperatorError
 from .ops import (
     CONSTANT_OPS,
@@ -33,7 +33,7 @@ from .ops import (
 )
 from .presets import Preset
 from .rules import Gradient, Pass, Route, Rule
-from .tracing import module_path, module_stack
+from .tracing import belongs_to, module_path, module_stack
 
 
 @dataclass(frozen=True)
@@ -476,11 +476,8 @@ def _receivers(family: Family, relevant: list[tuple[str, fx.Node]]) -> list[fx.N
 def find_layer_output(graph: fx.Graph, path: str) -> fx.Node:
     """The value a module returns: the last node created inside it that is used outside it."""
 
-    def inside(n: fx.Node) -> bool:
-        return any(p == path for p, _ in module_stack(n)) or path in n.meta.get(FUSED_META, ())
-
-    members = [n for n in graph.nodes if n.op == "call_function" and inside(n)]
-    outputs = [n for n in members if _is_float(n) and any(not inside(u) for u in n.users)]
+    members = [n for n in graph.nodes if n.op == "call_function" and belongs_to(n, path)]
+    outputs = [n for n in members if _is_float(n) and any(not belongs_to(u, path) for u in n.users)]
     if not outputs:
         raise LRPCError(
             f"layer '{path}' has no output in the traced graph: it is not called in forward, or its result "

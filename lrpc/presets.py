@@ -99,6 +99,12 @@ class Preset:
         return None
 
     @property
+    def holds_positions(self) -> bool:
+        """Whether one of its rules holds values per position of a sample (:attr:`Rule.holds_positions`)."""
+        rules = [self.first, *self.rules.values(), *(rule for _, rule in self.overrides)]
+        return any(rule is not None and rule.holds_positions for rule in rules)
+
+    @property
     def key(self) -> tuple:
         """What identifies the preset in the compile cache."""
         return (

@@ -60,6 +60,8 @@ class Operation:
     signs: tuple[int, ...] = ()  # per input: -1 where it enters the output negated (sub's subtrahend)
     nonnegative: tuple[bool, ...] = ()  # per input: >= 0 by construction (a ReLU output): no x⁻ terms
     negative_outputs_dead: bool = False  # R is 0 wherever the output is < 0 (it feeds a ReLU): Gamma's g₂ = 0
+    # what kind of product the op is (:data:`PRODUCT_KINDS`), for rules that split products of activations
+    product_kind: str | None = None
 
     def role(self, name: str) -> Tensor | None:
         """The value of the (first) input with this role, or ``None``."""
@@ -208,6 +210,12 @@ class Rule:
     @property
     def name(self) -> str:
         return repr(self)
+
+    @property
+    def holds_positions(self) -> bool:
+        """Whether the rule holds a value per position of a sample (ZBox bounds shaped like one): the layer
+        it applies to must then see every position, so :mod:`lrpc.narrowing` stays off."""
+        return False
 
     def __call__(self, op: Operation, R: Any) -> Relevances:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -433,6 +441,11 @@ class ZBox(Rule):
         if self.low is None or self.high is None:
             raise RuleError("ZBox needs the input bounds: ZBox(low=..., high=...)")
 
+    @property
+    def holds_positions(self) -> bool:
+        # a scalar or per-feature bound fits any position; anything larger may differ between positions
+        return any(isinstance(v, Tensor) and v.dim() >= 2 for v in (self.low, self.high))
+
     def __call__(self, op: Operation, R: Any) -> Relevances:
         x, w, b = _parts(op, self)
         low = torch.as_tensor(self.low, dtype=x.dtype, device=x.device).expand_as(x)
@@ -516,6 +529,11 @@ class AbsProportional(Rule):
         return tuple(None if g is None else m * g for m, g in zip(magnitudes, grads))
 
 
+#: ``Operation.product_kind`` of the ops that multiply: ``a * b``; ``A @ B`` (``mm``, ``bmm``, ``addmm``,
+#: ``baddbmm``: ``[..., i, k] @ [..., k, j]``); ``linear(x, W) = x @ Wᵀ``.
+PRODUCT_KINDS = ("elementwise", "matmul", "linear")
+
+
 @dataclass(frozen=True)
 class ProportionalProduct(Rule):
     """DynamicLRP's split for a product of two activations: each product term ``a·b`` first gets its
@@ -532,25 +550,29 @@ class ProportionalProduct(Rule):
             raise RuleError(f"{self.name} splits products of two activations, got {len(index)}")
         a, b = (op.inputs[i] for i in index)
         r = _main(R)
-        if _broadcasts_to(a.shape, op.z.shape) and _broadcasts_to(b.shape, op.z.shape):  # elementwise
+        # by the op, not by shapes: a matrix product of square operands has the shapes of an elementwise one
+        if op.product_kind == "elementwise":
             share = divide(r, op.z, self.eps) * op.z
             total = a.abs() + b.abs()
             ra = _reduce_to(divide(share * a.abs(), total, self.eps), a.shape)
             rb = _reduce_to(divide(share * b.abs(), total, self.eps), b.shape)
-        else:  # (batched) matrix product: terms t[..., i, k, j] = A[..., i, k] B[..., k, j]
+        elif op.product_kind in ("matmul", "linear"):  # terms t[..., i, k, j] = A[..., i, k] B[..., k, j]
+            B = b.mT if op.product_kind == "linear" else b
             g = divide(r, op.z, self.eps).unsqueeze(-2)  # [..., i, 1, j]
-            A, B = a.unsqueeze(-1), b.unsqueeze(-3)  # [..., i, k, 1], [..., 1, k, j]
-            term = A * B * g
-            frac = divide(A.abs(), A.abs() + B.abs(), self.eps)
+            A3, B3 = a.unsqueeze(-1), B.unsqueeze(-3)  # [..., i, k, 1], [..., 1, k, j]
+            term = A3 * B3 * g
+            frac = divide(A3.abs(), A3.abs() + B3.abs(), self.eps)
             ra = _reduce_to((term * frac).sum(-1), a.shape)
-            rb = _reduce_to((term * (1 - frac)).sum(-3), b.shape)
+            rb = (term * (1 - frac)).sum(-3)
+            rb = _reduce_to(rb.mT, b.shape) if op.product_kind == "linear" else _reduce_to(rb, B.shape)
+        else:
+            raise RuleError(
+                f"{self.name} splits elementwise and matrix products of two activations, not a product of kind "
+                f"{op.product_kind!r} (one of {PRODUCT_KINDS} expected)"
+            )
         out: list[Tensor | None] = [None] * len(op.inputs)
         out[index[0]], out[index[1]] = ra, rb
         return tuple(out)
-
-
-def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
-    return len(shape) <= len(target) and all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
 
 
 def _reduce_to(t: Tensor, shape: torch.Size) -> Tensor:

@@ -334,6 +334,17 @@ def module_path(node: fx.Node) -> str:
     return _strip(path)
 
 
+#: Module paths whose output a rewritten node now produces (a batch norm folded into a convolution by
+#: :func:`lrpc.canonize.fold_batch_norm`).
+FUSED_META = "lrpc_fused_modules"
+
+
+def belongs_to(node: fx.Node, path: str) -> bool:
+    """Whether ``node`` computes (part of) module ``path``: it was created inside it, or the module was
+    fused into it."""
+    return any(p == path for p, _ in module_stack(node)) or path in node.meta.get(FUSED_META, ())
+
+
 def module_stack(node: fx.Node) -> list[tuple[str, type | str]]:
     """``(path, type)`` of every module a node was created in, outermost first, wrapper excluded."""
     stack = node.meta.get("nn_module_stack") or {}

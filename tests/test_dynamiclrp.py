@@ -75,16 +75,34 @@ def test_elementwise_product_splits_by_magnitude() -> None:
     assert rel_err(ra + rb, seed) < 1e-9  # conservative up to the stabilizers
 
 
-def test_matrix_product_splits_each_term_by_magnitude() -> None:
+@pytest.mark.parametrize(
+    "rows,inner,cols",
+    [(3, 4, 5), (4, 4, 4)],
+    ids=["rectangular", "square (shaped like an elementwise product: attention with length = head dim)"],
+)
+def test_matrix_product_splits_each_term_by_magnitude(rows: int, inner: int, cols: int) -> None:
     g = torch.Generator().manual_seed(3)
-    A, B = torch.randn(2, 3, 4, dtype=D, generator=g), torch.randn(2, 4, 5, dtype=D, generator=g)
-    seed = torch.randn(2, 3, 5, dtype=D, generator=g)
+    A, B = torch.randn(2, rows, inner, dtype=D, generator=g), torch.randn(2, inner, cols, dtype=D, generator=g)
+    seed = torch.randn(2, rows, cols, dtype=D, generator=g)
     rA, rB = explain(Binary(torch.matmul), A, B, seed=seed).relevance
     z = A @ B  # terms divided by small z cancel in the sums: float64 rounding reaches ~1e-11 here
     terms = torch.einsum("bik,bkj->bikj", A, B) * (seed / stab(z))[:, :, None, :]
     frac = A.abs()[..., None] / (A.abs()[..., None] + B.abs()[:, None])
     assert rel_err(rA, (terms * frac).sum(-1)) < 1e-10
     assert rel_err(rB, (terms * (1 - frac)).sum(1)) < 1e-10
+
+
+def test_linear_with_an_activation_weight_splits_each_term_by_magnitude() -> None:
+    """``linear(x, W) = x @ Wᵀ`` where ``W`` is an activation too (a hypernetwork's output): the terms
+    ``x_bik W_jk``, with ``W``'s relevance summed over the batch and rows that share it."""
+    g = torch.Generator().manual_seed(4)
+    x, W = torch.randn(2, 3, 4, dtype=D, generator=g), torch.randn(5, 4, dtype=D, generator=g)
+    seed = torch.randn(2, 3, 5, dtype=D, generator=g)
+    rx, rW = explain(Binary(F.linear), x, W, seed=seed).relevance
+    terms = torch.einsum("bik,jk->bikj", x, W) * (seed / stab(x @ W.T))[:, :, None, :]
+    frac = x.abs()[..., None] / (x.abs()[..., None] + W.T.abs())
+    assert rel_err(rx, (terms * frac).sum(-1)) < 1e-10
+    assert rel_err(rW, torch.einsum("bikj->jk", terms * (1 - frac))) < 1e-10
 
 
 def test_norms_are_identity_and_pooling_is_uniform() -> None:

@@ -357,3 +357,52 @@ def test_a_language_model_explained_at_its_last_position_computes_its_head_there
     per_layer = rows(last.program(**inputs, target=7))
     assert per_layer[-1] == batch and per_layer.count(batch) >= 4, per_layer
     assert sorted(set(per_layer)) == [batch, batch * 9]
+
+
+class TokensThroughBatchNorm(nn.Module):
+    """Token-wise layers on the flattened tokens, a batch norm after the first (folded into it)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.bn, self.fc2 = nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Linear(16, 3)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        return self.fc2(torch.relu(self.bn(self.fc1(x.reshape(b * t, 4))))).view(b, t, 3)[:, 0]
+
+
+def test_a_requested_layer_folded_into_another_stays_whole(monkeypatch) -> None:
+    """``layers=["bn"]`` where the batch norm is folded into ``fc1``: the folded layer now produces the
+    batch norm's output, so it stays whole like the module itself would."""
+    model = TokensThroughBatchNorm().to(D).eval()
+    x = torch.randn(1, 5, 4, generator=torch.Generator().manual_seed(7), dtype=D)
+    attributor = lrpc.compile(model, rules="epsilon", backend="eager", layers=["bn"])
+    result = attributor(x, target=0)
+    reference, _ = unnarrowed(monkeypatch, model, "epsilon", {"x": x}, target=0, layers=["bn"])
+    assert result.layers["bn"].shape == (5, 16)
+    assert rel_err(result.layers["bn"], reference.layers["bn"]) < 1e-10
+    assert rel_err(result.relevance, reference.relevance) < 1e-10
+    assert rows(attributor.program(x, target=0)) == [5, 1], "fc2 still runs at the one token"
+
+
+@pytest.mark.parametrize("per_position", [True, False], ids=["bounds per position", "bounds per feature"])
+def test_zbox_bounds_per_position_keep_every_position(per_position: bool, monkeypatch) -> None:
+    """ZBox's bounds broadcast against one sample: shaped ``(T, D)`` they differ between positions, and
+    the first layer narrowed to one position could not be paired with them, so narrowing stays off.
+    Per-feature bounds fit any position, and the program narrows."""
+    from lrpc.rules import ZBox
+
+    torch.manual_seed(0)
+    model = LastToken().to(D).eval()
+    x = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(4), dtype=D)
+    low = torch.linspace(-4, -2, 30, dtype=D).view(5, 6) if per_position else torch.full((6,), -3.0, dtype=D)
+    rules = lrpc.composite("epsilon", first=ZBox(low, -low))
+    attributor = lrpc.compile(model, rules=rules, backend="eager")
+    result = attributor(x, target=1)
+    reference, _ = unnarrowed(monkeypatch, model, rules, {"x": x})
+    assert rel_err(result.relevance, reference.relevance) < 1e-10
+    assert narrowed_linears(attributor.program(x, target=1)) == ([] if per_position else ["linear", "linear_1"])
