@@ -122,6 +122,9 @@ PEERS = {
 SPEED_TARGET = {"epsilon": 1.0, "attnlrp": 1.0, "epsilon-plus-flat": 1.5, "epsilon-gamma-box": 1.5}
 PEER_TARGET = {"Zennit": 1 / 3, "LXT": 1 / 1.5}
 FIRST_CALL_TARGET = {"resnet50": 60.0, "bert": 60.0}
+# Language models that also get a row explaining through ``output=lambda out: out.logits[:, -1]``: the
+# next-token relevance without the full logits (README, Targets). Not a target row: its output differs.
+DECODERS = ("gpt2", "llama")
 # float32 implementations of the same rules agree to ~1e-4 (the tests compare them in float64 to 1e-7).
 DISAGREE = 1e-2
 
@@ -232,6 +235,18 @@ def rows_for(
                     rules,
                     "lrpc",
                     backend,
+                )
+            )
+        if model in DECODERS and AUTO_BACKEND in backends:
+            # explains the same logit with the same relevance, returns the last position's logits only
+            rows.append(
+                Row(
+                    model,
+                    f"lrpc {rules}, next token only (output=logits[:, -1])",
+                    {"method": "lrpc", "rules": rules, "backend": AUTO_BACKEND, "next_token": True},
+                    rules,
+                    "lrpc",
+                    AUTO_BACKEND,
                 )
             )
     if peers:
@@ -447,7 +462,7 @@ def targets(rows: list[Row]) -> list[str]:
     for model, rs in by_model.items():
         gxi = next((r for r in rs if r.kind == "gxi" and r.median), None)
         for row in rs:
-            if row.kind != "lrpc" or row.backend != AUTO_BACKEND:
+            if row.kind != "lrpc" or row.backend != AUTO_BACKEND or row.spec.get("next_token"):
                 continue
             name = f"{LABELS[model]}, lrpc {row.rules} [{row.backend}]"
             if row.error or row.median is None:

@@ -162,7 +162,13 @@ def gradient_x_input(name: str, model, inputs, target) -> Call:
     return call
 
 
-def lrpc_method(name: str, model, inputs, target, rules: str, backend: str) -> Call:
+def _last_logits(out: Any) -> torch.Tensor:
+    return out.logits[:, -1]
+
+
+def lrpc_method(name: str, model, inputs, target, rules: str, backend: str, next_token: bool = False) -> Call:
+    """lrpc with ``rules``; ``next_token``: a language model explained through its last position's logits
+    (``output=``), whose seed and relevance are those of the full logits'."""
     import lrpc
 
     preset: Any = rules
@@ -170,7 +176,7 @@ def lrpc_method(name: str, model, inputs, target, rules: str, backend: str) -> C
         preset = lrpc.presets.epsilon_gamma_box(BOX_LOW, BOX_HIGH)
     elif rules == "epsilon" and name in CNNS:
         preset = lrpc.presets.epsilon(CAPTUM_EPS)  # Captum's epsilon, so that the two can be compared
-    attributor = lrpc.compile(model, rules=preset, backend=backend)
+    attributor = lrpc.compile(model, rules=preset, backend=backend, output=_last_logits if next_token else None)
     lrpc_method.attributor = attributor  # for the report's timings
 
     def call() -> torch.Tensor:
@@ -420,7 +426,7 @@ def make_method(spec: dict, model, inputs, target) -> Call:
     if method == "gxi":
         return gradient_x_input(name, model, inputs, target)
     if method == "lrpc":
-        return lrpc_method(name, model, inputs, target, spec["rules"], spec["backend"])
+        return lrpc_method(name, model, inputs, target, spec["rules"], spec["backend"], spec.get("next_token", False))
     if method == "zennit":
         return zennit_method(name, model, inputs, target, spec["composite"])
     if method == "lxt":
