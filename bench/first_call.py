@@ -24,14 +24,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from speed import FAMILY, LABELS, MODELS, PRESETS, SIZES  # noqa: E402
+from speed import FAMILY, LABELS, MODELS, PRESETS, SIZES
 
 
 def child(model_name: str, preset: str, backend: str, threads: int) -> None:
     """One process: build the model, time the first and a second call, print the stages as JSON."""
-    import torch
-
     import speed_worker as w
+    import torch
 
     if threads:
         torch.set_num_threads(threads)

@@ -563,8 +563,8 @@ class ProportionalProduct(Rule):
             term = A3 * B3 * g
             frac = divide(A3.abs(), A3.abs() + B3.abs(), self.eps)
             ra = _reduce_to((term * frac).sum(-1), a.shape)
-            rb = (term * (1 - frac)).sum(-3)
-            rb = _reduce_to(rb.mT, b.shape) if op.product_kind == "linear" else _reduce_to(rb, B.shape)
+            rb = (term * (1 - frac)).sum(-3)  # shaped like B
+            rb = _reduce_to(rb.mT if op.product_kind == "linear" else rb, b.shape)
         else:
             raise RuleError(
                 f"{self.name} splits elementwise and matrix products of two activations, not a product of kind "
