@@ -269,12 +269,13 @@ class Attributor:
         self.stats["traces"] += 1
         traced = trace(self.model, args, kwargs, output=self.output, dynamic=dynamic)
         start = time.perf_counter()
+        per_position = self.preset.holds_positions or any(r.holds_positions for r in ops.registered_rules())
         graph = canonicalize(
             traced.graph,
             traced.user_placeholders,
             fold=self.preset.fold_batch_norm,
             keep=self.layers,
-            narrow=not self.preset.holds_positions,
+            narrow=not per_position,
         )
         inputs = {s.name: n for s, n in zip(traced.inputs, traced.user_placeholders)}
         the_plan = make_plan(

@@ -90,7 +90,11 @@ def table_version() -> int:
 def register_op(ops: Any, spec: OpSpec) -> None:
     """Register ``spec`` for ops given as overloads, packets or names (``"view"``, ``"pow.Tensor_Scalar"``).
 
-    Names that this torch version does not have are skipped, so one table serves torch 2.11 onwards.
+    Names that this torch version does not have are skipped, so one table serves torch 2.11 onwards. An
+    op with ``factors`` that can both carry relevance (a product of activations) says how it multiplies
+    them with ``product=`` (``"elementwise"``, ``"matmul"`` or ``"linear"``): the rules that split such
+    products (dynamiclrp's) need it, since shapes alone do not tell a square matrix product from an
+    elementwise one.
     """
     global _version
     for op in ops if isinstance(ops, (list, tuple)) else [ops]:
@@ -98,6 +102,11 @@ def register_op(ops: Any, spec: OpSpec) -> None:
         if resolved is not None:
             _TABLE[resolved] = spec
     _version += 1
+
+
+def registered_rules() -> list["Rule"]:
+    """The rules given to ops with :func:`register_rule`."""
+    return [rule for rule, _ in _USER_RULES.values()]
 
 
 def register_rule(op: Any, rule: "Rule | None", *, frozen: tuple[str, ...] = ()) -> None:

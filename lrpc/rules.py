@@ -444,7 +444,7 @@ class ZBox(Rule):
     @property
     def holds_positions(self) -> bool:
         # a scalar or per-feature bound fits any position; anything larger may differ between positions
-        return any(isinstance(v, Tensor) and v.dim() >= 2 for v in (self.low, self.high))
+        return any(torch.as_tensor(v).dim() >= 2 for v in (self.low, self.high))
 
     def __call__(self, op: Operation, R: Any) -> Relevances:
         x, w, b = _parts(op, self)
@@ -567,8 +567,9 @@ class ProportionalProduct(Rule):
             rb = _reduce_to(rb.mT if op.product_kind == "linear" else rb, b.shape)
         else:
             raise RuleError(
-                f"{self.name} splits elementwise and matrix products of two activations, not a product of kind "
-                f"{op.product_kind!r} (one of {PRODUCT_KINDS} expected)"
+                f"{self.name} splits elementwise and matrix products of two activations; this op's product "
+                f"kind is {op.product_kind!r}. An op registered with lrpc.ops.register_op says how it "
+                f"multiplies its factors with OpSpec(..., product=...), one of {PRODUCT_KINDS}"
             )
         out: list[Tensor | None] = [None] * len(op.inputs)
         out[index[0]], out[index[1]] = ra, rb

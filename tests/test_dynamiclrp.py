@@ -147,3 +147,15 @@ def test_dynamiclrp_seeds_one() -> None:
     x = torch.randn(5, 4, dtype=D)
     res = lrpc.compile(model, rules="dynamiclrp", backend="eager")(x, target=1)
     torch.testing.assert_close(res.relevance.sum(1), torch.ones(5, dtype=D))
+
+
+def test_a_registered_product_op_must_say_how_it_multiplies(monkeypatch) -> None:
+    """An op registered with two factors that both carry relevance, but no ``product=``: the product rule
+    cannot tell a square matrix product from an elementwise one by shapes, so it asks, by name."""
+    from lrpc import ops
+
+    monkeypatch.setattr(ops, "_TABLE", dict(ops._TABLE))  # restored after the test
+    ops.register_op("mul", ops.OpSpec(ops.Family.SCALE, factors=frozenset({"self", "other"})))
+    a = torch.randn(2, 3, dtype=D)
+    with pytest.raises(lrpc.LRPCError, match=r"product=\.\.\.\), one of \('elementwise', 'matmul', 'linear'\)"):
+        explain(Binary(torch.mul), a, a + 1, seed=torch.ones(2, 3, dtype=D))

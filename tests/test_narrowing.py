@@ -389,20 +389,47 @@ def test_a_requested_layer_folded_into_another_stays_whole(monkeypatch) -> None:
     assert rows(attributor.program(x, target=0)) == [5, 1], "fc2 still runs at the one token"
 
 
-@pytest.mark.parametrize("per_position", [True, False], ids=["bounds per position", "bounds per feature"])
-def test_zbox_bounds_per_position_keep_every_position(per_position: bool, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "bounds,given",
+    [
+        ("per position", "first="),
+        ("per position, numpy", "first="),
+        ("per position", "register_rule"),
+        ("per feature", "first="),
+    ],
+)
+def test_zbox_bounds_per_position_keep_every_position(bounds: str, given: str, monkeypatch) -> None:
     """ZBox's bounds broadcast against one sample: shaped ``(T, D)`` they differ between positions, and
-    the first layer narrowed to one position could not be paired with them, so narrowing stays off.
-    Per-feature bounds fit any position, and the program narrows."""
+    the first layer narrowed to one position could not be paired with them, so narrowing stays off, for a
+    preset's rule and a rule registered for an op alike. Per-feature bounds fit any position, and the
+    program narrows."""
     from lrpc.rules import ZBox
 
+    class LastOfOneLayer(nn.Module):  # one linear layer: a rule registered for linear meets these bounds only
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.fc(x)[:, -1]
+
     torch.manual_seed(0)
-    model = LastToken().to(D).eval()
+    model = LastOfOneLayer().to(D).eval()
     x = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(4), dtype=D)
+    per_position = bounds.startswith("per position")
     low = torch.linspace(-4, -2, 30, dtype=D).view(5, 6) if per_position else torch.full((6,), -3.0, dtype=D)
-    rules = lrpc.composite("epsilon", first=ZBox(low, -low))
-    attributor = lrpc.compile(model, rules=rules, backend="eager")
-    result = attributor(x, target=1)
-    reference, _ = unnarrowed(monkeypatch, model, rules, {"x": x})
+    rule = ZBox(low.numpy(), (-low).numpy()) if bounds.endswith("numpy") else ZBox(low, -low)
+    if given == "register_rule":
+        rules = "epsilon"
+        lrpc.register_rule(torch.ops.aten.linear.default, rule)  # removed again below
+    else:
+        rules = lrpc.composite("epsilon", first=rule)
+    try:
+        attributor = lrpc.compile(model, rules=rules, backend="eager")
+        result = attributor(x, target=1)
+        reference, _ = unnarrowed(monkeypatch, model, rules, {"x": x})
+        narrowed = narrowed_linears(attributor.program(x, target=1))
+    finally:
+        lrpc.register_rule(torch.ops.aten.linear.default, None)
     assert rel_err(result.relevance, reference.relevance) < 1e-10
-    assert narrowed_linears(attributor.program(x, target=1)) == ([] if per_position else ["linear", "linear_1"])
+    assert narrowed == ([] if per_position else ["linear"])
