@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .canonize import ACTIVATION_META
-from .errors import LRPCError
+from .errors import LRPCError, RuleError
 from .input_gradients import merge_input_gradients
 from .memory import rematerialize
 from .ops import SIDE_EFFECT_OPS, lookup
@@ -87,6 +87,8 @@ def relevance_function(plan: Plan, target: TargetSpec) -> tuple[Callable[..., tu
                 op, tensor_inputs, r = one_class or (*_operation(node, env, step), r)
                 try:
                     results = step.rule(op, r)
+                except RuleError as e:  # the rule does not fit this op: say which op it met
+                    raise RuleError(f"{e} (at node '{step.node}', {step.op}, module '{step.module}')") from e
                 except LRPCError:
                     raise
                 except Exception as e:  # name the node: the rule's own error does not say where it was

@@ -8,9 +8,9 @@ relevance back through them at full size.
 
 :func:`narrow_positions` moves each such ``select`` up the graph through the ops that treat the selected
 dimension position by position (elementwise ops, linear layers, norms and softmaxes over other dimensions,
-views, matmul rows, ``addmm`` rows), so that they compute the selected position only. It stops where a value is needed
-whole: a value with other users (the keys and values of attention), an input, a parameter, an op it does
-not know, or a module whose relevance the user asked for. There it slices.
+views, rows of ``mm`` and ``addmm``), so that they compute the selected position only. It stops where a
+value is needed whole: a value with other users (the keys and values of attention), an input, a parameter,
+an op it does not know, or a module whose relevance the user asked for. There it slices.
 
 The output is computed from the same values. LRP rules are linear in the relevance they receive and local
 to their op, so the positions cut away, which would have received none, would have sent none back: the

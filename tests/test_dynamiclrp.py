@@ -157,5 +157,6 @@ def test_a_registered_product_op_must_say_how_it_multiplies(monkeypatch) -> None
     monkeypatch.setattr(ops, "_TABLE", dict(ops._TABLE))  # restored after the test
     ops.register_op("mul", ops.OpSpec(ops.Family.SCALE, factors=frozenset({"self", "other"})))
     a = torch.randn(2, 3, dtype=D)
-    with pytest.raises(lrpc.LRPCError, match=r"product=\.\.\.\), one of \('elementwise', 'matmul', 'linear'\)"):
+    asks = r"product=\.\.\.\), one of \('elementwise', 'matmul', 'linear'\) \(at node 'mul', aten\.mul\.Tensor"
+    with pytest.raises(lrpc.RuleError, match=asks):
         explain(Binary(torch.mul), a, a + 1, seed=torch.ones(2, 3, dtype=D))
