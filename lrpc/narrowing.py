@@ -8,9 +8,12 @@ relevance back through them at full size.
 
 :func:`narrow_positions` moves each such ``select`` up the graph through the ops that treat the selected
 dimension position by position (elementwise ops, linear layers, norms and softmaxes over other dimensions,
-views, rows of ``mm`` and ``addmm``), so that they compute the selected position only. It stops where a
-value is needed whole: a value with other users (the keys and values of attention), an input, a parameter,
-an op it does not know, or a module whose relevance the user asked for. There it slices.
+views, rows of ``mm`` and ``addmm``), so that they compute the selected position only. A view may fold the
+positions into one dim with the batch (GPT-2's Conv1D computes ``(B*T, D)`` rows, torchvision's attention
+``(T*B, D)``): there the position is every T-th row, or a block of rows, and the narrowed value keeps one
+row per sample (:class:`Axis`). It stops where a value is needed whole: a value with other users (the keys
+and values of attention), an input, a parameter, an op it does not know, or a module whose relevance the
+user asked for. There it slices.
 
 The output is computed from the same values. LRP rules are linear in the relevance they receive and local
 to their op, so the positions cut away, which would have received none, would have sent none back: the
@@ -24,7 +27,7 @@ import math
 import operator
 import sys
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import fx
@@ -35,8 +38,24 @@ from .tracing import belongs_to, insert_call
 
 aten = torch.ops.aten
 
-#: ``{argument position: dimension of that argument to narrow}`` and the op's new arguments.
-Through = tuple[dict[int, int], tuple]
+
+class Axis(NamedTuple):
+    """Where the selected position lies in a value: along ``dim``, whose size is ``outer * T * inner`` for T
+    positions. Narrowed, that dim has size ``outer * inner``. A dim that is the positions alone has
+    ``outer = inner = 1``; a view that flattens ``(B, T)`` into rows has ``outer = B``, and one that flattens
+    ``(T, B)`` has ``inner = B``. Folded sizes are concrete: a fold is only followed in a static program."""
+
+    dim: int
+    outer: int = 1
+    inner: int = 1
+
+    @property
+    def kept(self) -> int:
+        return self.outer * self.inner
+
+
+#: ``{argument position: where that argument holds the position}`` and the op's new arguments.
+Through = tuple[dict[int, Axis], tuple]
 
 
 def narrow_positions(graph: fx.Graph, keep: Collection[str] = ()) -> fx.Graph:
@@ -56,20 +75,20 @@ def _narrow(graph: fx.Graph, root: fx.Node, keep: tuple[str, ...]) -> None:
     if not isinstance(source, fx.Node) or not isinstance(index, int) or _val(source) is None:
         return
     dim = dim % _val(source).dim()
-    asked: dict[fx.Node, set[int | None]] = {source: {dim}}  # dims a narrowed user needs; None: whole
-    narrowed: dict[fx.Node, tuple[int, Through]] = {}
+    asked: dict[fx.Node, set[Axis | None]] = {source: {Axis(dim)}}  # what a narrowed user needs; None: whole
+    narrowed: dict[fx.Node, tuple[Axis, Through]] = {}
     node = root
     while asked and (node := node.prev).op != "root":  # backwards: a node's users are decided before it
-        dims = asked.pop(node, None)
-        if dims is None or len(dims) != 1 or None in dims:
+        axes = asked.pop(node, None)
+        if axes is None or len(axes) != 1 or None in axes:
             continue
-        (d,) = dims
+        (at,) = axes
         if any(u is not root and u not in narrowed and not _dtype_check(u) for u in node.users) or _kept(node, keep):
             continue
-        through = _through(node, d)
+        through = _through(node, at)
         if through is None:
             continue
-        narrowed[node] = d, through
+        narrowed[node] = at, through
         positions, _ = through
         for i, arg in enumerate(node.args):
             for a in _nodes(arg):
@@ -82,32 +101,32 @@ def _narrow(graph: fx.Graph, root: fx.Node, keep: tuple[str, ...]) -> None:
     _rewrite(graph, root, narrowed, index)
 
 
-def _rewrite(graph: fx.Graph, root: fx.Node, narrowed: dict[fx.Node, tuple[int, Through]], index: int) -> None:
+def _rewrite(graph: fx.Graph, root: fx.Node, narrowed: dict[fx.Node, tuple[Axis, Through]], index: int) -> None:
     new: dict[fx.Node, fx.Node] = {}
-    slices: dict[tuple[fx.Node, int], fx.Node] = {}
+    slices: dict[tuple[fx.Node, Axis], fx.Node] = {}
 
-    def version(node: fx.Node, d: int, user: fx.Node) -> fx.Node:
+    def version(node: fx.Node, at: Axis, user: fx.Node) -> fx.Node:
         """``node`` at the one position: its narrowed copy, or a slice of it where it stays whole. The slice
         belongs to the narrowed ``user`` (its module), not to ``node``'s module, whose output stays whole."""
         if node in new:
             return new[node]
-        if (node, d) not in slices:
-            end = index + 1 if index != -1 else sys.maxsize
+        if (node, at) not in slices:
             with graph.inserting_after(node):
-                slices[node, d] = insert_call(
-                    graph, aten.slice.Tensor, (node, d, index, end), like=user, name=f"{node.name}_at{index}"
+                slices[node, at] = insert_call(
+                    graph, aten.slice.Tensor, (node, *_slice_at(node, at, index)), like=user,
+                    name=f"{node.name}_at{index}",
                 )
-        return slices[node, d]
+        return slices[node, at]
 
     for node in list(graph.nodes):
         if node not in narrowed:
             continue
-        d, (positions, args) = narrowed[node]
+        at, (positions, args) = narrowed[node]
         if node.target is operator.getitem and node.args[0] not in narrowed:
             continue  # a tuple cannot be sliced: slice the item where a user needs it
         args = tuple(version(a, positions[i], node) if i in positions else a for i, a in enumerate(args))
         expected = list(_val(node).shape)
-        expected[d] = 1
+        expected[at.dim] = at.kept
         try:
             with graph.inserting_after(node):
                 twin = insert_call(graph, node.target, args, node.kwargs, like=node, name=f"{node.name}_narrowed")
@@ -122,7 +141,18 @@ def _rewrite(graph: fx.Graph, root: fx.Node, narrowed: dict[fx.Node, tuple[int, 
         for user in [u for u in node.users if _dtype_check(u)]:
             user.replace_input_with(node, twin)
     source, dim, _ = root.args
-    root.args = (version(source, dim % _val(source).dim(), root), dim, 0)
+    root.args = (version(source, Axis(dim % _val(source).dim()), root), dim, 0)
+
+
+def _slice_at(node: fx.Node, at: Axis, index: int) -> tuple:
+    """``aten.slice`` arguments (dim, start, end, step) that take the position out of ``node``'s whole value:
+    one index, every T-th row (``outer``), or a block of ``inner`` rows."""
+    if at.kept == 1:
+        return at.dim, index, index + 1 if index != -1 else sys.maxsize
+    t = index % (_val(node).shape[at.dim] // at.kept)
+    if at.inner == 1:
+        return at.dim, t, sys.maxsize, _val(node).shape[at.dim] // at.outer
+    return at.dim, t * at.inner, (t + 1) * at.inner
 
 
 def _dtype_check(node: fx.Node) -> bool:
@@ -160,55 +190,55 @@ def _whole_dim(node: fx.Node, d: int) -> bool:
 
 
 # --- how each op's output at one position is computed from its inputs --------------------------------------
-def _through(node: fx.Node, d: int) -> Through | None:
-    """The inputs to narrow (and along which dim) so that ``node`` computes position ``d`` only, or ``None``
-    where the op mixes positions along ``d`` or lrpc does not know it."""
+def _through(node: fx.Node, at: Axis) -> Through | None:
+    """The inputs to narrow (and where each holds the position) so that ``node`` computes the position at
+    ``at`` only, or ``None`` where the op mixes positions along that dim or lrpc does not know it."""
     if node.op != "call_function":
         return None
     if node.target is operator.getitem:  # an output of a multi-output op: decided with that op
-        return {0: d}, node.args
+        return {0: at}, node.args
     out = _val(node)
-    if out is None or not _whole_dim(node, d) or any(_val(a) is not None for a in _nodes(node.kwargs)):
+    if out is None or not _whole_dim(node, at.dim) or any(_val(a) is not None for a in _nodes(node.kwargs)):
         return None
     rule = _RULES.get(node.target)
     if rule is None and torch.Tag.pointwise in getattr(node.target, "tags", ()):
         rule = _pointwise
-    return rule(node, d, out.dim()) if rule is not None else None
+    return rule(node, at, out.dim()) if rule is not None else None
 
 
-def _pointwise(node: fx.Node, d: int, rank: int) -> Through:
+def _pointwise(node: fx.Node, at: Axis, rank: int) -> Through:
     """Broadcasting elementwise ops: each tensor argument along its own dim (right-aligned), unless it is
     broadcast along it."""
     positions = {}
     for i, a in enumerate(node.args):
         if _val(a) is not None:
-            ad = d - (rank - _val(a).dim())
+            ad = at.dim - (rank - _val(a).dim())
             if ad >= 0 and _whole_dim(a, ad):
-                positions[i] = ad
+                positions[i] = at._replace(dim=ad)
     return positions, node.args
 
 
-def _first_arg(node: fx.Node, d: int, rank: int) -> Through:
-    return {0: d}, node.args
+def _first_arg(node: fx.Node, at: Axis, rank: int) -> Through:
+    return {0: at}, node.args
 
 
 def _dims(dims: int | list[int], rank: int) -> set[int]:
     return {i % rank for i in ([dims] if isinstance(dims, int) else dims)}
 
 
-def _linear(node: fx.Node, d: int, rank: int) -> Through | None:
-    return _first_arg(node, d, rank) if d < rank - 1 else None
+def _linear(node: fx.Node, at: Axis, rank: int) -> Through | None:
+    return _first_arg(node, at, rank) if at.dim < rank - 1 else None
 
 
-def _norm(node: fx.Node, d: int, rank: int) -> Through | None:
-    return _first_arg(node, d, rank) if d < _val(node.args[0]).dim() - len(node.args[1]) else None
+def _norm(node: fx.Node, at: Axis, rank: int) -> Through | None:
+    return _first_arg(node, at, rank) if at.dim < _val(node.args[0]).dim() - len(node.args[1]) else None
 
 
-def _softmax(node: fx.Node, d: int, rank: int) -> Through | None:
-    return _first_arg(node, d, rank) if node.args[1] % rank != d else None
+def _softmax(node: fx.Node, at: Axis, rank: int) -> Through | None:
+    return _first_arg(node, at, rank) if node.args[1] % rank != at.dim else None
 
 
-def _reduction(node: fx.Node, d: int, rank: int) -> Through | None:
+def _reduction(node: fx.Node, at: Axis, rank: int) -> Through | None:
     """``sum`` / ``mean`` / ``amax`` / ``any`` over dims other than the narrowed one."""
     x = _val(node.args[0])
     reduced = node.args[1] if len(node.args) > 1 else None
@@ -217,41 +247,59 @@ def _reduction(node: fx.Node, d: int, rank: int) -> Through | None:
     reduced = _dims(reduced, x.dim())
     keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
     kept = list(range(x.dim())) if keepdim else [i for i in range(x.dim()) if i not in reduced]
-    xd = kept[d]
-    return ({0: xd}, node.args) if xd not in reduced else None
+    xd = kept[at.dim]
+    return ({0: at._replace(dim=xd)}, node.args) if xd not in reduced else None
 
 
-def _view(node: fx.Node, d: int, rank: int) -> Through | None:
-    """A view keeps position ``d`` if some input dim has the same size and the same number of elements
-    before it; the new shape has 1 there."""
+def _view(node: fx.Node, at: Axis, rank: int) -> Through | None:
+    """A view keeps the position if some input dim holds it whole: the same number of elements before the
+    position and after it in both shapes' row-major order. A dim that only holds it folded with the batch
+    (``(B*T, D)`` from ``(B, T, D)``) is followed where every size is concrete, and not where the
+    position would then have samples before and after it in one dim."""
     x, out = _val(node.args[0]), _val(node)
-    before = math.prod(out.shape[:d])
-    for xd in range(x.dim()):
-        if _same(math.prod(x.shape[:xd]), before) and _same(x.shape[xd], out.shape[d]):
-            shape = list(node.args[1])
-            shape[d] = 1
-            return {0: xd}, (node.args[0], shape)
+    shape = list(node.args[1])
+    shape[at.dim] = at.kept
+    if at.kept == 1:
+        before = math.prod(out.shape[: at.dim])
+        for xd in range(x.dim()):
+            if _same(math.prod(x.shape[:xd]), before) and _same(x.shape[xd], out.shape[at.dim]):
+                return {0: Axis(xd)}, (node.args[0], shape)
+    xs, outs = _ints(x.shape), _ints(out.shape)
+    if xs is None or outs is None or 0 in xs:
+        return None
+    positions = outs[at.dim] // at.kept
+    before = math.prod(outs[: at.dim]) * at.outer
+    after = math.prod(outs[at.dim + 1 :]) * at.inner
+    for xd, size in enumerate(xs):
+        outer, inner = before // math.prod(xs[:xd]), after // math.prod(xs[xd + 1 :])
+        folded = Axis(xd, outer, inner)
+        if (
+            outer * math.prod(xs[:xd]) == before and inner * math.prod(xs[xd + 1 :]) == after
+            and outer * positions * inner == size and 1 in (outer, inner)
+        ):
+            return {0: folded}, (node.args[0], shape)
     return None
 
 
-def _expand(node: fx.Node, d: int, rank: int) -> Through:
-    xd = d - (rank - _val(node.args[0]).dim())
+def _expand(node: fx.Node, at: Axis, rank: int) -> Through:
+    xd = at.dim - (rank - _val(node.args[0]).dim())
     sizes = list(node.args[1])
-    sizes[d] = 1
-    return ({0: xd} if xd >= 0 and _whole_dim(node.args[0], xd) else {}), (node.args[0], sizes, *node.args[2:])
+    sizes[at.dim] = at.kept
+    whole = xd >= 0 and _whole_dim(node.args[0], xd)
+    return ({0: at._replace(dim=xd)} if whole else {}), (node.args[0], sizes, *node.args[2:])
 
 
-def _permute(node: fx.Node, d: int, rank: int) -> Through:
-    return {0: node.args[1][d] % rank}, node.args
+def _permute(node: fx.Node, at: Axis, rank: int) -> Through:
+    return {0: at._replace(dim=node.args[1][at.dim] % rank)}, node.args
 
 
-def _unsqueeze(node: fx.Node, d: int, rank: int) -> Through:
-    return {0: d if d < node.args[1] % rank else d - 1}, node.args
+def _unsqueeze(node: fx.Node, at: Axis, rank: int) -> Through:
+    return {0: at._replace(dim=at.dim if at.dim < node.args[1] % rank else at.dim - 1)}, node.args
 
 
-def _squeeze(node: fx.Node, d: int, rank: int) -> Through | None:
-    """``squeeze`` of dims of size 1 only: the narrowed dim has size 1 too, and squeezing without dims, or
-    a dim of another size (a no-op before), would remove it."""
+def _squeeze(node: fx.Node, at: Axis, rank: int) -> Through | None:
+    """``squeeze`` of dims of size 1 only: the narrowed dim has size 1 too (unless folded), and squeezing
+    without dims, or a dim of another size (a no-op before), would remove it."""
     x = _val(node.args[0])
     if len(node.args) < 2:
         return None
@@ -259,37 +307,44 @@ def _squeeze(node: fx.Node, d: int, rank: int) -> Through | None:
     if not all(_same(x.shape[i], 1) for i in dims):
         return None
     kept = [i for i in range(x.dim()) if i not in dims]
-    return {0: kept[d]}, node.args
+    return {0: at._replace(dim=kept[at.dim])}, node.args
 
 
-def _slice(node: fx.Node, d: int, rank: int) -> Through | None:
+def _slice(node: fx.Node, at: Axis, rank: int) -> Through | None:
     sliced = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    return _first_arg(node, d, rank) if sliced % rank != d else None
+    return _first_arg(node, at, rank) if sliced % rank != at.dim else None
 
 
-def _select(node: fx.Node, d: int, rank: int) -> Through:
-    return {0: d if d < node.args[1] % (rank + 1) else d + 1}, node.args
+def _select(node: fx.Node, at: Axis, rank: int) -> Through:
+    return {0: at._replace(dim=at.dim if at.dim < node.args[1] % (rank + 1) else at.dim + 1)}, node.args
 
 
-def _bmm(node: fx.Node, d: int, rank: int) -> Through:
+def _bmm(node: fx.Node, at: Axis, rank: int) -> Through:
     """``(N, M, K) @ (N, K, P)``: a batch entry of both, a row of the first, a column of the second."""
-    return ({0: 0, 1: 0} if d == 0 else {0: 1} if d == 1 else {1: 2}), node.args
+    d = at.dim
+    return ({0: at, 1: at} if d == 0 else {0: at} if d == 1 else {1: at}), node.args
 
 
-def _mm(node: fx.Node, d: int, rank: int) -> Through:
-    return ({0: 0} if d == 0 else {1: 1}), node.args
+def _mm(node: fx.Node, at: Axis, rank: int) -> Through:
+    return ({0: at} if at.dim == 0 else {1: at}), node.args
 
 
-def _addmm(node: fx.Node, d: int, rank: int) -> Through:
+def _addmm(node: fx.Node, at: Axis, rank: int) -> Through:
     """``bias + (M, K) @ (K, N)`` (GPT-2's Conv1D): a row of the first factor or a column of the second, and
-    the bias where it is not broadcast along ``d``."""
-    positions, _ = _pointwise(node, d, rank) if _val(node.args[0]) is not None else ({}, None)
+    the bias where it is not broadcast along the narrowed dim."""
+    positions, _ = _pointwise(node, at, rank) if _val(node.args[0]) is not None else ({}, None)
     bias = {0: positions[0]} if 0 in positions else {}
-    return ({1: 0} if d == 0 else {2: 1}) | bias, node.args
+    return ({1: at} if at.dim == 0 else {2: at}) | bias, node.args
+
+
+def _ints(shape: Any) -> list[int] | None:
+    """The sizes as Python ints, or ``None`` if one is symbolic (a dynamic program)."""
+    sizes = [s.node.maybe_as_int() if isinstance(s, torch.SymInt) else s for s in shape]
+    return sizes if all(isinstance(s, int) for s in sizes) else None
 
 
 # ops of the decomposed graph only: reshape, transpose and the like arrive as view and permute
-_RULES: dict[Any, Callable[[fx.Node, int, int], Through | None]] = {
+_RULES: dict[Any, Callable[[fx.Node, Axis, int], Through | None]] = {
     aten.linear.default: _linear,
     aten.native_layer_norm.default: _norm,
     aten.rms_norm.default: _norm,

@@ -14,6 +14,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 import lrpc
 import lrpc.canonize
+from lrpc.narrowing import Axis
 
 D = torch.float64
 
@@ -95,6 +96,8 @@ def test_a_classifier_on_one_token_computes_its_last_block_at_that_token(build, 
 
     # the last block's feed-forward layers (and, for BERT, its query and output projections) run on token 0
     assert len(narrowed_linears(program)) >= 2
+    if build is vit:  # torchvision's attention flattens positions and batch into rows for its projection
+        assert rows(program)[-4:] == [2, 2, 2, 2], "attention output, feed-forward and head: one row each"
     assert narrowed_linears(full) == []
     assert linears(program) == linears(full), "narrowing must not compute a layer twice (whole and narrowed)"
     torch.testing.assert_close(result.output, reference.output, rtol=1e-12, atol=1e-12)
@@ -201,6 +204,28 @@ def _conv1d(m, x):
     return torch.addmm(m.fc2.bias, h.reshape(-1, 6), m.fc2.weight.T).view(*h.shape[:-1], 3)[:, -1]
 
 
+def _positions_first(m, x):
+    """torchvision's attention: positions before the batch, ``(T*B, D)`` rows; the position is a block."""
+    h = torch.tanh(m.fc1(x)).transpose(0, 1)
+    return torch.addmm(m.fc2.bias, h.reshape(-1, 6), m.fc2.weight.T).view(5, 2, 3).transpose(0, 1)[:, 3]
+
+
+def _flattened_and_whole(m, x, positions_first=False):
+    """The flattened rows have a second user that needs them all: the addmm takes a strided slice (every
+    fifth row) or a block of rows from them."""
+    h = torch.tanh(m.fc1(x))
+    r = (h.transpose(0, 1) if positions_first else h).reshape(-1, 6)
+    y = torch.addmm(m.fc2.bias, r, m.fc2.weight.T)
+    y = y.view(5, 2, 3).transpose(0, 1) if positions_first else y.view(2, 5, 3)
+    return y[:, -2] + r.sum()
+
+
+def _position_inside(m, x):
+    """``(B, T, 6)`` viewed as ``(B*T*2, 3)``: each position's values lie between samples and halves."""
+    h = torch.exp(torch.tanh(m.fc1(x)).view(20, 3)).view(2, 5, 6)
+    return m.fc2(h)[:, 1]
+
+
 def _addmm_columns(m, x):
     """Columns of an ``addmm`` whose bias is a matrix (expanded along the columns)."""
     h = torch.tanh(m.fc1(x[0]))
@@ -233,6 +258,11 @@ SMALL = {
     "columns of a matrix product": (lambda m, x: (m.fc2.weight @ torch.tanh(m.fc1(x[0])).T)[:, 2], [1]),
     "columns of an addmm": (_addmm_columns, [1, 3]),  # the addmm: 3 rows of one column
     "flattened rows of an addmm, batch of one": (lambda m, x: _conv1d(m, x[:1]), [1, 1]),
+    # batch and positions flattened into one dim: the position is every fifth row, or a block of two rows
+    "flattened rows of an addmm, batch of two": (_conv1d, [2, 2]),
+    "flattened rows, positions first": (_positions_first, [2, 2]),
+    "every fifth of rows needed whole": (_flattened_and_whole, [10, 2]),
+    "a block of rows needed whole": (lambda m, x: _flattened_and_whole(m, x, positions_first=True), [10, 2]),
     # positions mixed along the selected dim: only what comes after the mixing narrows
     "broadcast position": (_per_token(lambda h: torch.tanh(h[:, :1].expand(2, 5, 6)), lambda y: y[:, 3]), [10, 2]),
     "softmax over positions": (_per_token(lambda h: torch.softmax(h, 1)), [10, 2]),
@@ -246,8 +276,8 @@ SMALL = {
     "a slice of positions": (_per_token(lambda h: torch.tanh(h)[:, 1:4], lambda y: y[:, 1]), [10, 2]),
     # nothing to narrow before fc2 (or at all)
     "two positions of one tensor": (_two_positions, [10, 2]),
-    # batch and positions flattened into one dim: one position is every fifth row, not one slice
-    "flattened rows of an addmm, batch of two": (_conv1d, [10, 10]),
+    # samples before and after the position in one dim: neither a stride nor a block of rows
+    "positions inside a flattened dim": (_position_inside, [10, 2]),
     "a feature": (lambda m, x: torch.tanh(m.fc1(x))[..., 2], [10]),
     "squeeze of every size-1 dim": (_per_token(lambda h: torch.tanh(h).unsqueeze(2).squeeze()), [10, 2]),
     "squeeze of a dim of another size": (_per_token(lambda h: torch.tanh(h).squeeze(1)), [10, 2]),
@@ -287,8 +317,8 @@ def test_a_select_of_features_narrows_what_is_elementwise() -> None:
 @pytest.mark.parametrize(
     "wrong",
     [
-        pytest.param(lambda node, d, rank: ({0: rank - 1}, node.args), id="features (the op rejects them)"),
-        pytest.param(lambda node, d, rank: ({}, node.args), id="nothing (a whole-size copy)"),
+        pytest.param(lambda node, at, rank: ({0: Axis(rank - 1)}, node.args), id="features (the op rejects them)"),
+        pytest.param(lambda node, at, rank: ({}, node.args), id="nothing (a whole-size copy)"),
     ],
 )
 def test_a_wrong_rule_in_the_table_leaves_the_graph_unnarrowed(wrong, monkeypatch) -> None:
@@ -338,11 +368,12 @@ def llama() -> nn.Module:
     return transformers.LlamaForCausalLM(config).to(D).eval()
 
 
-@pytest.mark.parametrize("build,batch", [(gpt2, 1), (llama, 2)], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("build,batch", [(gpt2, 1), (gpt2, 3), (llama, 2)], ids=["gpt2", "gpt2-batch3", "llama"])
 def test_a_language_model_explained_at_its_last_position_computes_its_head_there(build, batch) -> None:
     """``output=`` picking the last position's logits: the LM head, and the last block's position-wise
-    layers, run at that position only (GPT-2's Conv1D flattens batch and positions, which a batch of one
-    keeps apart). The relevance is the full-logits program's, which puts its seed at that position too."""
+    layers, run at that position only (GPT-2's Conv1D flattens batch and positions into rows: there the
+    position is every 9th row). The relevance is the full-logits program's, which puts its seed at that
+    position too."""
     model = build()
     ids = torch.randint(0, 100, (batch, 9), generator=torch.Generator().manual_seed(1))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -357,6 +388,22 @@ def test_a_language_model_explained_at_its_last_position_computes_its_head_there
     per_layer = rows(last.program(**inputs, target=7))
     assert per_layer[-1] == batch and per_layer.count(batch) >= 4, per_layer
     assert sorted(set(per_layer)) == [batch, batch * 9]
+
+
+def test_a_dynamic_program_keeps_flattened_positions_whole() -> None:
+    """A fold of batch and positions is only followed where its sizes are known: GPT-2's dynamic program
+    (any batch, any length) narrows its head but computes its Conv1D rows whole, and stays exact."""
+    model = gpt2()
+    last = lrpc.compile(model, rules="attnlrp", backend="eager", output=lambda out: out.logits[:, -1])
+    full = lrpc.compile(model, rules="attnlrp", backend="eager")
+    for batch, length in [(2, 9), (3, 12), (4, 5)]:
+        ids = torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(batch))
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        assert rel_err(last(**inputs, target=7).relevance, full(**inputs, target=7).relevance) < 1e-10
+    assert last.stats["traces"] == 2  # the first shape, then one dynamic program
+    graph = last.program(**inputs, target=7).plan.graph
+    (head,) = [n for n in graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert head.meta["val"].shape[1] == 1, "the LM head runs at the last position"
 
 
 class TokensThroughBatchNorm(nn.Module):
