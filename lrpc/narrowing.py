@@ -6,14 +6,15 @@ query rows and output projection at every other position. torch.export keeps the
 when its whole value is unused), so the forward would compute them and the relevance pass would send zero
 relevance back through them at full size.
 
-:func:`narrow_positions` moves each such ``select`` up the graph through the ops that treat the selected
-dimension position by position (elementwise ops, linear layers, norms and softmaxes over other dimensions,
-views, rows of ``mm`` and ``addmm``), so that they compute the selected position only. A view may fold the
-positions into one dim with the batch (GPT-2's Conv1D computes ``(B*T, D)`` rows, torchvision's attention
-``(T*B, D)``): there the position is every T-th row, or a block of rows, and the narrowed value keeps one
-row per sample (:class:`Axis`). It stops where a value is needed whole: a value with other users (the keys
-and values of attention), an input, a parameter, an op it does not know, or a module whose relevance the
-user asked for. There it slices.
+:func:`narrow_positions` moves each such ``select``, and each slice of one position (``h[:, -1:]``, which
+transformers' ``logits_to_keep=1`` takes before a language model's head), up the graph through the ops that
+treat the selected dimension position by position (elementwise ops, linear layers, norms and softmaxes over
+other dimensions, views, rows of ``mm`` and ``addmm``), so that they compute the selected position only. A
+view may fold the positions into one dim with the batch (GPT-2's Conv1D computes ``(B*T, D)`` rows,
+torchvision's attention ``(T*B, D)``): there the position is every T-th row, or a block of rows, and the
+narrowed value keeps one row per sample (:class:`Axis`). It stops where a value is needed whole: a value
+with other users (the keys and values of attention), an input, a parameter, an op it does not know, or a
+module whose relevance the user asked for. There it slices.
 
 The output is computed from the same values. LRP rules are linear in the relevance they receive and local
 to their op, so the positions cut away, which would have received none, would have sent none back: the
@@ -59,22 +60,45 @@ Through = tuple[dict[int, Axis], tuple]
 
 
 def narrow_positions(graph: fx.Graph, keep: Collection[str] = ()) -> fx.Graph:
-    """Compute only what each ``select(x, dim, index)`` reads of ``x``, as far up as that is possible.
+    """Compute only what each ``select(x, dim, index)``, or slice of one position (``x[:, -1:]``), reads of
+    ``x``, as far up as that is possible.
 
     ``keep``: module paths whose nodes must stay whole (layers whose relevance is returned).
     """
-    roots = [n for n in graph.nodes if n.op == "call_function" and n.target is aten.select.int]
+    roots = [n for n in graph.nodes if n.op == "call_function" and n.target in (aten.select.int, aten.slice.Tensor)]
     for root in roots:
         _narrow(graph, root, tuple(keep))
     graph.eliminate_dead_code()
     return graph
 
 
-def _narrow(graph: fx.Graph, root: fx.Node, keep: tuple[str, ...]) -> None:
-    source, dim, index = root.args
-    if not isinstance(source, fx.Node) or not isinstance(index, int) or _val(source) is None:
-        return
+def _position(root: fx.Node) -> tuple[fx.Node, int, int] | None:
+    """``(x, dim, index)`` for a ``select`` or a one-position ``slice`` of ``x``; ``None`` for other nodes."""
+    source = root.args[0]
+    # a value computed by the graph (not an input or a parameter: nothing to narrow there)
+    if not isinstance(source, fx.Node) or source.op != "call_function" or _val(source) is None or _val(root) is None:
+        return None
+    if root.target is aten.select.int:
+        dim, index = root.args[1:]
+        return (source, dim % _val(source).dim(), index) if isinstance(index, int) else None
+    dim, start, end, step = (*root.args[1:], *(0, None, None, 1)[len(root.args) - 1 :])
     dim = dim % _val(source).dim()
+    if any(a is not None and not isinstance(a, int) for a in (start, end, step)) or step != 1:
+        return None
+    if not _same(_val(root).shape[dim], 1) or not _whole_dim(source, dim):
+        return None
+    size = _ints(_val(source).shape[dim : dim + 1])
+    if size is not None:  # the index the slice takes, as Python clamps it
+        return source, dim, range(size[0])[start:end][0]
+    start = start or 0
+    return (source, dim, start) if isinstance(start, int) and (start >= 0 or end in (None, sys.maxsize)) else None
+
+
+def _narrow(graph: fx.Graph, root: fx.Node, keep: tuple[str, ...]) -> None:
+    position = _position(root)
+    if position is None:
+        return
+    source, dim, index = position
     asked: dict[fx.Node, set[Axis | None]] = {source: {Axis(dim)}}  # what a narrowed user needs; None: whole
     narrowed: dict[fx.Node, tuple[Axis, Through]] = {}
     node = root
@@ -140,8 +164,8 @@ def _rewrite(graph: fx.Graph, root: fx.Node, narrowed: dict[fx.Node, tuple[Axis,
     for node, twin in new.items():
         for user in [u for u in node.users if _dtype_check(u)]:
             user.replace_input_with(node, twin)
-    source, dim, _ = root.args
-    root.args = (version(source, Axis(dim % _val(source).dim()), root), dim, 0)
+    source, dim, _ = _position(root)
+    root.args = (version(source, Axis(dim), root), dim, 0, *([] if root.target is aten.select.int else [1]))
 
 
 def _slice_at(node: fx.Node, at: Axis, index: int) -> tuple:

@@ -198,10 +198,10 @@ def _two_positions(m, x):
     return m.fc2(h[:, 1] + h[:, 3])
 
 
-def _conv1d(m, x):
+def _conv1d(m, x, select=lambda y: y[:, -1]):
     """GPT-2's Conv1D: batch and positions flattened into the rows of an ``addmm``, then unflattened."""
     h = torch.tanh(m.fc1(x))
-    return torch.addmm(m.fc2.bias, h.reshape(-1, 6), m.fc2.weight.T).view(*h.shape[:-1], 3)[:, -1]
+    return select(torch.addmm(m.fc2.bias, h.reshape(-1, 6), m.fc2.weight.T).view(*h.shape[:-1], 3))
 
 
 def _positions_first(m, x):
@@ -245,6 +245,12 @@ SMALL = {
     "batch dim": (_per_token(select=lambda y: y[1]), [5, 5]),
     "transposed": (lambda m, x: m.fc2(torch.tanh(m.fc1(x)).transpose(0, 1))[3], [2, 2]),
     "select of a select": (_per_token(select=lambda y: y[1][3]), [1, 1]),
+    "slice of one position": (_per_token(select=lambda y: y[:, 2:3]), [2, 2]),
+    "slice of the last position": (_per_token(select=lambda y: y[:, -1:]), [2, 2]),
+    "slice clamped to one position": (_per_token(select=lambda y: y[:, -7:1]), [2, 2]),
+    # the select reads a broadcast position: fc1 narrows to the position the slice takes
+    "broadcast position": (_per_token(lambda h: torch.tanh(h[:, :1].expand(2, 5, 6)), lambda y: y[:, 3]), [2, 2]),
+    "flattened rows, sliced": (lambda m, x: _conv1d(m, x, lambda y: y[:, -1:]), [2, 2]),
     "unsqueezed": (_per_token(lambda h: torch.tanh(h).unsqueeze(0), lambda y: y[:, :, 3]), [2, 2]),
     "squeeze of a size-1 dim": (_per_token(lambda h: torch.tanh(h).unsqueeze(2).squeeze(2)), [2, 2]),
     "sliced features": (_per_token(lambda h: torch.tanh(h)[..., :6]), [2, 2]),
@@ -264,7 +270,6 @@ SMALL = {
     "every fifth of rows needed whole": (_flattened_and_whole, [10, 2]),
     "a block of rows needed whole": (lambda m, x: _flattened_and_whole(m, x, positions_first=True), [10, 2]),
     # positions mixed along the selected dim: only what comes after the mixing narrows
-    "broadcast position": (_per_token(lambda h: torch.tanh(h[:, :1].expand(2, 5, 6)), lambda y: y[:, 3]), [10, 2]),
     "softmax over positions": (_per_token(lambda h: torch.softmax(h, 1)), [10, 2]),
     "cumulative sum": (_per_token(lambda h: torch.tanh(h.cumsum(1))), [10, 2]),
     "mean over positions": (_centered, [10, 2]),
@@ -274,6 +279,8 @@ SMALL = {
     "norm over positions": (_per_token(lambda h: nn.functional.layer_norm(h, (5, 6))), [10, 2]),
     "positions reordered by a view": (_per_token(lambda h: torch.tanh(h).view(5, 2, 6), lambda y: y[3]), [10, 2]),
     "a slice of positions": (_per_token(lambda h: torch.tanh(h)[:, 1:4], lambda y: y[:, 1]), [10, 2]),
+    "slice of two positions": (_per_token(select=lambda y: y[:, 1:3]), [10, 10]),
+    "slice of every other position": (_per_token(select=lambda y: y[:, ::2][:, 1:2]), [10, 10]),
     # nothing to narrow before fc2 (or at all)
     "two positions of one tensor": (_two_positions, [10, 2]),
     # samples before and after the position in one dim: neither a stride nor a block of rows
@@ -388,6 +395,25 @@ def test_a_language_model_explained_at_its_last_position_computes_its_head_there
     per_layer = rows(last.program(**inputs, target=7))
     assert per_layer[-1] == batch and per_layer.count(batch) >= 4, per_layer
     assert sorted(set(per_layer)) == [batch, batch * 9]
+
+
+def test_a_language_model_keeping_only_its_last_logits_computes_its_last_block_there() -> None:
+    """``logits_to_keep=1`` (transformers' generation argument) slices the last position, ``h[:, -1:]``,
+    before the head: the last block's position-wise layers then run at that position too, and the relevance
+    is that of ``output=`` selecting it."""
+    model = llama()
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    kept = lrpc.compile(model, rules="attnlrp", backend="eager")
+    result = kept(**inputs, logits_to_keep=1, target=7)
+    reference = lrpc.compile(model, rules="attnlrp", backend="eager", output=lambda out: out.logits[:, -1])
+
+    with torch.no_grad():
+        torch.testing.assert_close(result.output, model(**inputs, logits_to_keep=1).logits, rtol=1e-12, atol=1e-12)
+    assert rel_err(result.relevance, reference(**inputs, target=7).relevance) < 1e-10
+    per_layer = rows(kept.program(**inputs, logits_to_keep=1, target=7))
+    assert per_layer[-5:] == [2] * 5, "the last block's output projection and MLP, and the head, at one position"
+    assert per_layer.count(2) == 5
 
 
 def test_a_dynamic_program_keeps_flattened_positions_whole() -> None:
