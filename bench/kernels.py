@@ -2,7 +2,7 @@
 the benchmark models: time, achieved memory bandwidth as a share of the card's, and matmul throughput.
 
     python bench/kernels.py                    # CUDA: every kernel, float32 and bfloat16
-    python bench/kernels.py --sweep            # also time block-size choices of the matmul kernels
+    python bench/kernels.py --sweep            # also time launch choices (tiles, warps, stages) of the matmuls
     python bench/kernels.py --out kernels.md   # the Markdown table into a file as well
     TRITON_INTERPRET=1 python bench/kernels.py --smoke   # CPU: tiny shapes through the interpreter
 
@@ -208,29 +208,32 @@ def shapes_for(smoke: bool):
 
 
 def sweep(dtype: torch.dtype, device: torch.device, time_of, shapes) -> list[str]:
-    """Time block sizes of the matmul kernels (rows, output-columns, reduction; warps) on each shape."""
+    """Time launches of the matmul kernels (rows, output-columns, reduction; warps, pipeline stages) on each
+    shape. Each launch is used by every matmul kernel while it is timed (the defaults: ``klinear.LAUNCH``,
+    and ``klinear.LAUNCH_SIGNED_FMA`` for the sign-split kernels in float32)."""
     configs = [
-        (64, 64, 32, 4),
-        (64, 128, 32, 4),
-        (128, 64, 32, 4),
-        (128, 128, 32, 8),
-        (64, 64, 64, 4),
-        (128, 128, 64, 8),
+        klinear.Launch(64, 64, 32, 4, 3),
+        klinear.Launch(64, 128, 32, 4, 3),
+        klinear.Launch(128, 64, 32, 4, 3),
+        klinear.Launch(128, 128, 32, 8, 3),
+        klinear.Launch(64, 64, 64, 4, 3),
+        klinear.Launch(64, 64, 32, 4, 1),
+        klinear.Launch(64, 64, 32, 8, 1),
+        klinear.Launch(64, 64, 16, 8, 1),
+        klinear.Launch(128, 64, 16, 8, 1),
     ]
-    saved = (klinear.BLOCK_ROWS, klinear.BLOCK_COLS, klinear.BLOCK_RED, klinear.NUM_WARPS)
+    saved = klinear.LAUNCH, klinear.LAUNCH_SIGNED_FMA
     lines = [
-        f"Block sizes ({dtype_name(dtype)}), ms per call: rows x columns x reduction / warps",
+        f"Launches ({dtype_name(dtype)}), ms per call: rows x columns x reduction / warps / stages",
         "",
-        "| kernel | shape | " + " | ".join(f"{m}x{n}x{k}/{w}" for m, n, k, w in configs) + " |",
+        "| kernel | shape | " + " | ".join("{}x{}x{}/{}/{}".format(*c) for c in configs) + " |",
         "| --- | --- |" + " ---: |" * len(configs),
     ]
     try:
         for case in linear_cases(dtype, device, shapes):
-            if case.kernel == "linear_gamma":  # shares its two kernels with z+
-                continue
             cells = []
-            for m, n, k, w in configs:
-                klinear.BLOCK_ROWS, klinear.BLOCK_COLS, klinear.BLOCK_RED, klinear.NUM_WARPS = m, n, k, w
+            for config in configs:
+                klinear.LAUNCH = klinear.LAUNCH_SIGNED_FMA = config
                 try:
                     cells.append(f"{time_of(case.run) * 1e3:.3f}")
                 except Exception as e:  # noqa: BLE001 - a config that does not fit (registers, shared memory)
@@ -238,7 +241,7 @@ def sweep(dtype: torch.dtype, device: torch.device, time_of, shapes) -> list[str
             lines.append(f"| {case.kernel} | {case.shape} | " + " | ".join(cells) + " |")
             print(lines[-1], file=sys.stderr, flush=True)
     finally:
-        klinear.BLOCK_ROWS, klinear.BLOCK_COLS, klinear.BLOCK_RED, klinear.NUM_WARPS = saved
+        klinear.LAUNCH, klinear.LAUNCH_SIGNED_FMA = saved
     return lines
 
 
@@ -249,7 +252,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--sweep", action="store_true", help="also time block-size choices")
+    parser.add_argument("--sweep", action="store_true", help="also time launch choices of the matmul kernels")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU under TRITON_INTERPRET=1)")
     parser.add_argument("--out", type=Path, help="write the Markdown here too")
     args = parser.parse_args()
@@ -293,8 +296,8 @@ def main() -> None:
                 f"{t_c * 1e3:.3f} | {t_c / t_k:.2f}x | {bw / 1e9:.0f} GB/s ({bw / peak:.0%}) | {flops} | {diff:.1e} |"
             )
             print(lines[-1], file=sys.stderr, flush=True)
-        if args.sweep and not sweeps:  # the first dtype only: each block choice is a new Triton compile
-            sweeps += ["", *sweep(dtype, device, time_of, linear)]
+        if args.sweep and not sweeps:  # the first dtype, two shapes: each launch is a new Triton compile
+            sweeps += ["", *sweep(dtype, device, time_of, list(dict.fromkeys([linear[0], linear[-1]])))]
     lines += [
         "",
         "vs Inductor: the Inductor-compiled reference's time over the kernel's (above 1: the kernel is faster). "

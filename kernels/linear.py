@@ -23,16 +23,32 @@ Each wrapper has a ``*_reference`` twin in plain torch, written from the same eq
 """
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from ._common import block, check, dot_precision, jit, rows, tl, triton, upcast_dot
 
-# Block caps: tiles of at most 64 x 64 outputs and 32-wide reduction steps (fp32 accumulators for two
-# products in the sign-split kernels must fit in registers).
-BLOCK_ROWS, BLOCK_COLS, BLOCK_RED = 64, 64, 32
-NUM_WARPS = 4
+
+class Launch(NamedTuple):
+    """A matmul kernel's tile caps (output rows, output columns, reduction step) and launch parameters."""
+
+    rows: int
+    cols: int
+    red: int
+    warps: int
+    stages: int
+
+
+#: Tiles of at most 64 x 64 outputs and 32-wide reduction steps, Triton's default 3 pipeline stages: the
+#: fastest or within 10% of it on every benchmark shape (H200, ``bench/kernels.py --sweep``).
+LAUNCH = Launch(rows=64, cols=64, red=32, warps=4, stages=3)
+#: The sign-split kernels with float32 operands in IEEE precision (torch's default matmul precision), where
+#: ``tl.dot`` runs on the FMA units. With :data:`LAUNCH` their two or four float32 accumulators left ptxas
+#: no registers: 3-45 KB spilled per thread (sm_90, ``bench/registers.py``), and they ran at ~1 TFLOP/s on
+#: an H200. One stage, 8 warps and 16-wide reduction steps compile without spills.
+LAUNCH_SIGNED_FMA = Launch(rows=64, cols=64, red=16, warps=8, stages=1)
 
 ZPLUS, ALPHA_BETA, GAMMA = 0, 1, 2
 
@@ -361,7 +377,7 @@ def linear_epsilon(x: Tensor, R: Tensor, z: Tensor, weight: Tensor, eps: float =
     M = x2.shape[0]
     out = torch.empty((M, K), dtype=dtype, device=device)
     if M and K:
-        bm, bn, bk = block(M, 16, BLOCK_ROWS), block(N, 16, BLOCK_RED), block(K, 16, BLOCK_COLS)
+        bm, bn, bk = block(M, 16, LAUNCH.rows), block(N, 16, LAUNCH.red), block(K, 16, LAUNCH.cols)
         grid = (triton.cdiv(M, bm), triton.cdiv(K, bk))
         _epsilon_kernel[grid](
             x2,
@@ -384,9 +400,16 @@ def linear_epsilon(x: Tensor, R: Tensor, z: Tensor, weight: Tensor, eps: float =
             BLOCK_M=bm,
             BLOCK_N=bn,
             BLOCK_K=bk,
-            num_warps=NUM_WARPS,
+            num_warps=LAUNCH.warps,
+            num_stages=LAUNCH.stages,
         )
     return out.reshape(x.shape)
+
+
+def signed_launch(dtype: torch.dtype) -> Launch:
+    """The sign-split kernels' launch for operands of ``dtype`` (read at each call: for float32 it follows
+    torch's matmul precision)."""
+    return LAUNCH_SIGNED_FMA if dtype == torch.float32 and dot_precision(dtype) == "ieee" else LAUNCH
 
 
 def _signed(
@@ -418,10 +441,10 @@ def _signed(
     ga = torch.empty((M, N), dtype=dtype, device=device)
     gb = torch.empty((M, N), dtype=dtype, device=device) if two else ga
     b = bias if bias is not None else weight  # a valid pointer; unread without HAS_BIAS
-    precision = dot_precision(dtype)
-    bm = block(M, 16, BLOCK_ROWS)
+    precision, launch = dot_precision(dtype), signed_launch(dtype)
+    bm = block(M, 16, launch.rows)
     if N:
-        bn, bk = block(N, 16, BLOCK_COLS), block(K, 16, BLOCK_RED)
+        bn, bk = block(N, 16, launch.cols), block(K, 16, launch.red)
         _signed_forward_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
             x2,
             weight,
@@ -453,9 +476,10 @@ def _signed(
             BLOCK_M=bm,
             BLOCK_N=bn,
             BLOCK_K=bk,
-            num_warps=NUM_WARPS,
+            num_warps=launch.warps,
+            num_stages=launch.stages,
         )
-    bn, bk = block(N, 16, BLOCK_RED), block(K, 16, BLOCK_COLS)
+    bn, bk = block(N, 16, launch.red), block(K, 16, launch.cols)
     _signed_backward_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
         x2,
         weight,
@@ -477,7 +501,8 @@ def _signed(
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
-        num_warps=NUM_WARPS,
+        num_warps=launch.warps,
+        num_stages=launch.stages,
     )
     return out.reshape(x.shape)
 

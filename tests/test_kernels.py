@@ -17,6 +17,7 @@ the tests take CPU tensors through Triton's interpreter; on a GPU machine the va
 same tests (the ``device`` fixture) take the same data, moved to the GPU, through the compiled kernels.
 """
 
+import os
 import warnings
 
 import pytest
@@ -78,8 +79,8 @@ def seed_with(R: torch.Tensor):
     return target
 
 
-# Sizes: rows 70 > BLOCK_ROWS (64), inputs 75 > BLOCK_COLS (64), outputs 45 > BLOCK_RED (32): several tiles in
-# every direction and more than one reduction step, none of them a multiple of a block size.
+# Sizes: rows 70 > 64, inputs 75 > 64, outputs 45 > 32 (linear.LAUNCH's tile caps): several tiles in every
+# direction and more than one reduction step, none of them a multiple of a block size.
 ROWS, IN, OUT = 70, 75, 45
 LEADING = [(ROWS,), (2, 5, 7)]  # plain rows, and batch dims flattened by the wrappers
 
@@ -194,6 +195,25 @@ def test_linear_sign_split(rule: str, leading: tuple[int, ...], bias: bool, devi
     out, expected = SIGNED[rule](x, R, z, W, b, 0.1 if rule == "gamma_0" else 1e-6)
     assert out.shape == x.shape and out.dtype == x.dtype
     assert rel_err(out, expected) < 1e-5
+
+
+def test_float32_sign_split_kernels_compile_without_register_spills() -> None:
+    """The sign-split kernels in float32 (IEEE) as ptxas compiles them for an H100 / H200: with Triton's
+    default launch they spilled up to 45 KB per thread and ran at ~1 TFLOP/s there. ``bench/registers.py``
+    compiles each wrapper's launches (no GPU needed) and fails on a spill."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton ships no ptxas")
+    script = Path(__file__).resolve().parent.parent / "bench" / "registers.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("| float32 IEEE |") == 7, done.stdout
 
 
 @pytest.mark.parametrize("rule", ["zplus", "alpha_beta", "gamma"])
