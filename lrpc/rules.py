@@ -15,6 +15,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .errors import RuleError
 
@@ -580,7 +581,11 @@ def _reduce_to(t: Tensor, shape: torch.Size) -> Tensor:
     """Sum a broadcast result back to an operand's shape."""
     while t.dim() > len(shape):
         t = t.sum(0)
-    dims = [d for d, (have, want) in enumerate(zip(t.shape, shape)) if want == 1 and have != 1]
+    # no guard on the sizes: they may be data-dependent (the tokens an MoE router sends to an expert)
+    dims = [
+        d for d, (have, want) in enumerate(zip(t.shape, shape))
+        if statically_known_true(want == 1) and not statically_known_true(have == 1)
+    ]
     return t.sum(dims, keepdim=True) if dims else t
 
 

@@ -75,6 +75,38 @@ def test_elementwise_product_splits_by_magnitude() -> None:
     assert rel_err(ra + rb, seed) < 1e-9  # conservative up to the stabilizers
 
 
+def test_a_broadcast_product_sums_each_factors_share() -> None:
+    """``a (2, 6) * b (1, 6)``: the split is made per term of the broadcast product, and ``b``'s shares
+    summed over the rows it was broadcast along."""
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(2, 6, dtype=D, generator=g), torch.randn(1, 6, dtype=D, generator=g)
+    seed = torch.randn(2, 6, dtype=D, generator=g)
+    ra, rb = explain(Binary(torch.mul), a, b, seed=seed).relevance
+    share = seed / stab(a * b) * (a * b)
+    assert rel_err(ra, share * a.abs() / stab(a.abs() + b.abs())) < 1e-12
+    assert rel_err(rb, (share * b.abs() / stab(a.abs() + b.abs())).sum(0, keepdim=True)) < 1e-12
+
+
+def test_a_product_of_routed_rows_splits_without_guarding_on_their_number() -> None:
+    """A mixture-of-experts router sends a data-dependent number of rows to an expert (Mixtral): the split
+    of a product of such rows must not ask whether that number is 1 (export cannot answer)."""
+
+    class Routed(nn.Module):
+        def forward(self, x, gate):
+            rows = torch.nonzero(x[:, 0] > 0).squeeze(-1)
+            return torch.zeros_like(x).index_add(0, rows, x[rows] * gate[rows])
+
+    g = torch.Generator().manual_seed(3)
+    x, gate = torch.randn(6, 4, dtype=D, generator=g), torch.randn(6, 4, dtype=D, generator=g)
+    seed = torch.randn(6, 4, dtype=D, generator=g)
+    rx, rgate = explain(Routed(), x, gate, seed=seed).relevance
+    routed = (x[:, :1] > 0).to(D)
+    share = routed * seed / stab(x * gate) * (x * gate)  # the index_add's zeros take no share
+    assert 0 < routed.sum() < 6
+    assert rel_err(rx, share * x.abs() / stab(x.abs() + gate.abs())) < 1e-9
+    assert rel_err(rgate, share * gate.abs() / stab(x.abs() + gate.abs())) < 1e-9
+
+
 @pytest.mark.parametrize(
     "rows,inner,cols",
     [(3, 4, 5), (4, 4, 4)],

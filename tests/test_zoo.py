@@ -68,6 +68,17 @@ def test_zoo_attention_model_is_covered_by_the_transformer_presets(name: str, ru
 
 
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _params(NAMES))
+def test_zoo_model_is_covered_by_dynamiclrp(name: str) -> None:
+    """The DynamicLRP paper's rules, which split every product of two activations by magnitude, on every
+    architecture (an MoE router's data-dependent row counts included). In float64: the paper's stabilizer,
+    1e-11, lets relevance overflow float32 on some (MobileNet-v3)."""
+    model, args, kwargs = in_float64(*zoo.build(name))
+    attributor = lrpc.compile(model, rules="dynamiclrp", backend="eager")
+    _check_covered(attributor, attributor(*args, **kwargs), args, kwargs)
+
 #: Zoo models whose every op has a conserving LRP-0 rule: once biases and batch-norm means are zero
 #: nothing absorbs relevance, so input relevance must sum to the explained logit. (Transformers do not
 #: qualify: the softmax rule and position embeddings absorb by design; gated RNNs are unstable under
@@ -117,18 +128,23 @@ INDUCTOR_GAPS = {
 def test_zoo_model_inductor_matches_eager(name: str) -> None:
     # float64: in float32 the two backends' summation orders alone differ by ~1e-5 of the largest value on
     # deep models, which would hide a real disagreement of that size
-    model, args, kwargs = zoo.build(name)
-    args64, kwargs64 = pytree.tree_map_only(torch.Tensor, _double, (args, kwargs))
-    try:
-        model.double()(*args64, **kwargs64)
-        args, kwargs = args64, kwargs64
-    except RuntimeError:  # the model itself does not run in float64 (GPT-2's mask: float32 finfo.min)
-        model.float()
+    model, args, kwargs = in_float64(*zoo.build(name))
     eager = lrpc.compile(model, backend="eager")(*args, **kwargs)
     compiled = lrpc.compile(model, backend="inductor")(*args, **kwargs)
     assert eager.inputs.keys() == compiled.inputs.keys()
     for key, r in eager.inputs.items():
         torch.testing.assert_close(compiled.inputs[key], r, rtol=1e-5, atol=1e-5 * float(r.abs().max()))
+
+
+def in_float64(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.nn.Module, tuple, dict]:
+    """The model and its example in float64 where the model runs in it (GPT-2's mask, a float32
+    ``finfo.min``, does not: that one stays float32)."""
+    args64, kwargs64 = pytree.tree_map_only(torch.Tensor, _double, (args, kwargs))
+    try:
+        model.double()(*args64, **kwargs64)
+        return model, args64, kwargs64
+    except RuntimeError:
+        return model.float(), args, kwargs
 
 
 def _double(t: torch.Tensor) -> torch.Tensor:
