@@ -128,7 +128,7 @@ class Attributor:
         model: nn.Module,
         *,
         rules: str | Preset = "epsilon",
-        layers: Sequence[str] = (),
+        layers: Sequence[str] | str | None = (),
         backend: str = "auto",
         seed: str | None = None,
         output: OutputSelector = None,
@@ -141,6 +141,7 @@ class Attributor:
             raise TypeError(f"lrpc.compile expects an nn.Module, got {type(model).__name__}")
         if on_unsupported not in ON_UNSUPPORTED:
             raise LRPCError(f"on_unsupported must be one of {ON_UNSUPPORTED}, got {on_unsupported!r}")
+        layers = () if layers is None else (layers,) if isinstance(layers, str) else tuple(layers)
         for path in layers:
             try:
                 model.get_submodule(path)
@@ -422,7 +423,8 @@ def compile(model: nn.Module, **options: Any) -> Attributor:
         model: any ``nn.Module`` that ``torch.export`` can trace (non-strict). It is never modified; a
             model in training mode is explained in eval semantics, with a warning.
         rules: a preset name (``"epsilon"``, ``"lrp0"``) or an :class:`lrpc.presets.Preset`.
-        layers: module paths whose output relevance is returned too (``res.layers``), same pass.
+        layers: module paths whose output relevance is returned too (``res.layers``), same pass; one path
+            may be given as a string.
         backend: ``"auto"`` (default: Inductor, the fastest per call on CPU and CUDA; a program that
             cannot compile runs eagerly, with a warning), ``"inductor"``,
             ``"triton"`` (CUDA: lrpc's fused kernels plus Inductor),

@@ -842,6 +842,14 @@ def test_layer_relevance_is_conserved(lrp0) -> None:
     torch.testing.assert_close(res.layers["0"].sum(1), logit)
 
 
+def test_layers_given_as_one_path_or_none(lrp0) -> None:
+    model, x, _, _ = lrp0
+    one = compile_eager(model, rules="lrp0", layers="2")(x)
+    assert set(one.layers) == {"2"}
+    torch.testing.assert_close(one.layers["2"], compile_eager(model, rules="lrp0", layers=["2"])(x).layers["2"])
+    assert compile_eager(model, rules="lrp0", layers=None)(x).layers == {}
+
+
 # --- several inputs, structured outputs -----------------------------------------------------------------
 
 
