@@ -46,7 +46,7 @@ class Launch(NamedTuple):
 LAUNCH = Launch(rows=64, cols=64, red=32, warps=4, stages=3)
 #: The sign-split kernels with float32 operands in IEEE precision (torch's default matmul precision), where
 #: ``tl.dot`` runs on the FMA units. With :data:`LAUNCH` their two or four float32 accumulators left ptxas
-#: no registers: 3-45 KB spilled per thread (sm_90, ``bench/registers.py``), and they ran at ~1 TFLOP/s on
+#: no registers: 2-42 KB spilled per thread (sm_90, ``bench/registers.py``), and they ran at ~1 TFLOP/s on
 #: an H200. One stage, 8 warps and 16-wide reduction steps compile without spills.
 LAUNCH_SIGNED_FMA = Launch(rows=64, cols=64, red=16, warps=8, stages=1)
 

@@ -197,10 +197,11 @@ def test_linear_sign_split(rule: str, leading: tuple[int, ...], bias: bool, devi
     assert rel_err(out, expected) < 1e-5
 
 
-def test_float32_sign_split_kernels_compile_without_register_spills() -> None:
-    """The sign-split kernels in float32 (IEEE) as ptxas compiles them for an H100 / H200: with Triton's
-    default launch they spilled up to 45 KB per thread and ran at ~1 TFLOP/s there. ``bench/registers.py``
-    compiles each wrapper's launches (no GPU needed) and fails on a spill."""
+def test_matmul_kernels_compile_without_register_spills() -> None:
+    """The matmul kernels as ptxas compiles them for an H100 / H200, in float32 (IEEE and TF32) and
+    bfloat16: the float32 sign-split kernels, with Triton's default launch, spilled up to 42 KB per thread
+    and ran at ~1 TFLOP/s there. ``bench/registers.py`` compiles each wrapper's launches as Triton's JIT
+    would (no GPU needed) and fails on a spill."""
     import subprocess
     import sys
     from pathlib import Path
@@ -213,7 +214,7 @@ def test_float32_sign_split_kernels_compile_without_register_spills() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
     done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, env=env, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("| float32 IEEE |") == 7, done.stdout
+    assert [done.stdout.count(f"| {mode} |") for mode in ("float32 IEEE", "float32 TF32", "bfloat16")] == [7] * 3
 
 
 @pytest.mark.parametrize("rule", ["zplus", "alpha_beta", "gamma"])
