@@ -65,8 +65,12 @@ def compile_report(fn: Callable, args: tuple, kwargs: dict, arch: int) -> tuple[
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import JITFunction, create_function_from_signature
+    from triton.runtime.jit import JITFunction
 
+    try:  # the JIT's own binder: internal API (Triton 3.8 has it)
+        from triton.runtime.jit import create_function_from_signature
+    except ImportError:
+        sys.exit(f"bench/registers.py: Triton {triton.__version__} has no create_function_from_signature")
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     kernel = JITFunction(fn)
