@@ -90,8 +90,8 @@ def _position(root: fx.Node) -> tuple[fx.Node, int, int] | None:
     size = _ints(_val(source).shape[dim : dim + 1])
     if size is not None:  # the index the slice takes, as Python clamps it
         return source, dim, range(size[0])[start:end][0]
-    start = start or 0
-    return (source, dim, start) if isinstance(start, int) and (start >= 0 or end in (None, sys.maxsize)) else None
+    start = start or 0  # a symbolic length: a slice of size 1 from the start, or of the last position
+    return (source, dim, start) if start >= 0 or end in (None, sys.maxsize) else None
 
 
 def _narrow(graph: fx.Graph, root: fx.Node, keep: tuple[str, ...]) -> None:

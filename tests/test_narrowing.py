@@ -415,6 +415,16 @@ def test_a_language_model_keeping_only_its_last_logits_computes_its_last_block_t
     assert per_layer[-5:] == [2] * 5, "the last block's output projection and MLP, and the head, at one position"
     assert per_layer.count(2) == 5
 
+    # another batch and length: a dynamic program, whose slice has a symbolic length
+    ids = torch.randint(0, 100, (3, 12), generator=torch.Generator().manual_seed(2))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    result = kept(**inputs, logits_to_keep=1, target=7)
+    assert kept.stats["traces"] == 2
+    assert rel_err(result.relevance, reference(**inputs, target=7).relevance) < 1e-10
+    graph = kept.program(**inputs, logits_to_keep=1, target=7).plan.graph
+    narrowed_mlp = [n for n in graph.nodes if n.target is torch.ops.aten.linear.default and n.name.endswith("_narrowed")]
+    assert len(narrowed_mlp) == 4, "the last block's output projection and MLP (the head is narrowed by the model)"
+
 
 def test_a_dynamic_program_keeps_flattened_positions_whole() -> None:
     """A fold of batch and positions is only followed where its sizes are known: GPT-2's dynamic program
