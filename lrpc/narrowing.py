@@ -12,9 +12,9 @@ treat the selected dimension position by position (elementwise ops, linear layer
 other dimensions, views, rows of ``mm`` and ``addmm``), so that they compute the selected position only. A
 view may fold the positions into one dim with the batch (GPT-2's Conv1D computes ``(B*T, D)`` rows,
 torchvision's attention ``(T*B, D)``): there the position is every T-th row, or a block of rows, and the
-narrowed value keeps one row per sample (:class:`Axis`). It stops where a value is needed whole: a value
-with other users (the keys and values of attention), an input, a parameter, an op it does not know, or a
-module whose relevance the user asked for. There it slices.
+narrowed value keeps one row per sample (:class:`Axis`), in dynamic programs too. It stops where a value is
+needed whole: a value with other users (the keys and values of attention), an input, a parameter, an op it
+does not know, or a module whose relevance the user asked for. There it slices.
 
 The output is computed from the same values. LRP rules are linear in the relevance they receive and local
 to their op, so the positions cut away, which would have received none, would have sent none back: the
@@ -28,7 +28,8 @@ import math
 import operator
 import sys
 from collections.abc import Callable, Collection
-from typing import Any, NamedTuple
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import fx
@@ -40,19 +41,37 @@ from .tracing import belongs_to, insert_call
 aten = torch.ops.aten
 
 
-class Axis(NamedTuple):
+@dataclass(frozen=True, eq=False)
+class Axis:
     """Where the selected position lies in a value: along ``dim``, whose size is ``outer * T * inner`` for T
     positions. Narrowed, that dim has size ``outer * inner``. A dim that is the positions alone has
     ``outer = inner = 1``; a view that flattens ``(B, T)`` into rows has ``outer = B``, and one that flattens
-    ``(T, B)`` has ``inner = B``. Folded sizes are concrete: a fold is only followed in a static program."""
+    ``(T, B)`` has ``inner = B``. In a dynamic program those may be symbolic (``torch.SymInt``): compared by
+    their expressions, never guarded on."""
 
     dim: int
-    outer: int = 1
-    inner: int = 1
+    outer: int | torch.SymInt = 1
+    inner: int | torch.SymInt = 1
 
     @property
-    def kept(self) -> int:
+    def kept(self) -> int | torch.SymInt:
         return self.outer * self.inner
+
+    @property
+    def folded(self) -> bool:
+        return not (_static(self.outer) == 1 and _static(self.inner) == 1)
+
+    def _replace(self, **changes: Any) -> Axis:
+        return replace(self, **changes)
+
+    def _key(self) -> tuple:
+        return self.dim, _expr(self.outer), _expr(self.inner)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Axis) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
 
 #: ``{argument position: where that argument holds the position}`` and the op's new arguments.
@@ -87,9 +106,9 @@ def _position(root: fx.Node) -> tuple[fx.Node, int, int] | None:
         return None
     if not _same(_val(root).shape[dim], 1) or not _whole_dim(source, dim):
         return None
-    size = _ints(_val(source).shape[dim : dim + 1])
+    size = _static(_val(source).shape[dim])
     if size is not None:  # the index the slice takes, as Python clamps it
-        return source, dim, range(size[0])[start:end][0]
+        return source, dim, range(size)[start:end][0]
     start = start or 0  # a symbolic length: a slice of size 1 from the start, or of the last position
     return (source, dim, start) if start >= 0 or end in (None, sys.maxsize) else None
 
@@ -119,10 +138,22 @@ def _narrow(graph: fx.Graph, root: fx.Node, keep: tuple[str, ...]) -> None:
                 asked.setdefault(a, set()).add(positions.get(i) if a is arg else None)
         for a in _nodes(node.kwargs):
             asked.setdefault(a, set()).add(None)
+    _prune(narrowed)
     # moving the select only through views and copies saves nothing: leave the graph as it is
     if all(n.target in VALUE_MOVING_OPS or n.target is operator.getitem for n in narrowed):
         return
     _rewrite(graph, root, narrowed, index)
+
+
+def _prune(narrowed: dict[fx.Node, tuple[Axis, Through]]) -> None:
+    """Keep whole the narrowed nodes that would need a slice of a fold with symbolic sizes (every T-th row
+    for a T known only at run time), and in turn their narrowed users that would need one of them."""
+    while drop := [node for node, (_, (positions, args)) in narrowed.items() if any(
+        not _sliceable(args[i], at) for i, at in positions.items()
+        if args[i] not in narrowed or (args[i].target is operator.getitem and args[i].args[0] not in narrowed)
+    )]:
+        for node in drop:
+            del narrowed[node]
 
 
 def _rewrite(graph: fx.Graph, root: fx.Node, narrowed: dict[fx.Node, tuple[Axis, Through]], index: int) -> None:
@@ -168,15 +199,24 @@ def _rewrite(graph: fx.Graph, root: fx.Node, narrowed: dict[fx.Node, tuple[Axis,
     root.args = (version(source, Axis(dim), root), dim, 0, *([] if root.target is aten.select.int else [1]))
 
 
-def _slice_at(node: fx.Node, at: Axis, index: int) -> tuple:
+def _sliceable(node: fx.Node, at: Axis) -> bool:
+    """Whether :func:`_slice_at` can take the position out of ``node`` (a fold needs some of its sizes)."""
+    return _slice_at(node, at, 0) is not None
+
+
+def _slice_at(node: fx.Node, at: Axis, index: int) -> tuple | None:
     """``aten.slice`` arguments (dim, start, end, step) that take the position out of ``node``'s whole value:
-    one index, every T-th row (``outer``), or a block of ``inner`` rows."""
-    if at.kept == 1:
+    one index, every T-th row (``outer`` rows, T concrete), or a block of ``inner`` rows (``inner``
+    concrete); ``None`` where a size they need is symbolic."""
+    if not at.folded:
         return at.dim, index, index + 1 if index != -1 else sys.maxsize
-    t = index % (_val(node).shape[at.dim] // at.kept)
-    if at.inner == 1:
-        return at.dim, t, sys.maxsize, _val(node).shape[at.dim] // at.outer
-    return at.dim, t * at.inner, (t + 1) * at.inner
+    positions, inner = _static(_val(node).shape[at.dim] // at.kept), _static(at.inner)
+    if positions is None:
+        return None
+    t = index % positions
+    if inner == 1:
+        return at.dim, t, sys.maxsize, positions
+    return (at.dim, t * inner, (t + 1) * inner) if inner is not None and _static(at.outer) == 1 else None
 
 
 def _dtype_check(node: fx.Node) -> bool:
@@ -276,40 +316,37 @@ def _reduction(node: fx.Node, at: Axis, rank: int) -> Through | None:
 
 
 def _view(node: fx.Node, at: Axis, rank: int) -> Through | None:
-    """A view keeps the position if some input dim holds it whole: the same number of elements before the
-    position and after it in both shapes' row-major order. A dim that only holds it folded with the batch
-    (``(B*T, D)`` from ``(B, T, D)``) is followed where every size is concrete, and not where the
-    position would then have samples before and after it in one dim."""
+    """A view keeps the position if some input dim holds it: the same number of elements before the position
+    and after it in both shapes' row-major order. That dim may hold it whole, or folded with the batch
+    (``(B*T, D)`` from ``(B, T, D)``), but not with samples both before and after it in one dim."""
     x, out = _val(node.args[0]), _val(node)
-    shape = list(node.args[1])
-    shape[at.dim] = at.kept
-    if at.kept == 1:
-        before = math.prod(out.shape[: at.dim])
-        for xd in range(x.dim()):
-            if _same(math.prod(x.shape[:xd]), before) and _same(x.shape[xd], out.shape[at.dim]):
-                return {0: Axis(xd)}, (node.args[0], shape)
-    xs, outs = _ints(x.shape), _ints(out.shape)
-    if xs is None or outs is None or 0 in xs:
+    shape = _with_size(list(node.args[1]), at.dim, at.kept)
+    if shape is None or any(_same(n, 0) for n in (*x.shape, *out.shape)):
         return None
-    positions = outs[at.dim] // at.kept
-    before = math.prod(outs[: at.dim]) * at.outer
-    after = math.prod(outs[at.dim + 1 :]) * at.inner
-    for xd, size in enumerate(xs):
-        outer, inner = before // math.prod(xs[:xd]), after // math.prod(xs[xd + 1 :])
-        folded = Axis(xd, outer, inner)
+    positions = out.shape[at.dim] // at.kept
+    before = math.prod(out.shape[: at.dim]) * at.outer
+    after = math.prod(out.shape[at.dim + 1 :]) * at.inner
+    for xd in range(x.dim()):
+        head, tail = math.prod(x.shape[:xd]), math.prod(x.shape[xd + 1 :])
+        outer, inner = before // head, after // tail
         if (
-            outer * math.prod(xs[:xd]) == before and inner * math.prod(xs[xd + 1 :]) == after
-            and outer * positions * inner == size and 1 in (outer, inner)
+            _same(outer * head, before) and _same(inner * tail, after)
+            and _same(outer * positions * inner, x.shape[xd]) and (_same(outer, 1) or _same(inner, 1))
         ):
-            return {0: folded}, (node.args[0], shape)
+            return {0: Axis(xd, _simplest(outer), _simplest(inner))}, (node.args[0], shape)
     return None
 
 
-def _expand(node: fx.Node, at: Axis, rank: int) -> Through:
+def _expand(node: fx.Node, at: Axis, rank: int) -> Through | None:
     xd = at.dim - (rank - _val(node.args[0]).dim())
-    sizes = list(node.args[1])
-    sizes[at.dim] = at.kept
     whole = xd >= 0 and _whole_dim(node.args[0], xd)
+    sizes = list(node.args[1])
+    if whole:
+        sizes[at.dim] = -1  # the narrowed input's size
+    elif (kept := _static(at.kept)) is not None:
+        sizes[at.dim] = kept
+    else:
+        return None
     return ({0: at._replace(dim=xd)} if whole else {}), (node.args[0], sizes, *node.args[2:])
 
 
@@ -361,10 +398,30 @@ def _addmm(node: fx.Node, at: Axis, rank: int) -> Through:
     return ({1: at} if at.dim == 0 else {2: at}) | bias, node.args
 
 
-def _ints(shape: Any) -> list[int] | None:
-    """The sizes as Python ints, or ``None`` if one is symbolic (a dynamic program)."""
-    sizes = [s.node.maybe_as_int() if isinstance(s, torch.SymInt) else s for s in shape]
-    return sizes if all(isinstance(s, int) for s in sizes) else None
+def _static(size: Any) -> int | None:
+    """A size as a Python int, or ``None`` if it is symbolic."""
+    return size.node.maybe_as_int() if isinstance(size, torch.SymInt) else size
+
+
+def _simplest(size: Any) -> Any:
+    return size if _static(size) is None else _static(size)
+
+
+def _expr(size: Any) -> Any:
+    """A hashable stand-in for a size: the int, or a symbolic size's expression."""
+    return str(size.node.expr) if _static(size) is None else _static(size)
+
+
+def _with_size(shape: list, d: int, size: Any) -> list | None:
+    """A view's ``shape`` argument with ``size`` at ``d``; a symbolic size as ``-1`` (inferred), where no
+    other dim is ``-1`` already."""
+    if _static(size) is not None:
+        shape[d] = _static(size)
+    elif shape[d] == -1 or not any(isinstance(n, int) and n == -1 for n in shape):
+        shape[d] = -1
+    else:
+        return None
+    return shape
 
 
 # ops of the decomposed graph only: reshape, transpose and the like arrive as view and permute

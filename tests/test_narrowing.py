@@ -207,7 +207,7 @@ def _conv1d(m, x, select=lambda y: y[:, -1]):
 def _positions_first(m, x):
     """torchvision's attention: positions before the batch, ``(T*B, D)`` rows; the position is a block."""
     h = torch.tanh(m.fc1(x)).transpose(0, 1)
-    return torch.addmm(m.fc2.bias, h.reshape(-1, 6), m.fc2.weight.T).view(5, 2, 3).transpose(0, 1)[:, 3]
+    return torch.addmm(m.fc2.bias, h.reshape(-1, 6), m.fc2.weight.T).view(5, -1, 3).transpose(0, 1)[:, 3]
 
 
 def _flattened_and_whole(m, x, positions_first=False):
@@ -216,7 +216,7 @@ def _flattened_and_whole(m, x, positions_first=False):
     h = torch.tanh(m.fc1(x))
     r = (h.transpose(0, 1) if positions_first else h).reshape(-1, 6)
     y = torch.addmm(m.fc2.bias, r, m.fc2.weight.T)
-    y = y.view(5, 2, 3).transpose(0, 1) if positions_first else y.view(2, 5, 3)
+    y = y.view(5, -1, 3).transpose(0, 1) if positions_first else y.view(-1, 5, 3)
     return y[:, -2] + r.sum()
 
 
@@ -426,9 +426,9 @@ def test_a_language_model_keeping_only_its_last_logits_computes_its_last_block_t
     assert len(narrowed_mlp) == 4, "the last block's output projection and MLP (the head is narrowed by the model)"
 
 
-def test_a_dynamic_program_keeps_flattened_positions_whole() -> None:
-    """A fold of batch and positions is only followed where its sizes are known: GPT-2's dynamic program
-    (any batch, any length) narrows its head but computes its Conv1D rows whole, and stays exact."""
+def test_a_dynamic_program_narrows_flattened_positions_too() -> None:
+    """GPT-2's dynamic program (any batch, any length) folds a symbolic batch and length into its Conv1D
+    rows: the last block still runs at the last position (one row per sample), and stays exact."""
     model = gpt2()
     last = lrpc.compile(model, rules="attnlrp", backend="eager", output=lambda out: out.logits[:, -1])
     full = lrpc.compile(model, rules="attnlrp", backend="eager")
@@ -438,8 +438,32 @@ def test_a_dynamic_program_keeps_flattened_positions_whole() -> None:
         assert rel_err(last(**inputs, target=7).relevance, full(**inputs, target=7).relevance) < 1e-10
     assert last.stats["traces"] == 2  # the first shape, then one dynamic program
     graph = last.program(**inputs, target=7).plan.graph
-    (head,) = [n for n in graph.nodes if n.target is torch.ops.aten.linear.default]
-    assert head.meta["val"].shape[1] == 1, "the LM head runs at the last position"
+    narrowed = [n for n in graph.nodes if n.target is torch.ops.aten.addmm.default and n.name.endswith("_narrowed")]
+    assert len(narrowed) == 3, "the last block's attention output projection and its two feed-forward layers"
+    assert all("*" not in str(n.meta["val"].shape[0]) for n in narrowed), "one row per sample, not B*T"
+
+
+@pytest.mark.parametrize(
+    "case,narrowed",
+    [
+        ("flattened rows of an addmm, batch of two", 2),
+        ("flattened rows, positions first", 2),
+        ("every fifth of rows needed whole", 1),  # a stride of T rows: T is known
+        ("a block of rows needed whole", 0),  # a block of B rows, B symbolic: stays whole
+    ],
+)
+def test_folds_with_a_symbolic_batch(case: str, narrowed: int, monkeypatch) -> None:
+    """The same small models at batch 2, then 3 (a dynamic program, whose batch is symbolic): a slice of
+    the folded rows that needs the batch's size keeps its layer whole instead."""
+    model = small(case)
+    attributor = lrpc.compile(model, rules="epsilon", backend="eager")
+    for x in (X, torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(4), dtype=D)):
+        result = attributor(x, target=0)
+        reference, _ = unnarrowed(monkeypatch, model, "epsilon", {"x": x}, target=0)
+        assert rel_err(result.relevance, reference.relevance) < 1e-10
+    assert attributor.stats["traces"] == 2
+    per_layer = rows(attributor.program(x, target=0))
+    assert sum("*" not in str(r) for r in per_layer) == narrowed, per_layer
 
 
 class TokensThroughBatchNorm(nn.Module):
