@@ -118,12 +118,27 @@ def _narrow(graph: fx.Graph, root: fx.Node, keep: tuple[str, ...]) -> None:
     if position is None:
         return
     source, dim, index = position
-    asked: dict[fx.Node, set[Axis | None]] = {source: {Axis(dim)}}  # what a narrowed user needs; None: whole
+    blocked: set[fx.Node] = set()
+    while unsliceable := _unsliceable(narrowed := _sweep(root, source, Axis(dim), keep, blocked)):
+        blocked |= unsliceable  # whole, and so are the values only they would have read narrowed
+    # moving the select only through views and copies saves nothing: leave the graph as it is
+    if all(n.target in VALUE_MOVING_OPS or n.target is operator.getitem for n in narrowed):
+        return
+    _rewrite(graph, root, narrowed, index)
+
+
+def _sweep(
+    root: fx.Node, source: fx.Node, at: Axis, keep: tuple[str, ...], blocked: set[fx.Node]
+) -> dict[fx.Node, tuple[Axis, Through]]:
+    """The nodes to narrow for ``root``, walking up from ``source``, and how: a node is narrowed when all its
+    users are (or are ``root``), it is not ``blocked`` or kept, and its op computes one position from one
+    position of its inputs."""
+    asked: dict[fx.Node, set[Axis | None]] = {source: {at}}  # what a narrowed user needs; None: whole
     narrowed: dict[fx.Node, tuple[Axis, Through]] = {}
     node = root
     while asked and (node := node.prev).op != "root":  # backwards: a node's users are decided before it
         axes = asked.pop(node, None)
-        if axes is None or len(axes) != 1 or None in axes:
+        if axes is None or len(axes) != 1 or None in axes or node in blocked:
             continue
         (at,) = axes
         if any(u is not root and u not in narrowed and not _dtype_check(u) for u in node.users) or _kept(node, keep):
@@ -138,22 +153,18 @@ def _narrow(graph: fx.Graph, root: fx.Node, keep: tuple[str, ...]) -> None:
                 asked.setdefault(a, set()).add(positions.get(i) if a is arg else None)
         for a in _nodes(node.kwargs):
             asked.setdefault(a, set()).add(None)
-    _prune(narrowed)
-    # moving the select only through views and copies saves nothing: leave the graph as it is
-    if all(n.target in VALUE_MOVING_OPS or n.target is operator.getitem for n in narrowed):
-        return
-    _rewrite(graph, root, narrowed, index)
+    return narrowed
 
 
-def _prune(narrowed: dict[fx.Node, tuple[Axis, Through]]) -> None:
-    """Keep whole the narrowed nodes that would need a slice of a fold with symbolic sizes (every T-th row
-    for a T known only at run time), and in turn their narrowed users that would need one of them."""
-    while drop := [node for node, (_, (positions, args)) in narrowed.items() if any(
-        not _sliceable(args[i], at) for i, at in positions.items()
-        if args[i] not in narrowed or (args[i].target is operator.getitem and args[i].args[0] not in narrowed)
-    )]:
-        for node in drop:
-            del narrowed[node]
+def _unsliceable(narrowed: dict[fx.Node, tuple[Axis, Through]]) -> set[fx.Node]:
+    """Narrowed nodes that would need an input sliced out of a fold with symbolic sizes (a block of B rows
+    for a B known only at run time), which :func:`_slice_at` cannot express."""
+    return {
+        node for node, (_, (positions, args)) in narrowed.items() if any(
+            not _sliceable(args[i], at) for i, at in positions.items()
+            if args[i] not in narrowed or (args[i].target is operator.getitem and args[i].args[0] not in narrowed)
+        )
+    }
 
 
 def _rewrite(graph: fx.Graph, root: fx.Node, narrowed: dict[fx.Node, tuple[Axis, Through]], index: int) -> None:

@@ -220,6 +220,16 @@ def _flattened_and_whole(m, x, positions_first=False):
     return y[:, -2] + r.sum()
 
 
+def _shared_then_block(m, x):
+    """``a`` feeds ``fc2`` and a positions-first fold whose other factor is needed whole: with a symbolic
+    batch that fold cannot be sliced, so ``a`` (and ``fc1``) must stay whole, not be computed twice."""
+    a = torch.tanh(m.fc1(x))
+    r = torch.tanh(x.sum(-1, keepdim=True) + m.pos).transpose(0, 1).reshape(-1, 6)
+    folded = a.transpose(0, 1).reshape(-1, 6) * r
+    y = torch.addmm(m.fc2.bias, folded, m.fc2.weight.T).view(5, -1, 3).transpose(0, 1)
+    return (m.fc2(a) + y)[:, 2] + r.sum()
+
+
 def _position_inside(m, x):
     """``(B, T, 6)`` viewed as ``(B*T*2, 3)``: each position's values lie between samples and halves."""
     h = torch.exp(torch.tanh(m.fc1(x)).view(20, 3)).view(2, 5, 6)
@@ -269,6 +279,7 @@ SMALL = {
     "flattened rows, positions first": (_positions_first, [2, 2]),
     "every fifth of rows needed whole": (_flattened_and_whole, [10, 2]),
     "a block of rows needed whole": (lambda m, x: _flattened_and_whole(m, x, positions_first=True), [10, 2]),
+    "a layer shared with a fold": (_shared_then_block, [2, 2, 2]),
     # positions mixed along the selected dim: only what comes after the mixing narrows
     "softmax over positions": (_per_token(lambda h: torch.softmax(h, 1)), [10, 2]),
     "cumulative sum": (_per_token(lambda h: torch.tanh(h.cumsum(1))), [10, 2]),
@@ -450,6 +461,7 @@ def test_a_dynamic_program_narrows_flattened_positions_too() -> None:
         ("flattened rows, positions first", 2),
         ("every fifth of rows needed whole", 1),  # a stride of T rows: T is known
         ("a block of rows needed whole", 0),  # a block of B rows, B symbolic: stays whole
+        ("a layer shared with a fold", 1),  # fc2 only: fc1 feeds the fold that stays whole
     ],
 )
 def test_folds_with_a_symbolic_batch(case: str, narrowed: int, monkeypatch) -> None:
@@ -462,8 +474,11 @@ def test_folds_with_a_symbolic_batch(case: str, narrowed: int, monkeypatch) -> N
         reference, _ = unnarrowed(monkeypatch, model, "epsilon", {"x": x}, target=0)
         assert rel_err(result.relevance, reference.relevance) < 1e-10
     assert attributor.stats["traces"] == 2
-    per_layer = rows(attributor.program(x, target=0))
+    program = attributor.program(x, target=0)
+    per_layer = rows(program)
     assert sum("*" not in str(r) for r in per_layer) == narrowed, per_layer
+    _, full = unnarrowed(monkeypatch, model, "epsilon", {"x": x}, target=0)
+    assert linears(program) == linears(full), "narrowing must not compute a layer twice (whole and narrowed)"
 
 
 class TokensThroughBatchNorm(nn.Module):
