@@ -383,8 +383,11 @@ def _squeeze(node: fx.Node, at: Axis, rank: int) -> Through | None:
 
 
 def _slice(node: fx.Node, at: Axis, rank: int) -> Through | None:
+    """A slice along another dim, or one that keeps the whole narrowed dim (``h[:, 0:]``: transformers'
+    ``logits_to_keep=0``, which a dynamic program keeps)."""
     sliced = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    return _first_arg(node, at, rank) if sliced % rank != at.dim else None
+    whole = _same(_val(node).shape[at.dim], _val(node.args[0]).shape[at.dim])
+    return _first_arg(node, at, rank) if sliced % rank != at.dim or whole else None
 
 
 def _select(node: fx.Node, at: Axis, rank: int) -> Through:

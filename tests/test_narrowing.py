@@ -437,10 +437,13 @@ def test_a_language_model_keeping_only_its_last_logits_computes_its_last_block_t
     assert len(narrowed_mlp) == 4, "the last block's output projection and MLP (the head is narrowed by the model)"
 
 
-def test_a_dynamic_program_narrows_flattened_positions_too() -> None:
-    """GPT-2's dynamic program (any batch, any length) folds a symbolic batch and length into its Conv1D
-    rows: the last block still runs at the last position (one row per sample), and stays exact."""
-    model = gpt2()
+@pytest.mark.parametrize("build,layers", [(gpt2, 4), (llama, 5)], ids=["gpt2", "llama"])
+def test_a_dynamic_program_narrows_the_last_block_too(build, layers: int) -> None:
+    """The dynamic program (any batch, any length) of a language model explained at its last position:
+    GPT-2 folds a symbolic batch and length into its Conv1D rows, Llama keeps a whole-length slice of its
+    hidden states (``logits_to_keep=0``). The last block and the head still run at the last position (one
+    row per sample), and the relevance stays exact."""
+    model = build()
     last = lrpc.compile(model, rules="attnlrp", backend="eager", output=lambda out: out.logits[:, -1])
     full = lrpc.compile(model, rules="attnlrp", backend="eager")
     for batch, length in [(2, 9), (3, 12), (4, 5)]:
@@ -449,9 +452,10 @@ def test_a_dynamic_program_narrows_flattened_positions_too() -> None:
         assert rel_err(last(**inputs, target=7).relevance, full(**inputs, target=7).relevance) < 1e-10
     assert last.stats["traces"] == 2  # the first shape, then one dynamic program
     graph = last.program(**inputs, target=7).plan.graph
-    narrowed = [n for n in graph.nodes if n.target is torch.ops.aten.addmm.default and n.name.endswith("_narrowed")]
-    assert len(narrowed) == 3, "the last block's attention output projection and its two feed-forward layers"
-    assert all("*" not in str(n.meta["val"].shape[0]) for n in narrowed), "one row per sample, not B*T"
+    layer_ops = (torch.ops.aten.addmm.default, torch.ops.aten.linear.default)
+    narrowed = [n for n in graph.nodes if n.target in layer_ops and n.name.endswith("_narrowed")]
+    assert len(narrowed) == layers, "the last block's attention output projection, feed-forward layers, head"
+    assert all("*" not in str(n.meta["val"].numel() // n.meta["val"].shape[-1]) for n in narrowed), "B rows"
 
 
 @pytest.mark.parametrize(
