@@ -189,7 +189,7 @@ def _operation(node: fx.Node, env: dict[fx.Node, Any], step: Step) -> tuple[Oper
         signs=tuple(-1 if op_spec is not None and name in op_spec.negated else 1 for name, _ in tensor_inputs),
         nonnegative=tuple(t.name in step.nonnegative for _, t in tensor_inputs),
         negative_outputs_dead=step.negative_outputs_dead,
-        product_kind=op_spec.product if op_spec is not None else None,
+        product=op_spec.product if op_spec is not None else None,
     )
     return op, tensor_inputs
 

@@ -62,7 +62,7 @@ class Operation:
     nonnegative: tuple[bool, ...] = ()  # per input: >= 0 by construction (a ReLU output): no x⁻ terms
     negative_outputs_dead: bool = False  # R is 0 wherever the output is < 0 (it feeds a ReLU): Gamma's g₂ = 0
     # what kind of product the op is (:data:`PRODUCT_KINDS`), for rules that split products of activations
-    product_kind: str | None = None
+    product: str | None = None
 
     def role(self, name: str) -> Tensor | None:
         """The value of the (first) input with this role, or ``None``."""
@@ -530,7 +530,7 @@ class AbsProportional(Rule):
         return tuple(None if g is None else m * g for m, g in zip(magnitudes, grads))
 
 
-#: ``Operation.product_kind`` of the ops that multiply: ``a * b``; ``A @ B`` (``mm``, ``bmm``, ``addmm``,
+#: ``Operation.product`` of the ops that multiply: ``a * b``; ``A @ B`` (``mm``, ``bmm``, ``addmm``,
 #: ``baddbmm``: ``[..., i, k] @ [..., k, j]``); ``linear(x, W) = x @ Wᵀ``.
 PRODUCT_KINDS = ("elementwise", "matmul", "linear")
 
@@ -552,24 +552,24 @@ class ProportionalProduct(Rule):
         a, b = (op.inputs[i] for i in index)
         r = _main(R)
         # by the op, not by shapes: a matrix product of square operands has the shapes of an elementwise one
-        if op.product_kind == "elementwise":
+        if op.product == "elementwise":
             share = divide(r, op.z, self.eps) * op.z
             total = a.abs() + b.abs()
             ra = _reduce_to(divide(share * a.abs(), total, self.eps), a.shape)
             rb = _reduce_to(divide(share * b.abs(), total, self.eps), b.shape)
-        elif op.product_kind in ("matmul", "linear"):  # terms t[..., i, k, j] = A[..., i, k] B[..., k, j]
-            B = b.mT if op.product_kind == "linear" else b
+        elif op.product in ("matmul", "linear"):  # terms t[..., i, k, j] = A[..., i, k] B[..., k, j]
+            B = b.mT if op.product == "linear" else b
             g = divide(r, op.z, self.eps).unsqueeze(-2)  # [..., i, 1, j]
             A3, B3 = a.unsqueeze(-1), B.unsqueeze(-3)  # [..., i, k, 1], [..., 1, k, j]
             term = A3 * B3 * g
             frac = divide(A3.abs(), A3.abs() + B3.abs(), self.eps)
             ra = _reduce_to((term * frac).sum(-1), a.shape)
             rb = (term * (1 - frac)).sum(-3)  # shaped like B
-            rb = _reduce_to(rb.mT if op.product_kind == "linear" else rb, b.shape)
+            rb = _reduce_to(rb.mT if op.product == "linear" else rb, b.shape)
         else:
             raise RuleError(
                 f"{self.name} splits elementwise and matrix products of two activations; this op's product "
-                f"kind is {op.product_kind!r}. An op registered with lrpc.ops.register_op says how it "
+                f"kind is {op.product!r}. An op registered with lrpc.ops.register_op says how it "
                 f"multiplies its factors with OpSpec(..., product=...), one of {PRODUCT_KINDS}"
             )
         out: list[Tensor | None] = [None] * len(op.inputs)
