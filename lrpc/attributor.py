@@ -30,6 +30,7 @@ from . import backends, ops
 from .canonize import canonicalize
 from .codegen import Signature, generate, relevance_function
 from .errors import LRPCError
+from .narrowing import NARROWED_FROM
 from .planning import Plan
 from .planning import plan as make_plan
 from .presets import Preset
@@ -264,30 +265,47 @@ class Attributor:
         self._last = program
         return program, tensors, program.bind(tensors) or {}
 
+    def _plan(self, traced: Traced) -> tuple[Traced, Plan]:
+        """Canonicalize ``traced``'s graph and plan it. Where narrowing cut down a layer whose rule holds a
+        value per position (ZBox bounds shaped like a sample of tokens), that layer must see every position:
+        plan again, from a copy of the trace, with those layers whole (rare: only such rules need the copy)."""
+        per_position = self.preset.holds_positions or any(r.holds_positions for r in ops.registered_rules())
+        pristine = traced.copy() if per_position else None
+        whole: set[str] = set()
+        while True:
+            graph = canonicalize(
+                traced.graph, traced.user_placeholders, fold=self.preset.fold_batch_norm, keep=self.layers, whole=whole
+            )
+            inputs = {s.name: n for s, n in zip(traced.inputs, traced.user_placeholders)}
+            the_plan = make_plan(
+                graph,
+                self.preset,
+                inputs,
+                layers=self.layers,
+                on_unsupported=self.on_unsupported,
+                modules=dict(self.model.named_modules()),
+                constants=[name for name in inputs if any(fnmatch.fnmatchcase(name, p) for p in self.constants)],
+            )
+            nodes = {n.name: n for n in graph.nodes}
+            # each round keeps more nodes whole, none of them narrowed before: it ends
+            met = {
+                nodes[step.node].meta[NARROWED_FROM]
+                for step in the_plan.steps
+                if step.rule.holds_positions and NARROWED_FROM in nodes[step.node].meta
+            }
+            if pristine is None or not met:
+                return traced, the_plan
+            whole |= met
+            traced = pristine.copy()
+
     def _compile(
         self, args: tuple, kwargs: dict, spec: TargetSpec, tensors: list[Tensor], dynamic: bool
     ) -> Program:
         self.stats["traces"] += 1
         traced = trace(self.model, args, kwargs, output=self.output, dynamic=dynamic)
         start = time.perf_counter()
-        per_position = self.preset.holds_positions or any(r.holds_positions for r in ops.registered_rules())
-        graph = canonicalize(
-            traced.graph,
-            traced.user_placeholders,
-            fold=self.preset.fold_batch_norm,
-            keep=self.layers,
-            narrow=not per_position,
-        )
-        inputs = {s.name: n for s, n in zip(traced.inputs, traced.user_placeholders)}
-        the_plan = make_plan(
-            graph,
-            self.preset,
-            inputs,
-            layers=self.layers,
-            on_unsupported=self.on_unsupported,
-            modules=dict(self.model.named_modules()),
-            constants=[name for name in inputs if any(fnmatch.fnmatchcase(name, p) for p in self.constants)],
-        )
+        traced, the_plan = self._plan(traced)
+        graph = the_plan.graph
         planned = time.perf_counter()
         examples: list[Any] = [n.meta["val"] for n in graph.nodes if n.op == "placeholder"]
         if spec.mode == "index":

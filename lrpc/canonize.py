@@ -17,7 +17,7 @@ Each pass takes an ``fx.Graph`` and returns it (rewritten in place), in the styl
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -45,15 +45,17 @@ def canonicalize(
     fold: bool = True,
     keep: Sequence[str] = (),
     narrow: bool = True,
+    whole: Collection[str] = (),
 ) -> fx.Graph:
     """All canonicalization passes, in order. ``inputs``: the user-input placeholders; ``fold=False``
     keeps batch norms as they are; ``keep``: module paths whose values stay whole (requested layers);
-    ``narrow=False`` skips narrowing (rules that hold a value per position need every position)."""
+    ``whole``: names of nodes that narrowing leaves whole (a rule there holds a value per position);
+    ``narrow=False`` skips narrowing."""
     if fold:
         graph = fold_batch_norm(graph)
     graph = freeze_normalizers(graph)  # before narrowing: it tells statistics from values by their sizes
     if narrow:
-        graph = narrow_positions(graph, keep)
+        graph = narrow_positions(graph, keep, whole)
     graph = group_activations(graph, inputs)  # after: it records the nodes of each activation
     graph.eliminate_dead_code()
     graph.lint()

@@ -78,15 +78,26 @@ class Axis:
 Through = tuple[dict[int, Axis], tuple]
 
 
-def narrow_positions(graph: fx.Graph, keep: Collection[str] = ()) -> fx.Graph:
-    """Compute only what each ``select(x, dim, index)``, or slice of one position (``x[:, -1:]``), reads of
-    ``x``, as far up as that is possible.
+#: ``node.meta`` key of a narrowed copy: the name of the node it computes one position of.
+NARROWED_FROM = "lrpc_narrowed_from"
 
-    ``keep``: module paths whose nodes must stay whole (layers whose relevance is returned).
+
+def narrow_positions(graph: fx.Graph, keep: Collection[str] = (), whole: Collection[str] = ()) -> fx.Graph:
+    """Compute only what each ``select(x, dim, index)``, or slice of one position (``x[:, -1:]``), reads of
+    ``x``, as far up as that is possible. A narrowed copy records the node it stands for in
+    ``meta[NARROWED_FROM]``.
+
+    ``keep``: module paths whose nodes must stay whole (layers whose relevance is returned); ``whole``:
+    names of nodes that must (a rule there holds a value per position).
     """
+    paths, names = tuple(keep), frozenset(whole)
+
+    def stays_whole(node: fx.Node) -> bool:
+        return node.name in names or any(belongs_to(node, path) for path in paths)
+
     roots = [n for n in graph.nodes if n.op == "call_function" and n.target in (aten.select.int, aten.slice.Tensor)]
     for root in roots:
-        _narrow(graph, root, tuple(keep))
+        _narrow(graph, root, stays_whole)
     graph.eliminate_dead_code()
     return graph
 
@@ -113,13 +124,13 @@ def _position(root: fx.Node) -> tuple[fx.Node, int, int] | None:
     return (source, dim, start) if start >= 0 or end in (None, sys.maxsize) else None
 
 
-def _narrow(graph: fx.Graph, root: fx.Node, keep: tuple[str, ...]) -> None:
+def _narrow(graph: fx.Graph, root: fx.Node, stays_whole: Callable[[fx.Node], bool]) -> None:
     position = _position(root)
     if position is None:
         return
     source, dim, index = position
     blocked: set[fx.Node] = set()
-    while unsliceable := _unsliceable(narrowed := _sweep(root, source, Axis(dim), keep, blocked)):
+    while unsliceable := _unsliceable(narrowed := _sweep(root, source, Axis(dim), stays_whole, blocked)):
         blocked |= unsliceable  # whole, and so are the values only they would have read narrowed
     # moving the select only through views and copies saves nothing: leave the graph as it is
     if all(n.target in VALUE_MOVING_OPS or n.target is operator.getitem for n in narrowed):
@@ -128,10 +139,10 @@ def _narrow(graph: fx.Graph, root: fx.Node, keep: tuple[str, ...]) -> None:
 
 
 def _sweep(
-    root: fx.Node, source: fx.Node, at: Axis, keep: tuple[str, ...], blocked: set[fx.Node]
+    root: fx.Node, source: fx.Node, at: Axis, stays_whole: Callable[[fx.Node], bool], blocked: set[fx.Node]
 ) -> dict[fx.Node, tuple[Axis, Through]]:
     """The nodes to narrow for ``root``, walking up from ``source``, and how: a node is narrowed when all its
-    users are (or are ``root``), it is not ``blocked`` or kept, and its op computes one position from one
+    users are (or are ``root``), it is not ``blocked`` or to stay whole, and its op computes one position from one
     position of its inputs."""
     asked: dict[fx.Node, set[Axis | None]] = {source: {at}}  # what a narrowed user needs; None: whole
     narrowed: dict[fx.Node, tuple[Axis, Through]] = {}
@@ -141,7 +152,7 @@ def _sweep(
         if axes is None or len(axes) != 1 or None in axes or node in blocked:
             continue
         (at,) = axes
-        if any(u is not root and u not in narrowed and not _dtype_check(u) for u in node.users) or _kept(node, keep):
+        if any(u is not root and u not in narrowed and not _dtype_check(u) for u in node.users) or stays_whole(node):
             continue
         through = _through(node, at)
         if through is None:
@@ -196,6 +207,7 @@ def _rewrite(graph: fx.Graph, root: fx.Node, narrowed: dict[fx.Node, tuple[Axis,
         try:
             with graph.inserting_after(node):
                 twin = insert_call(graph, node.target, args, node.kwargs, like=node, name=f"{node.name}_narrowed")
+                twin.meta[NARROWED_FROM] = node.name
         except Exception:  # noqa: BLE001 - the op rejects the narrowed arguments (a view of a slice)
             twin = None
         if twin is None or not all(_same(a, b) for a, b in zip(_val(twin).shape, expected, strict=True)):
@@ -236,10 +248,6 @@ def _dtype_check(node: fx.Node) -> bool:
         return False
     args = dict(zip(("size", "stride"), node.args[1:3])) | dict(node.kwargs)
     return args.get("size") is None and args.get("stride") is None
-
-
-def _kept(node: fx.Node, keep: tuple[str, ...]) -> bool:
-    return any(belongs_to(node, path) for path in keep)
 
 
 def _nodes(arg: Any) -> list[fx.Node]:

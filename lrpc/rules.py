@@ -215,7 +215,7 @@ class Rule:
     @property
     def holds_positions(self) -> bool:
         """Whether the rule holds a value per position of a sample (ZBox bounds shaped like one): the layer
-        it applies to must then see every position, so :mod:`lrpc.narrowing` stays off."""
+        it applies to must then see every position, so :mod:`lrpc.narrowing` leaves that layer whole."""
         return False
 
     def __call__(self, op: Operation, R: Any) -> Relevances:  # pragma: no cover - abstract

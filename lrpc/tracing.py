@@ -11,7 +11,7 @@ import contextlib
 import inspect
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -125,6 +125,13 @@ class Traced:
     @property
     def user_placeholders(self) -> list[fx.Node]:
         return [n for n in self.graph.nodes if n.op == "placeholder"][len(self.state) :]
+
+    def copy(self) -> Traced:
+        """The same trace with its own graph (same node names and metadata), for passes to change."""
+        graph = fx.Graph()
+        returned, output = graph.graph_copy(self.graph, {}, return_output_node=True)
+        graph.output(returned).meta.update(output.meta)
+        return replace(self, graph=graph, ranges=dict(self.ranges))
 
 
 class _Explained(nn.Module):

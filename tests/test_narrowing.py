@@ -63,7 +63,7 @@ def tokens(batch: int = 2, length: int = 9) -> dict:
 def unnarrowed(monkeypatch, model, rules, inputs, target=1, **kw):
     """The result and program with the narrowing pass switched off."""
     with monkeypatch.context() as m:
-        m.setattr(lrpc.canonize, "narrow_positions", lambda graph, keep=(): graph)
+        m.setattr(lrpc.canonize, "narrow_positions", lambda graph, *_: graph)
         attributor = lrpc.compile(model, rules=rules, backend="eager", **kw)
         return attributor(**inputs, target=target), attributor.program(**inputs, target=target)
 
@@ -526,7 +526,7 @@ def test_a_requested_layer_folded_into_another_stays_whole(monkeypatch) -> None:
 )
 def test_zbox_bounds_per_position_keep_every_position(bounds: str, given: str, monkeypatch) -> None:
     """ZBox's bounds broadcast against one sample: shaped ``(T, D)`` they differ between positions, and
-    the first layer narrowed to one position could not be paired with them, so narrowing stays off, for a
+    the first layer narrowed to one position could not be paired with them, so that layer stays whole, for a
     preset's rule and a rule registered for an op alike. Per-feature bounds fit any position, and the
     program narrows."""
     from lrpc.rules import ZBox
@@ -559,3 +559,38 @@ def test_zbox_bounds_per_position_keep_every_position(bounds: str, given: str, m
         lrpc.register_rule(torch.ops.aten.linear.default, None)
     assert rel_err(result.relevance, reference.relevance) < 1e-10
     assert narrowed == ([] if per_position else ["linear"])
+
+
+@pytest.mark.parametrize("given", ["first=", "register_rule for linear", "register_rule for convolution"])
+def test_a_rule_per_position_keeps_only_its_own_layers_whole(given: str, monkeypatch) -> None:
+    """Only the layers a per-position rule lands on stay whole: with ZBox bounds of shape ``(T, D)`` on the
+    first layer, the second still runs at the one position; a rule registered for an op the model does not
+    use (convolution) leaves narrowing as it is. Same relevance as the program without narrowing."""
+    from lrpc.rules import ZBox
+
+    class TwoLayersLast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 6), nn.Linear(6, 4)  # one ZBox fits both
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))[:, -1]
+
+    torch.manual_seed(0)
+    model = TwoLayersLast().to(D).eval()
+    x = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(4), dtype=D)
+    low = torch.linspace(-4, -2, 30, dtype=D).view(5, 6)
+    op = torch.ops.aten.convolution.default if given.endswith("convolution") else torch.ops.aten.linear.default
+    rules = lrpc.composite("epsilon", first=ZBox(low, -low)) if given == "first=" else "epsilon"
+    if given.startswith("register_rule"):
+        lrpc.register_rule(op, ZBox(low, -low))  # removed again below
+    try:
+        attributor = lrpc.compile(model, rules=rules, backend="eager")
+        result = attributor(x, target=1)
+        reference, _ = unnarrowed(monkeypatch, model, rules, {"x": x})
+        narrowed = narrowed_linears(attributor.program(x, target=1))
+    finally:
+        lrpc.register_rule(op, None)
+    assert rel_err(result.relevance, reference.relevance) < 1e-10
+    expected = {"first=": ["linear_1"], "register_rule for linear": [], "register_rule for convolution": None}
+    assert narrowed == (expected[given] if expected[given] is not None else ["linear", "linear_1"])
