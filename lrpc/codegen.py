@@ -53,7 +53,9 @@ def relevance_function(plan: Plan, target: TargetSpec) -> tuple[Callable[..., tu
     input_nodes = {name: by_name[node] for name, node in plan.inputs.items()}
     n_state = len(placeholders) - len(input_nodes)
     steps = {s.node: s for s in plan.steps}
-    layer_of = {node: path for path, node in plan.layers.items()}
+    layer_paths: dict[str, list[str]] = {}  # node -> paths: a module's output can be its parent's too
+    for path, name in plan.layers.items():
+        layer_paths.setdefault(name, []).append(path)
     explained = by_name[plan.output]
 
     def program(*args: Tensor) -> tuple:
@@ -74,8 +76,8 @@ def relevance_function(plan: Plan, target: TargetSpec) -> tuple[Callable[..., tu
             r = relevance.pop(node, None) if node.op != "placeholder" else relevance.get(node)
             if r is None:
                 continue
-            if node.name in layer_of:
-                layers[layer_of[node.name]] = r
+            for path in layer_paths.get(node.name, ()):
+                layers[path] = r
             if node.op != "call_function":
                 continue
             if node.target is operator.getitem:

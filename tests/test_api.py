@@ -842,6 +842,21 @@ def test_layer_relevance_is_conserved(lrp0) -> None:
     torch.testing.assert_close(res.layers["0"].sum(1), logit)
 
 
+@pytest.mark.parametrize("backend", ["eager", "interpret"])
+def test_layers_sharing_one_output_each_get_it(backend: str) -> None:
+    """A module's output that is its parent's output too (the last layer of an encoder): both paths get
+    the relevance there, not one of them zeros (a helper's sweep found ``bert.encoder.layer.1`` empty when
+    asked with ``bert.encoder``)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(6, 16), nn.ReLU()), nn.Linear(16, 3)).eval()
+    x = torch.randn(4, 6)
+    both = lrpc.compile(model, rules="lrp0", backend=backend, layers=["0.1", "0"])(x)
+    alone = lrpc.compile(model, rules="lrp0", backend=backend, layers=["0"])(x)
+    assert both.layers["0"].shape == both.layers["0.1"].shape == (4, 16)
+    torch.testing.assert_close(both.layers["0.1"], alone.layers["0"], rtol=0, atol=0)
+    torch.testing.assert_close(both.layers["0"], alone.layers["0"], rtol=0, atol=0)
+
+
 def test_layers_given_as_one_path_or_none(lrp0) -> None:
     model, x, _, _ = lrp0
     one = compile_eager(model, rules="lrp0", layers="2")(x)
