@@ -224,12 +224,22 @@ register_op(
         "constant_pad_nd", "unfold", "diagonal", "as_strided", "pixel_shuffle", "pixel_unshuffle",
         "channel_shuffle", "movedim", "contiguous", "alias_copy", "view_copy", "permute_copy",
         "expand_copy", "unsqueeze_copy", "squeeze_copy", "slice_copy", "select_copy", "transpose_copy",
-        "slice_scatter", "select_scatter", "copy", "tile", "chunk", "upsample_nearest1d",
+        "slice_scatter", "select_scatter", "tile", "chunk", "upsample_nearest1d",
         "upsample_nearest2d", "upsample_nearest3d", "_unsafe_index", "reflection_pad1d",
         "reflection_pad2d", "replication_pad1d", "replication_pad2d", "zero_pad2d",
     ],
     _spec(Family.ROUTE),
 )
+
+
+def _copy(self: Tensor, src: Tensor, non_blocking: bool = False) -> Tensor:
+    """``aten.copy`` (an in-place write such as ``out[:, t] = h``, made functional): ``src`` in ``self``'s
+    place. Autograd has no derivative for it; this function has the same values and one."""
+    return src.to(device=self.device, dtype=self.dtype).expand_as(self)
+
+
+# the old values are overwritten: none of their relevance survives
+register_op("copy", _spec(Family.ROUTE, frozen={"self"}, impl=_copy))
 register_op(["index", "_unsafe_index"], _spec(Family.ROUTE, frozen={"indices"}))
 register_op(["index_select", "gather"], _spec(Family.ROUTE, frozen={"index"}))
 register_op(["index_put", "_unsafe_index_put"], _spec(Family.ROUTE, frozen={"indices"}))
