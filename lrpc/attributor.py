@@ -349,9 +349,7 @@ class Attributor:
                     continue
                 r = torch.zeros_like(t)
             inputs[name] = r
-        layers = {
-            path: (r if r is not None else torch.zeros(())) for path, r in zip(sig.layer_names, layer_values)
-        }
+        layers = dict(zip(sig.layer_names, layer_values))
         values = tuple(inputs.values())
         self._last_relevance = (values, seed_total)
         return Attribution(

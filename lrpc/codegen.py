@@ -104,8 +104,8 @@ def relevance_function(plan: Plan, target: TargetSpec) -> tuple[Callable[..., tu
         outs: list[Any] = [output, used_index, seed.sum()]
         for name in plan.explained:
             outs.append(relevance.get(input_nodes[name]))
-        for path in plan.layers:
-            outs.append(layers.get(path))
+        for path, name in plan.layers.items():  # a layer no relevance reached (a gate cp-lrp holds) has 0
+            outs.append(layers[path] if path in layers else torch.zeros_like(env[by_name[name]]))
         return tuple(outs)
 
     signature = Signature(

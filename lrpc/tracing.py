@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.export import Dim, ExportedProgram
-from torch.export.graph_signature import InputKind
+from torch.export.graph_signature import InputKind, OutputKind
 
 from .errors import LRPCError, TraceError
 
@@ -288,6 +288,24 @@ def _traced(program: ExportedProgram, wrapper: nn.Module, names: list[str], seco
         elif spec.kind != InputKind.USER_INPUT:
             raise TraceError(f"unsupported exported input kind {spec.kind} for '{spec.target}'")
     graph = program.graph
+    # A forward that writes to its buffers, parameters or inputs (a step counter; RWKV rescales its weights
+    # on its first call in eval mode) returns the written values before its own: explain only its own, and
+    # write nothing (the program computes with the written values where the forward reads them).
+    specs = program.graph_signature.output_specs
+    if any(spec.kind is not OutputKind.USER_OUTPUT for spec in specs):
+        output = next(n for n in graph.nodes if n.op == "output")
+        output.args = (tuple(v for v, spec in zip(output.args[0], specs) if spec.kind is OutputKind.USER_OUTPUT),)
+        graph.eliminate_dead_code()
+        written = [_strip(spec.target) for spec in specs if spec.kind is not OutputKind.USER_OUTPUT and spec.target]
+        if written:
+            model = getattr(wrapper, _WRAPPED)
+            warnings.warn(
+                f"{type(model).__name__}'s forward writes to {', '.join(written[:3])}"
+                f"{f' and {len(written) - 3} more' if len(written) > 3 else ''}: lrpc explains the traced call "
+                "(with what it writes there) and writes nothing back; where the model's later calls read what "
+                "earlier ones wrote, they may differ from lrpc's cached program",
+                stacklevel=6,  # the user's call: _traced <- trace <- _compile <- _program <- __call__
+            )
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     users = placeholders[len(state) :]
     inputs = []

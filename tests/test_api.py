@@ -324,6 +324,47 @@ def test_model_is_unchanged(mode: str) -> None:
     assert calls == ["pre", "fwd"]
 
 
+class WritesItsState(nn.Module):
+    """A forward that counts its calls in a buffer and, on its first call, rescales a weight in place (as
+    Hugging Face's RWKV does in eval mode); a Python flag says that it did."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 3)
+        self.register_buffer("calls", torch.zeros(()))
+        self.rescaled = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        if not self.rescaled:
+            with torch.no_grad():
+                self.head.weight.mul_(0.5)
+            self.rescaled = True
+        return self.head(torch.relu(self.fc(x)))
+
+
+def test_a_forward_that_writes_its_state_is_explained_without_writing_it() -> None:
+    """Writes to buffers and parameters come out of export before the model's own output: lrpc explains the
+    output, computes with the written weight where the forward reads it, warns naming what is written, and
+    leaves the model (its buffers, weights and Python state) as it was."""
+    torch.manual_seed(0)
+    model = WritesItsState().eval()
+    before = snapshot(model)
+    x = torch.randn(4, 6)
+    with pytest.warns(UserWarning, match=r"forward writes to head\.weight, calls"):
+        res = compile_eager(model, rules="lrp0")(x)
+    assert_unchanged(model, before)
+    assert model.rescaled is False
+    plain = nn.Sequential(model.fc, nn.ReLU(), nn.Linear(8, 3)).eval()  # what the traced call computes
+    with torch.no_grad():
+        plain[2].weight.copy_(model.head.weight * 0.5)
+        plain[2].bias.copy_(model.head.bias)
+    expected = compile_eager(plain, rules="lrp0")(x, target=res.target)
+    torch.testing.assert_close(res.output, expected.output, rtol=0, atol=0)
+    torch.testing.assert_close(res.relevance, expected.relevance, rtol=0, atol=0)
+
+
 def test_training_model_warns_and_is_explained_in_eval_semantics() -> None:
     net = trained_net().train()
     x = torch.randn(4, 3, 6, 6)
@@ -855,6 +896,26 @@ def test_layers_sharing_one_output_each_get_it(backend: str) -> None:
     assert both.layers["0"].shape == both.layers["0.1"].shape == (4, 16)
     torch.testing.assert_close(both.layers["0.1"], alone.layers["0"], rtol=0, atol=0)
     torch.testing.assert_close(both.layers["0"], alone.layers["0"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["eager", "interpret"])
+def test_a_layer_no_relevance_reaches_gets_zeros_of_its_shape(backend: str) -> None:
+    """cp-lrp holds a squeeze-excitation gate constant: the gate's layer gets no relevance, and is returned
+    as zeros shaped like its output (it was a 0-d tensor, which broke code indexing it per sample)."""
+
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc, self.head = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1), nn.Linear(4, 5)
+
+        def forward(self, x):
+            h = self.conv(x)
+            return self.head((h * torch.sigmoid(self.fc(h.mean((2, 3), keepdim=True)))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    res = lrpc.compile(Gated().eval(), rules="cp-lrp", backend=backend, layers=["fc", "conv"])(torch.randn(2, 3, 8, 8))
+    assert res.layers["fc"].shape == (2, 4, 1, 1) and not res.layers["fc"].any()
+    assert res.layers["conv"].shape == (2, 4, 6, 6) and res.layers["conv"].any()
 
 
 def test_layers_given_as_one_path_or_none(lrp0) -> None:
