@@ -129,8 +129,14 @@ _STATISTICS = {
 _ELEMENTWISE = {Family.PASS, Family.ROUTE, Family.SCALE, Family.SUM}
 
 
+#: Decompositions whose outputs are statistics of a matrix: ``torch.linalg.norm(x, ord=2, dim=(1, 2))`` (the
+#: spectral norm, in Hugging Face's ConvNeXt-V2 GRN) is the largest singular value.
+_FACTORIZATIONS = {aten._linalg_svd.default}
+
+
 def _chain(node: Any, limit: int = 12) -> list[fx.Node]:
-    """``node`` and what it was computed from through elementwise and routing ops (first tensor arg)."""
+    """``node`` and what it was computed from through elementwise and routing ops and the outputs of a
+    factorization (first tensor arg)."""
     out = []
     while isinstance(node, fx.Node) and len(out) < limit:
         out.append(node)
@@ -139,7 +145,9 @@ def _chain(node: Any, limit: int = 12) -> list[fx.Node]:
         if node.target in _STATISTICS:
             break
         spec = lookup(node.target)
-        if spec is None or spec.family not in _ELEMENTWISE:
+        if node.target not in _FACTORIZATIONS and node.target is not operator.getitem and (
+            spec is None or spec.family not in _ELEMENTWISE
+        ):
             break
         node = next((a for a in node.args if isinstance(a, fx.Node)), None)
     return out

@@ -187,6 +187,42 @@ def test_layer_norm_with_frozen_std() -> None:
     assert rel_err(res.relevance, expected) < 1e-10
 
 
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXt-V2's GRN, ``h + w * (h * n(h))`` with ``n`` a per-channel spatial norm over its channel mean,
+    bias-free: the 2-norm of each channel's flattened map (timm) or its spectral norm, the largest singular
+    value of the map (Hugging Face's ``torch.linalg.norm(h, ord=2, dim=(1, 2))``, an SVD in the graph)."""
+
+    def __init__(self, spectral: bool, detach: bool = False) -> None:
+        super().__init__()
+        self.spectral, self.detach = spectral, detach
+        self.conv = nn.Conv2d(3, 4, 3, bias=False)
+        self.w = nn.Parameter(torch.randn(1, 1, 1, 4))
+        self.head = nn.Linear(4, 5, bias=False)
+
+    def forward(self, x):
+        h = self.conv(x).permute(0, 2, 3, 1)
+        source = h.detach() if self.detach else h
+        g = torch.linalg.norm(source, ord=2, dim=(1, 2), keepdim=True) if self.spectral else source.norm(p=2, dim=(1, 2), keepdim=True)
+        h = h + self.w * (h * (g / (g.mean(dim=-1, keepdim=True) + 1e-6)))
+        return self.head(h.mean((1, 2)))
+
+
+@pytest.mark.parametrize("spectral", [False, True], ids=["vector norm", "spectral norm"])
+def test_global_response_norm_statistic_is_frozen(spectral: bool) -> None:
+    """The GRN statistic is held constant like a normalizer's: then the bias-free net is linear in its input,
+    and LRP-0 is gradient x input with the statistic detached. The spectral norm failed before (no rule for
+    the SVD)."""
+    torch.manual_seed(6)
+    model = GlobalResponseNorm(spectral).eval()
+    x = torch.randn(2, 3, 8, 8)
+    res = explain(model, x, rules="lrp0")
+    oracle = GlobalResponseNorm(spectral, detach=True).eval()
+    oracle.load_state_dict(model.state_dict())
+    xg = x.clone().requires_grad_()
+    oracle(xg).gather(1, res.target[:, None]).sum().backward()
+    assert rel_err(res.relevance, xg.grad * x) < 1e-10
+
+
 def test_decomposed_layer_norm_matches_composite_under_lrp0() -> None:
     """Written with primitive ops (mean, sub, var, rsqrt, mul), LayerNorm gives what the composite op
     gives under LRP-0: the statistic is frozen and LRP-0 composes through the linear parts."""

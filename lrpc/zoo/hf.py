@@ -76,6 +76,21 @@ def siglip2_vision() -> Built:
     return model, (), {"pixel_values": _randn(BATCH, 3, 32, 32)}
 
 
+@register("convnextv2-hf", "vision", needs="transformers")
+def convnextv2_hf() -> Built:
+    """ConvNeXt V2: depthwise convolutions, channels-last layer norms and Global Response Normalization,
+    whose statistic transformers computes as a spectral norm (``torch.linalg.norm(x, ord=2, dim=(1, 2))``,
+    an SVD in the graph; held constant like a normalizer's)."""
+    _quiet()
+    from transformers import ConvNextV2Config, ConvNextV2ForImageClassification
+
+    config = ConvNextV2Config(
+        num_channels=3, patch_size=4, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10,
+        initializer_range=INIT,
+    )
+    return _build(ConvNextV2ForImageClassification, config), (), {"pixel_values": _randn(BATCH, 3, 32, 32)}
+
+
 @register("vit-hf", "vision", needs="transformers", attention=True)
 def vit_hf() -> Built:
     _quiet()
@@ -275,6 +290,23 @@ def mamba() -> Built:
         initializer_range=INIT, use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )
     return _build(MambaForCausalLM, config), (), _tokens(pad="left")
+
+
+@register("rwkv", "ssm", needs="transformers")
+def rwkv() -> Built:
+    """RWKV (v4): time-mixing WKV recurrence in transformers' pure-PyTorch loop, which writes each step
+    into a buffer in place (``aten.copy`` in the graph). ``rescale_every=0``: with rescaling, the model
+    divides its own weights in place on its first eval call (lrpc computes with the divided weights and
+    warns that the forward writes them, see test_api)."""
+    _quiet()
+    from transformers import RwkvConfig, RwkvForCausalLM
+
+    config = RwkvConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32, intermediate_size=64,
+        context_length=16, rescale_every=0, use_cache=False, initializer_range=INIT,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    return _build(RwkvForCausalLM, config), (), {"input_ids": _tokens()["input_ids"]}
 
 
 # ------------------------------------------------------------------------------------------ seq2seq
