@@ -181,9 +181,15 @@ def _main(R: Any) -> Tensor:
 
 
 def _times_inputs(op: Operation, grads: Relevances, scale: float = 1.0) -> Relevances:
-    return tuple(
-        None if g is None else (x * g if scale == 1.0 else scale * x * g) for x, g in zip(op.inputs, grads)
-    )
+    """``x_i ⊙ g_i`` per input. Outside layers, 0 where ``g_i`` is: scores at -inf (a mask added before they
+    are scaled) that no relevance reaches get none, as at any finite mask value, not ``-inf * 0 = NaN``. A
+    layer's inputs are activations: it keeps the plain product, which the fused kernels match."""
+    guard = "weight" not in op.roles
+    out = []
+    for x, g in zip(op.inputs, grads):
+        r = None if g is None else (x * g if scale == 1.0 else scale * x * g)
+        out.append(torch.where(g == 0, 0.0, r) if guard and r is not None else r)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
