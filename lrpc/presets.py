@@ -242,11 +242,15 @@ def composite(
     overrides: Mapping[OverrideKey, Rule] | None = None,
     *,
     first: Rule | None = None,
+    gates_constant: bool | None = None,
 ) -> Preset:
     """A preset plus overrides keyed by module path glob (``"features.0"``, ``"*.attn.*"``) or module type
     (``nn.Linear``). An override applies to the ops created inside matching modules that its rule can
     serve (a ``ZPlus`` override on ``"features"`` changes the convolutions there, not the ReLUs); the
     first matching key wins, in the order given. ``first`` replaces the preset's first-layer rule.
+    ``gates_constant=True`` holds activated gates constant (``x * sigmoid(g)``: all relevance stays with
+    ``x``), as CP-LRP does: for squeeze-excitation CNNs, where the uniform split sends half of it into the
+    gate and the stabilizer amplifies it at the gate's near-zero pre-activation.
 
     >>> import torch.nn as nn, lrpc
     >>> rules = lrpc.composite("epsilon-plus-flat", {nn.Linear: lrpc.rules.Epsilon(1e-3)})
@@ -260,8 +264,9 @@ def composite(
             raise RuleError(f"override keys are module path globs or module types, got {key!r}")
         if not isinstance(rule, Rule):
             raise RuleError(f"override for {key!r} must be an lrpc.rules.Rule, got {type(rule).__name__}")
-    name = base.name + ("+overrides" if items else "")
-    return replace(base, name=name, overrides=items + base.overrides, first=first or base.first)
+    gates = base.gates_constant if gates_constant is None else gates_constant
+    name = base.name + ("+overrides" if items else "") + ("+gates-constant" if gates and not base.gates_constant else "")
+    return replace(base, name=name, overrides=items + base.overrides, first=first or base.first, gates_constant=gates)
 
 
 def resolve(rules: str | Preset) -> Preset:

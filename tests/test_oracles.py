@@ -461,6 +461,40 @@ def test_softmax_rule(dim: int) -> None:
     assert rules == ["Softmax"], rules
 
 
+class MaskedBeforeScaling(nn.Module):
+    """Causal attention that adds its mask to the scores before it scales them (as CodeGen does; there, in
+    float64, a float64 ``finfo.min`` cast to float32 is -inf), then adds a bias: a scale and a sum meet the
+    masked scores."""
+
+    def __init__(self, fill: float) -> None:
+        super().__init__()
+        self.fill = fill
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.bias = nn.Parameter(torch.randn(5, 5))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.q(x) @ self.k(x).transpose(1, 2)
+        mask = torch.zeros(5, 5, dtype=x.dtype).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), self.fill)
+        scores = (scores + mask) / math.sqrt(8) + self.bias
+        return self.head((torch.softmax(scores, -1) @ self.v(x)).mean(1))
+
+
+@pytest.mark.parametrize("rules", ["epsilon", "attnlrp"])
+def test_scores_masked_to_minus_infinity_before_scaling(rules: str) -> None:
+    """Masked scores at -inf receive no relevance, as they would at a finite mask value whose softmax is
+    also exactly 0: the relevance is the same, not NaN (``-inf * 0`` in the scale and sum rules)."""
+    torch.manual_seed(16)
+    masked = MaskedBeforeScaling(float("-inf")).to(DTYPE).eval()
+    finite = MaskedBeforeScaling(-1e30).to(DTYPE).eval()
+    finite.load_state_dict(masked.state_dict())
+    x = torch.randn(2, 5, 8, dtype=DTYPE)
+    ours = lrpc.compile(masked, rules=rules, backend="eager")(x)
+    reference = lrpc.compile(finite, rules=rules, backend="eager")(x, target=ours.target)
+    assert torch.isfinite(ours.relevance).all()
+    assert rel_err(ours.relevance, reference.relevance) < 1e-12
+
+
 class Product(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a * b
@@ -517,6 +551,41 @@ def test_uniform_product_rule_gate() -> None:
     assert rel_err(res.relevance, expected) < 1e-10
     families = [s.family for s in a.plan(x, target=seed_with(R)).steps]
     assert families.count("product") == 1, families
+
+
+class SqueezeExcitation(nn.Module):
+    """A bias-free conv with a squeeze-excitation gate, ``h * sigmoid(fc(mean(h)))``; ``detach`` holds the
+    gate constant for autograd (the oracle)."""
+
+    def __init__(self, detach: bool = False) -> None:
+        super().__init__()
+        self.detach = detach
+        self.conv = nn.Conv2d(3, 4, 3, bias=False)
+        self.fc = nn.Conv2d(4, 4, 1, bias=False)
+        self.head = nn.Linear(4, 5, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        gate = torch.sigmoid(self.fc(h.mean((2, 3), keepdim=True)))
+        return self.head((h * (gate.detach() if self.detach else gate)).mean((2, 3)))
+
+
+def test_composite_holds_squeeze_excitation_gates_constant() -> None:
+    """``composite("lrp0", gates_constant=True)``: the gate is a constant factor, so the bias-free net is
+    linear in its input and LRP-0 is gradient x input with the gate detached. The uniform split (the
+    default) sends half the relevance into the gate and differs."""
+    torch.manual_seed(18)
+    model = SqueezeExcitation().to(DTYPE).eval()
+    oracle = SqueezeExcitation(detach=True).to(DTYPE).eval()
+    oracle.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 6, 6, dtype=DTYPE)
+    rules = lrpc.composite("lrp0", gates_constant=True)
+    assert rules.name.endswith("+gates-constant") and rules.gates_constant
+    res = lrpc.compile(model, rules=rules, backend="eager")(x)
+    expected, _ = grad_x_input(oracle, x, res.target)
+    assert rel_err(res.relevance, expected) < 1e-10
+    split = lrpc.compile(model, rules="lrp0", backend="eager")(x, target=res.target)
+    assert rel_err(split.relevance, expected) > 1e-3
 
 
 def test_cp_lrp_lstm_step_by_hand() -> None:
