@@ -68,6 +68,21 @@ def unnarrowed(monkeypatch, model, rules, inputs, target=1, **kw):
         return attributor(**inputs, target=target), attributor.program(**inputs, target=target)
 
 
+def narrowed_and_not(monkeypatch, model, rules, x, *, register=None, target=1):
+    """The result with narrowing, the result without it, and the linear layers narrowed; ``register``, an
+    ``(op, rule)`` pair, is registered for the calls and removed again."""
+    if register is not None:
+        lrpc.register_rule(*register)
+    try:
+        attributor = lrpc.compile(model, rules=rules, backend="eager")
+        result = attributor(x, target=target)
+        reference, _ = unnarrowed(monkeypatch, model, rules, {"x": x}, target=target)
+        return result, reference, narrowed_linears(attributor.program(x, target=target))
+    finally:
+        if register is not None:
+            lrpc.register_rule(register[0], None)
+
+
 def narrowed_linears(program) -> list[str]:
     """Linear layers of the traced graph that the pass narrowed, by their names before it (a node narrowed
     for two selects in turn is named ``<name>_narrowed_narrowed``)."""
@@ -545,18 +560,11 @@ def test_zbox_bounds_per_position_keep_every_position(bounds: str, given: str, m
     per_position = bounds.startswith("per position")
     low = torch.linspace(-4, -2, 30, dtype=D).view(5, 6) if per_position else torch.full((6,), -3.0, dtype=D)
     rule = ZBox(low.numpy(), (-low).numpy()) if bounds.endswith("numpy") else ZBox(low, -low)
-    if given == "register_rule":
-        rules = "epsilon"
-        lrpc.register_rule(torch.ops.aten.linear.default, rule)  # removed again below
-    else:
-        rules = lrpc.composite("epsilon", first=rule)
-    try:
-        attributor = lrpc.compile(model, rules=rules, backend="eager")
-        result = attributor(x, target=1)
-        reference, _ = unnarrowed(monkeypatch, model, rules, {"x": x})
-        narrowed = narrowed_linears(attributor.program(x, target=1))
-    finally:
-        lrpc.register_rule(torch.ops.aten.linear.default, None)
+    registered = given == "register_rule"
+    rules = "epsilon" if registered else lrpc.composite("epsilon", first=rule)
+    result, reference, narrowed = narrowed_and_not(
+        monkeypatch, model, rules, x, register=(torch.ops.aten.linear.default, rule) if registered else None
+    )
     assert rel_err(result.relevance, reference.relevance) < 1e-10
     assert narrowed == ([] if per_position else ["linear"])
 
@@ -582,15 +590,8 @@ def test_a_rule_per_position_keeps_only_its_own_layers_whole(given: str, monkeyp
     low = torch.linspace(-4, -2, 30, dtype=D).view(5, 6)
     op = torch.ops.aten.convolution.default if given.endswith("convolution") else torch.ops.aten.linear.default
     rules = lrpc.composite("epsilon", first=ZBox(low, -low)) if given == "first=" else "epsilon"
-    if given.startswith("register_rule"):
-        lrpc.register_rule(op, ZBox(low, -low))  # removed again below
-    try:
-        attributor = lrpc.compile(model, rules=rules, backend="eager")
-        result = attributor(x, target=1)
-        reference, _ = unnarrowed(monkeypatch, model, rules, {"x": x})
-        narrowed = narrowed_linears(attributor.program(x, target=1))
-    finally:
-        lrpc.register_rule(op, None)
+    register = (op, ZBox(low, -low)) if given.startswith("register_rule") else None
+    result, reference, narrowed = narrowed_and_not(monkeypatch, model, rules, x, register=register)
     assert rel_err(result.relevance, reference.relevance) < 1e-10
-    expected = {"first=": ["linear_1"], "register_rule for linear": [], "register_rule for convolution": None}
-    assert narrowed == (expected[given] if expected[given] is not None else ["linear", "linear_1"])
+    expected = {"first=": ["linear_1"], "register_rule for linear": [], "register_rule for convolution": ["linear", "linear_1"]}
+    assert narrowed == expected[given]
