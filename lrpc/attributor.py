@@ -38,7 +38,7 @@ from .presets import resolve as resolve_preset
 from .report import Report
 from .targets import TargetSpec, index_tensor
 from .targets import parse as parse_target
-from .tracing import OutputSelector, Traced, trace
+from .tracing import OutputSelector, Traced, module_path, trace
 
 ON_UNSUPPORTED = ("error", "warn")
 DEFAULT_CONSTANTS = ("*mask*",)
@@ -176,8 +176,17 @@ class Attributor:
             extra.append(index_tensor(index, _batch(program, sizes), tensors[0].device))
             _check_classes(index if isinstance(index, int) else extra[-1], program)
         start = time.perf_counter()
-        with torch.no_grad():
-            outs = program.run(*program.traced.state, *tensors, *extra)
+        arguments = (*program.traced.state, *tensors, *extra)
+        try:
+            with torch.no_grad():
+                outs = program.run(*arguments)
+        except (LRPCError, torch.OutOfMemoryError):
+            raise
+        except Exception as e:  # name the node: a compiled program's own error does not say where
+            message = _run_failure(self.model, program, arguments, e)
+            if message is None:  # the program runs node by node: the backend failed, say so as it did
+                raise
+            raise LRPCError(message) from e
         elapsed = time.perf_counter() - start
         program.timings.setdefault("first_call", elapsed)
         program.timings["last_call"] = elapsed
@@ -410,6 +419,21 @@ def _symbol_state(shape_env: Any) -> Any:
     return (
         {str(k): str(v) for k, v in shape_env.replacements.items()},
         {str(k): str(v) for k, v in shape_env.var_to_range.items()},
+    )
+
+
+def _run_failure(model: nn.Module, program: Program, arguments: tuple, error: Exception) -> str | None:
+    """What to say when a program raises at run time (an op the trace saw with fake values fails on real
+    ones, as a float64 ``finfo.min`` filled into a float32 tensor does): the node, its op and module, and
+    the line of the model's source it came from; ``None`` if the program runs node by node."""
+    node = backends.failing_node(program.graph_module, arguments)
+    if node is None:
+        return None
+    frames = (node.meta.get("stack_trace") or "").strip().splitlines()
+    source = next((line.strip() for line in reversed(frames) if line.strip().startswith("File ")), "")
+    return (
+        f"{type(model).__name__}'s relevance program failed at run time at node '{node.name}' ({node.target}, "
+        f"module '{module_path(node)}'{f', {source}' if source else ''}): {type(error).__name__}: {error}"
     )
 
 

@@ -98,6 +98,26 @@ def _warn_fallback(name: str, error: Exception) -> None:
     )
 
 
+def failing_node(gm: fx.GraphModule, args: tuple) -> fx.Node | None:
+    """The node at which ``gm`` raises on ``args``, found by running it node by node (after a backend's
+    call failed: compiled code does not say where)."""
+
+    class Locate(fx.Interpreter):
+        failed: fx.Node | None = None
+
+        def run_node(self, n: fx.Node) -> object:
+            try:
+                return super().run_node(n)
+            except Exception:
+                self.failed = self.failed or n
+                raise
+
+    locate = Locate(gm)
+    with contextlib.suppress(Exception), torch.no_grad():
+        locate.run(*args)
+    return locate.failed
+
+
 def get(name: str) -> Backend:
     return _BACKENDS[name]
 

@@ -1030,6 +1030,30 @@ def test_inputs_the_model_rejects_are_named_as_such() -> None:
     assert not isinstance(info.value, lrpc.TraceError)
 
 
+class FailsOnRealValues(nn.Module):
+    """Traces (fake values carry no numbers) but fails when run: the float64 ``finfo.min`` does not fit the
+    float32 tensor ``torch.full`` makes without a dtype (as transformers' BART does under tracing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        floor = torch.full((x.shape[0], 3), torch.finfo(torch.float64).min)
+        return self.fc(x) + 0 * floor.to(x.dtype)
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_a_program_failing_at_run_time_names_the_node(backend: str) -> None:
+    """The error names the node, its op and module and the model's source line, on a compiled backend too."""
+    with pytest.raises(
+        lrpc.LRPCError,
+        match=r"FailsOnRealValues's relevance program failed at run time at node 'full' \(aten\.full\.default, "
+        r"module '', File .*test_api\.py\", line \d+, in forward\): RuntimeError: value cannot be converted",
+    ):
+        lrpc.compile(FailsOnRealValues().eval(), backend=backend)(torch.randn(2, 4))
+
+
 # --- backends ----------------------------------------------------------------------------------------------
 
 
