@@ -588,6 +588,35 @@ def test_composite_holds_squeeze_excitation_gates_constant() -> None:
     assert rel_err(split.relevance, expected) > 1e-3
 
 
+class ScaledActivation(nn.Module):
+    """``act(x) * beta`` with beta a Python number or a parameter (NFNet's blocks): a scaling, no gate."""
+
+    def __init__(self, beta: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=False)
+        self.beta = nn.Parameter(torch.tensor(0.5)) if beta == "parameter" else 0.5
+        self.head = nn.Linear(4, 5, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((torch.sigmoid(self.conv(x)) * self.beta).mean((2, 3)))
+
+
+@pytest.mark.parametrize("beta", ["number", "parameter"])
+def test_gates_constant_leaves_a_scaled_activation_alone(beta: str) -> None:
+    """Holding gates constant applies to products of two relevance-carrying factors: an activation scaled
+    by a constant is not gated, and its relevance is the one without ``gates_constant`` (it was zero: the
+    activation held constant as a gate)."""
+    torch.manual_seed(19)
+    model = ScaledActivation(beta).to(DTYPE).eval()
+    x = torch.randn(2, 3, 6, 6, dtype=DTYPE)
+    plain = lrpc.compile(model, rules="epsilon", backend="eager")(x)
+    gated = lrpc.compile(model, rules=lrpc.composite("epsilon", gates_constant=True), backend="eager")(x)
+    cp = lrpc.compile(model, rules="cp-lrp", backend="eager")(x, target=plain.target)
+    assert plain.relevance.abs().sum() > 0
+    assert rel_err(gated.relevance, plain.relevance) < 1e-12
+    assert cp.relevance.abs().sum() > 0
+
+
 def test_cp_lrp_lstm_step_by_hand() -> None:
     """One bias-free LSTM step from zero state under CP-LRP (gates constant, signal-take-all as in Arras
     et al. 2017): h = sig(o) * tanh(c), c = sig(i) * tanh(g), so R_h flows whole to g = W_g x and
