@@ -303,6 +303,9 @@ register_op(
     ],
     _spec(Family.SUM, frozen={"index"}),
 )
+# sampling at given coordinates (a spatial transformer, an optical-flow warp): linear in the sampled values;
+# the coordinates say where to look, like attention weights held constant, and get no relevance
+register_op(["grid_sampler_2d", "grid_sampler_3d"], _spec(Family.SUM, frozen={"grid"}))
 register_op(
     [
         "avg_pool1d", "avg_pool2d", "avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d",

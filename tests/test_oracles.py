@@ -617,6 +617,39 @@ def test_gates_constant_leaves_a_scaled_activation_alone(beta: str) -> None:
     assert cp.relevance.abs().sum() > 0
 
 
+class SpatialTransformer(nn.Module):
+    """Bias-free conv features sampled on an affine grid predicted from the input (``grid_sample``);
+    ``detach`` computes the grid from a detached input (the oracle: coordinates are constants)."""
+
+    def __init__(self, detach: bool = False) -> None:
+        super().__init__()
+        self.detach = detach
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.loc = nn.Linear(3, 6, bias=False)
+        self.head = nn.Linear(4, 5, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        source = x.detach() if self.detach else x
+        theta = self.loc(source.mean((2, 3))).view(-1, 2, 3) + torch.eye(2, 3, dtype=x.dtype)
+        grid = F.affine_grid(theta, [x.shape[0], 4, 6, 6], align_corners=False)
+        return self.head(F.grid_sample(self.conv(x), grid, align_corners=False).mean((2, 3)))
+
+
+@pytest.mark.parametrize("backend", ["eager", "interpret"])
+def test_grid_sampling_passes_relevance_to_the_sampled_values(backend: str) -> None:
+    """``grid_sample`` is linear in what it samples; its coordinates are constants (no relevance). So the
+    bias-free net is linear in its input given the grid: LRP-0 = gradient x input with the grid detached.
+    (It had no rule: RAFT's warps failed.)"""
+    torch.manual_seed(20)
+    model = SpatialTransformer().to(DTYPE).eval()
+    oracle = SpatialTransformer(detach=True).to(DTYPE).eval()
+    oracle.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 6, 6, dtype=DTYPE)
+    res = lrpc.compile(model, rules="lrp0", backend=backend)(x)
+    expected, _ = grad_x_input(oracle, x, res.target)
+    assert rel_err(res.relevance, expected) < 1e-10
+
+
 def test_cp_lrp_lstm_step_by_hand() -> None:
     """One bias-free LSTM step from zero state under CP-LRP (gates constant, signal-take-all as in Arras
     et al. 2017): h = sig(o) * tanh(c), c = sig(i) * tanh(g), so R_h flows whole to g = W_g x and
