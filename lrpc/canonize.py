@@ -145,9 +145,10 @@ def _chain(node: Any, limit: int = 12) -> list[fx.Node]:
         if node.target in _STATISTICS:
             break
         spec = lookup(node.target)
-        if node.target not in _FACTORIZATIONS and node.target is not operator.getitem and (
-            spec is None or spec.family not in _ELEMENTWISE
-        ):
+        factor = node.target in _FACTORIZATIONS or (
+            node.target is operator.getitem and getattr(node.args[0], "target", None) in _FACTORIZATIONS
+        )
+        if not factor and (spec is None or spec.family not in _ELEMENTWISE):
             break
         node = next((a for a in node.args if isinstance(a, fx.Node)), None)
     return out
