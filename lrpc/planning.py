@@ -158,7 +158,7 @@ def _is_int(node: fx.Node) -> bool:
 
 
 def frozen_args(
-    node: fx.Node, spec: OpSpec | None, gates_constant: bool = False, carry: set[fx.Node] | None = None
+    node: fx.Node, spec: OpSpec | None, carry: set[fx.Node], gates_constant: bool = False
 ) -> frozenset[str]:
     """Tensor arguments the node treats as constants: the op's own (a divisor, indices), normalizer
     statistics marked by canonicalization, and, under CP-LRP, an activated gate in ``act(g) * u`` where
@@ -168,7 +168,7 @@ def frozen_args(
     if (
         gates_constant
         and node.target is torch.ops.aten.mul.Tensor
-        and all(isinstance(a, fx.Node) and (a in carry if carry is not None else a.op == "call_function") for a in node.args[:2])
+        and all(isinstance(a, fx.Node) and a in carry for a in node.args[:2])
     ):
         gates = {name for name, arg in zip(("self", "other"), node.args) if _is_activation(arg)}
         if len(gates) == 2:  # LSTM: sigmoid(o) * tanh(c); the squashing-to-[0, 1] one is the gate
@@ -208,7 +208,7 @@ def carriers(
         if node.target in CONSTANT_OPS or (spec is not None and spec.family in constants):
             continue
         _, tensors = bind(node)
-        frozen = frozen_args(node, spec, gates_constant, carry)
+        frozen = frozen_args(node, spec, carry, gates_constant)
         live = [(name, t) for name, t in tensors if t in carry and name not in frozen]
         if not live:
             continue
@@ -300,7 +300,7 @@ def _relevant(
     node: fx.Node, spec: OpSpec | None, carry: set[fx.Node], gates_constant: bool = False
 ) -> tuple[dict[str, Any], list, list]:
     args, tensors = bind(node)
-    frozen = frozen_args(node, spec, gates_constant, carry)
+    frozen = frozen_args(node, spec, carry, gates_constant)
     # integers carry relevance only as data moved by routing ops and as embedding indices: an int mask
     # multiplied into float activations (Mamba) is a constant there
     ints = spec is not None and spec.family in (Family.ROUTE, Family.EMBEDDING)
