@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import math
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -161,6 +162,7 @@ class Attributor:
         self.cache_size = cache_size
         self.constants = (constants,) if isinstance(constants, str) else tuple(constants)
         self._cache: OrderedDict[tuple, list[Program]] = OrderedDict()
+        self._cache_lock = threading.Lock()  # the cache's order and counts, for calls from several threads
         self.stats = {"traces": 0, "hits": 0, "calls": 0}
         self._last: Program | None = None
         self._last_relevance: tuple[tuple[Tensor, ...], Tensor] | None = None  # summed by report(), not per call
@@ -192,7 +194,8 @@ class Attributor:
         program.timings["last_call"] = elapsed
         program.calls += 1
         program.backend = getattr(program.run, "backend", program.backend)  # "eager" after a fallback
-        self.stats["calls"] += 1
+        with self._cache_lock:
+            self.stats["calls"] += 1
         return self._result(program, tensors, outs)
 
     def program(self, *args: Any, target: Any = None, seed: str | None = None, **kwargs: Any) -> Program:
@@ -253,26 +256,43 @@ class Attributor:
     def _program(self, args: tuple, kwargs: dict, spec: TargetSpec) -> tuple[Program, list[Tensor], dict[str, int]]:
         """The program for this call, its tensors, and the sizes its dynamic dims take."""
         key, tensors = self._key(args, kwargs, spec)
-        for program in self._cache.get(key, []):
-            sizes = program.bind(tensors)
-            if sizes is not None:
-                self._cache.move_to_end(key)
-                self.stats["hits"] += 1
-                self._last = program
-                return program, tensors, sizes
+        found = self._cached(key, tensors)
+        if found is None:
+            with backends.COMPILE_LOCK:
+                found = self._cached(key, tensors)  # compiled by another thread while this one waited
+                if found is None:
+                    found = self._add(key, self._compile(args, kwargs, spec, tensors, self._dynamic(key)), tensors)
+        program, sizes = found
+        return program, tensors, sizes
+
+    def _dynamic(self, key: tuple) -> bool:
         # automatic dynamic shapes (torch.compile's default): sizes seen before under this signature did
-        # not fit, so this program takes any batch / sequence size
-        dynamic = self.dynamic if self.dynamic is not None else key in self._cache
-        program = self._compile(args, kwargs, spec, tensors, dynamic)
-        self._cache.setdefault(key, []).append(program)
-        self._cache.move_to_end(key)
-        while sum(len(v) for v in self._cache.values()) > self.cache_size:
-            oldest = next(iter(self._cache))
-            self._cache[oldest].pop(0)
-            if not self._cache[oldest]:
-                del self._cache[oldest]
-        self._last = program
-        return program, tensors, program.bind(tensors) or {}
+        # not fit, so the next program takes any batch / sequence size
+        return self.dynamic if self.dynamic is not None else key in self._cache
+
+    def _add(self, key: tuple, program: Program, tensors: list[Tensor]) -> tuple[Program, dict[str, int]]:
+        with self._cache_lock:
+            self._cache.setdefault(key, []).append(program)
+            self._cache.move_to_end(key)
+            while sum(len(v) for v in self._cache.values()) > self.cache_size:
+                oldest = next(iter(self._cache))
+                self._cache[oldest].pop(0)
+                if not self._cache[oldest]:
+                    del self._cache[oldest]
+            self._last = program
+        return program, program.bind(tensors) or {}
+
+    def _cached(self, key: tuple, tensors: list[Tensor]) -> tuple[Program, dict[str, int]] | None:
+        """A cached program these tensors fit, and the sizes its dynamic dims take."""
+        with self._cache_lock:
+            for program in self._cache.get(key, []):
+                sizes = program.bind(tensors)
+                if sizes is not None:
+                    self._cache.move_to_end(key)
+                    self.stats["hits"] += 1
+                    self._last = program
+                    return program, sizes
+        return None
 
     def _plan(self, traced: Traced) -> tuple[Traced, Plan]:
         """Canonicalize ``traced``'s graph and plan it. Where narrowing cut down a layer whose rule holds a

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -19,6 +20,11 @@ from .memory import reuse_buffers
 
 Backend = Callable[[fx.GraphModule], Callable[..., tuple]]
 _BACKENDS: dict[str, Backend] = {}
+
+#: Held while lrpc traces or compiles, from any thread. torch.export's tracing and Inductor's compiler keep
+#: process-wide state (export's pre-dispatch mode stack, Inductor's caches): two at once fail or collide.
+#: Running compiled programs does not take it, so one thread's first call does not stall another's cached call.
+COMPILE_LOCK = threading.RLock()
 
 AUTO = "auto"
 #: Runs the rules eagerly on real tensors without tracing: the reference, slow, for checking the others.
@@ -79,13 +85,16 @@ class _FirstCallFallback:
     def __call__(self, *args: object) -> tuple:
         if self._checked:
             return self.run(*args)
-        try:
-            out = self.run(*args)
-        except Exception as e:  # noqa: BLE001 - compile errors come in many types
-            out = self._gm(*args)  # a genuine error (bad input) raises here, from the reference
-            _warn_fallback(self.name, e)
-            self.name, self.run = "eager", self._gm
-        self._checked = True
+        with COMPILE_LOCK:  # one thread decides; the others then run what it chose
+            if self._checked:
+                return self.run(*args)
+            try:
+                out = self.run(*args)
+            except Exception as e:  # noqa: BLE001 - compile errors come in many types
+                out = self._gm(*args)  # a genuine error (bad input) raises here, from the reference
+                _warn_fallback(self.name, e)
+                self.name, self.run = "eager", self._gm
+            self._checked = True
         return out
 
 
@@ -155,6 +164,9 @@ def _compiled(gm: fx.GraphModule) -> Callable[..., tuple]:
     return torch.compile(gm.forward, backend="inductor", fullgraph=True, dynamic=None, options=options)
 
 
+_Layout = tuple[torch.dtype, torch.device, tuple[int, ...]] | None  # of one argument; None: not a tensor
+
+
 class _StaticInductor:
     """A program with static shapes compiled by Inductor directly (``torch._inductor.compile``), on its
     first call's inputs, and run without ``torch.compile``'s guards, which cost a tiny model's call about
@@ -168,30 +180,37 @@ class _StaticInductor:
 
     def __init__(self, gm: fx.GraphModule, options: dict) -> None:
         self._gm, self._options = gm, options
-        self._run: Callable[..., list] | None = None
-        self._layouts: list[tuple[torch.dtype, torch.device, tuple[int, ...]] | None] = []
+        self._compiled: tuple[Callable[..., list], list[_Layout]] | None = None  # code, and the layouts it takes
 
     def __call__(self, *args: object) -> tuple:
-        matched = self._matched(args) if self._run is not None else None
+        compiled = self._compiled
+        matched = self._matched(args, compiled[1]) if compiled is not None else None
         if matched is None:
-            matched = self._compile(args)
-        return tuple(self._run(*matched))  # type: ignore[misc]
+            compiled, matched = self._compile(args)
+        return tuple(compiled[0](*matched))
 
-    def _compile(self, args: tuple) -> tuple:
+    def _compile(self, args: tuple) -> tuple[tuple[Callable[..., list], list[_Layout]], tuple]:
         import torch._inductor  # loaded by the first compile, as torch.compile does
 
-        args = tuple(_standard_layout(a) for a in args)
-        # inference graph: no autograd bookkeeping for the parameters that require grad
-        with torch.no_grad(), _cacheable() as fake:
-            examples = [fake.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in args]
-            self._run = torch._inductor.compile(self._gm, examples, self._options)
-        self._layouts = [(a.dtype, a.device, a.stride()) if isinstance(a, torch.Tensor) else None for a in args]
-        return args
+        with COMPILE_LOCK:
+            # another thread may have compiled for these arguments while this one waited
+            compiled = self._compiled
+            if compiled is not None and (matched := self._matched(args, compiled[1])) is not None:
+                return compiled, matched
+            args = tuple(_standard_layout(a) for a in args)
+            # inference graph: no autograd bookkeeping for the parameters that require grad
+            with torch.no_grad(), _cacheable() as fake:
+                examples = [fake.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in args]
+                run = torch._inductor.compile(self._gm, examples, self._options)
+            layouts = [(a.dtype, a.device, a.stride()) if isinstance(a, torch.Tensor) else None for a in args]
+            self._compiled = run, layouts  # one assignment: a thread never sees code with another's layouts
+            return self._compiled, args
 
-    def _matched(self, args: tuple) -> tuple | None:
-        """``args`` in the compiled layouts, or ``None`` if one has another dtype or device."""
+    @staticmethod
+    def _matched(args: tuple, layouts: list[_Layout]) -> tuple | None:
+        """``args`` in the compiled ``layouts``, or ``None`` if one has another dtype or device."""
         out = None
-        for i, (a, layout) in enumerate(zip(args, self._layouts)):
+        for i, (a, layout) in enumerate(zip(args, layouts)):
             if layout is None:
                 continue
             dtype, device, stride = layout

@@ -19,6 +19,7 @@ marked slow).
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import pytest
@@ -229,6 +230,46 @@ def test_cache_is_bounded_and_least_recently_used() -> None:
     sequence(big)
     assert big.stats["traces"] == 3
     assert n_programs(big) == 3
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_calls_from_several_threads(backend: str) -> None:
+    """A server's threads share one attributor: their first calls compile one program (torch.export and
+    Inductor keep process-wide state; two traces at once fail), and a second attributor compiling at the
+    same time waits its turn instead of colliding."""
+    model, other = relu_net(), conv_net(nn.MaxPool2d(2), features=4 * 4 * 4)
+    xs = [torch.randn(3, 6) for _ in range(6)]
+    expected = [compile_eager(model)(x, target=1).relevance for x in xs]
+    shared, second = lrpc.compile(model, backend=backend), lrpc.compile(other, backend=backend)
+    start = threading.Barrier(len(xs) + 1)
+    results: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+
+    def explain(i: int) -> None:
+        start.wait()
+        try:
+            for _ in range(2):
+                results[i] = shared(xs[i], target=1).relevance
+        except BaseException as e:  # noqa: BLE001 - reported below, with the thread's error
+            errors.append(e)
+
+    def compile_second() -> None:
+        start.wait()
+        try:
+            second(torch.randn(2, 3, 8, 8))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=explain, args=(i,)) for i in range(len(xs))]
+    threads.append(threading.Thread(target=compile_second))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert shared.stats == {"traces": 1, "hits": 2 * len(xs) - 1, "calls": 2 * len(xs)}
+    for i, x in enumerate(expected):
+        torch.testing.assert_close(results[i], x)
 
 
 # --- the model is left alone ------------------------------------------------------------------------
