@@ -39,7 +39,7 @@ from .presets import resolve as resolve_preset
 from .report import Report
 from .targets import TargetSpec, index_tensor
 from .targets import parse as parse_target
-from .tracing import OutputSelector, Traced, module_path, trace
+from .tracing import OutputSelector, Traced, check_traceable, module_path, trace
 
 ON_UNSUPPORTED = ("error", "warn")
 DEFAULT_CONSTANTS = ("*mask*",)
@@ -141,6 +141,7 @@ class Attributor:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"lrpc.compile expects an nn.Module, got {type(model).__name__}")
+        check_traceable(model)
         if on_unsupported not in ON_UNSUPPORTED:
             raise LRPCError(f"on_unsupported must be one of {ON_UNSUPPORTED}, got {on_unsupported!r}")
         layers = () if layers is None else (layers,) if isinstance(layers, str) else tuple(layers)

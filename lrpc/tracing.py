@@ -255,6 +255,26 @@ def trace(
     return _traced(program, wrapper, tensor_names, time.perf_counter() - start)
 
 
+def check_traceable(model: nn.Module) -> None:
+    """Raise :class:`TraceError` for models that ``torch.export`` cannot trace whatever their inputs, at
+    ``lrpc.compile`` rather than with export's message about their internals at the first call."""
+    if isinstance(model, torch.jit.RecursiveScriptModule):
+        raise TraceError(
+            f"{type(model).__name__} is a TorchScript module (torch.jit.script), which torch.export cannot "
+            "trace: compile the nn.Module it was scripted from"
+        )
+    for path, module in model.named_modules():
+        if type(module).__module__.startswith(_QUANTIZED):
+            raise TraceError(
+                f"module '{path}' ({type(module).__module__}.{type(module).__name__}) is quantized: its packed "
+                "integer weights cannot be traced, and LRP's rules are defined on real-valued layers. Explain the "
+                "floating-point model it was quantized from"
+            )
+
+
+_QUANTIZED = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
+
+
 def _check_model_runs(wrapper: nn.Module, tensors: list[Tensor], names: list[str], model: nn.Module) -> None:
     """After export failed: if the model itself fails on these inputs, that is the error to report (a
     shape or dtype mismatch), not an export limitation."""

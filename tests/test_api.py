@@ -431,6 +431,21 @@ def test_eval_model_does_not_warn() -> None:
         a(torch.randn(2, 6))
 
 
+def test_models_export_cannot_trace_are_named_at_compile() -> None:
+    """TorchScript and quantized models fail inside torch.export with messages about its internals; lrpc
+    says what they are when they are compiled, before any call. Wrappers that export are explained as the
+    model they wrap."""
+    with pytest.raises(lrpc.TraceError, match=r"RecursiveScriptModule is a TorchScript module \(torch.jit.script\)"):
+        lrpc.compile(torch.jit.script(relu_net()))
+    quantized = torch.ao.quantization.quantize_dynamic(relu_net(), {nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(lrpc.TraceError, match=r"module '0' \(torch\.ao\.nn\.quantized\.dynamic\..*Linear\) is quantized"):
+        lrpc.compile(quantized)
+    x = torch.randn(2, 6)
+    expected = nonzero(compile_eager(relu_net())(x).relevance)
+    for wrapped in (torch.jit.trace(relu_net(), x), torch.compile(relu_net()), nn.DataParallel(relu_net())):
+        torch.testing.assert_close(compile_eager(wrapped)(x).relevance, expected)
+
+
 # --- unsupported ops: a torch.library custom op -------------------------------------------------------
 
 
