@@ -235,6 +235,11 @@ class Attributor:
             structure, constants = str(tree), []
             for x in leaves:
                 if not isinstance(x, Tensor):
+                    if hasattr(x, "__array__"):
+                        raise LRPCError(
+                            f"got a {type(x).__name__} argument: lrpc explains tensors; pass torch.from_numpy(x) "
+                            "(or torch.as_tensor) on the model's device"
+                        )
                     try:
                         hash(x)
                     except TypeError:

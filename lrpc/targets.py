@@ -1,7 +1,7 @@
 """Targets and seeds: which output the relevance pass starts from, and with how much relevance.
 
-``target`` selects output entries: ``None`` (each sample's arg max), an ``int``, a LongTensor with one
-index per sample, or a callable ``output -> seed`` for anything else. For sequence outputs ``(B, T, V)``
+``target`` selects output entries: ``None`` (each sample's arg max), an ``int``, one index per sample
+(a LongTensor, a list or a NumPy array), or a callable ``output -> seed`` for anything else. For sequence outputs ``(B, T, V)``
 an index selects a class at the last position. ``seed="logit"`` (default) puts in the selected output
 value, so input relevance sums to the logit up to what biases absorb (LXT, the LRP papers);
 ``seed="one"`` puts in 1.0 (Zennit, DynamicLRP).
@@ -9,6 +9,7 @@ value, so input relevance sums to the logit up to what biases absorb (LXT, the L
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
@@ -39,9 +40,17 @@ def parse(target: Any, seed: str) -> tuple[TargetSpec, Any]:
         return TargetSpec("argmax", seed), None
     if callable(target) and not isinstance(target, Tensor):
         return TargetSpec("callable", seed, target), None
-    if isinstance(target, bool) or not isinstance(target, (int, Tensor)):
+    if isinstance(target, numbers.Integral) and not isinstance(target, bool):  # NumPy's integers too
+        return TargetSpec("index", seed), int(target)
+    if not isinstance(target, Tensor) and (isinstance(target, (list, tuple)) or hasattr(target, "__array__")):
+        try:
+            target = torch.as_tensor(target)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise LRPCError(f"target: cannot read per-sample class indices from {type(target).__name__}: {e}") from e
+    if not isinstance(target, Tensor):
         raise LRPCError(
-            f"target must be None, an int, a LongTensor of per-sample indices or a callable, got {type(target).__name__}"
+            "target must be None, an int, per-sample class indices (a LongTensor, list or array) or a callable, "
+            f"got {type(target).__name__}"
         )
     return TargetSpec("index", seed), target
 

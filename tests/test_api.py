@@ -22,6 +22,7 @@ from __future__ import annotations
 import threading
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -814,6 +815,17 @@ def test_target_per_sample(lrp0) -> None:
     # a one-element tensor is broadcast over the batch
     res1 = a(x, target=torch.tensor([2]))
     torch.testing.assert_close(res1.relevance, a(x, target=2).relevance)
+    # lists, NumPy arrays and NumPy integers are read as indices too, with the same program
+    traces = a.stats["traces"]
+    for same in ([3, 0, 2, 1], (3, 0, 2, 1), index.numpy()):
+        torch.testing.assert_close(a(x, target=same).relevance, res.relevance)
+    torch.testing.assert_close(a(x, target=np.int64(2)).relevance, res1.relevance)
+    assert a.stats["traces"] == traces
+    for bad, message in (([0.5, 1.0, 2.0, 3.0], "integer class indices"), ([[1], [2, 3]], "cannot read")):
+        with pytest.raises(lrpc.LRPCError, match=message):
+            a(x, target=bad)
+    with pytest.raises(lrpc.LRPCError, match=r"ndarray argument: .*torch\.from_numpy"):
+        a(x.numpy())
 
 
 def test_target_callable_is_the_seed(lrp0) -> None:
