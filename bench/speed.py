@@ -533,10 +533,29 @@ def versions() -> str:
     out = [f"torch {torch.__version__}", f"Python {platform.python_version()}"]
     for pkg in ("lrpc", "torchvision", "transformers", "zennit", "lxt", "captum"):
         try:
-            out.append(f"{pkg} {md.version(pkg)}")
+            out.append(f"{pkg} {md.version(pkg)}" + (checkout() if pkg == "lrpc" else ""))
         except md.PackageNotFoundError:
             out.append(f"{pkg} not installed")
     return ", ".join(out)
+
+
+def checkout() -> str:
+    """`` (git <commit>)`` of the lrpc source the workers import (``+changes`` when its tracked files differ
+    from the commit, BENCHMARKS.md aside), or ``""`` outside a git checkout: the version alone does not say
+    which code was timed."""
+    import lrpc
+
+    root = str(Path(lrpc.__file__).resolve().parent.parent)
+    try:
+        git = ["git", "-C", root]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        changes = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no", "--", ".", ":!BENCHMARKS.md"],
+            capture_output=True, text=True, check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return f" (git {head.stdout.strip()}{' +changes' if changes.stdout.strip() else ''})"
 
 
 def overhead_table(args: argparse.Namespace, tmp: Path) -> list[str]:
