@@ -58,25 +58,28 @@ def choose(name: str) -> str:
 
 
 def build(name: str, gm: fx.GraphModule, *, fallback: bool) -> Callable[..., tuple]:
-    """The runnable program. With ``fallback`` (``backend="auto"``) a backend that cannot build or compile
-    the program (compiled backends compile on the first call) is replaced by the eager program, with a
-    warning: the result is never silently different, the eager program is the reference they match."""
-    if not fallback or name == "eager":
+    """The runnable program. Compiled backends compile on the first call, which holds :data:`COMPILE_LOCK`.
+    With ``fallback`` (``backend="auto"``) a backend that cannot build or compile the program is replaced by
+    the eager program, with a warning: the result is never silently different, the eager program is the
+    reference they match."""
+    if name == "eager":
         return get(name)(gm)
     try:
         compiled = get(name)(gm)
     except Exception as e:  # noqa: BLE001 - any build failure: run eagerly instead
+        if not fallback:
+            raise
         _warn_fallback(name, e)
-        return _FirstCallFallback("eager", gm, gm)
-    return _FirstCallFallback(name, compiled, gm)
+        return _FirstCall("eager", gm, gm, fallback=False)
+    return _FirstCall(name, compiled, gm, fallback=fallback)
 
 
-class _FirstCallFallback:
-    """Runs ``compiled``; if its first call fails where the eager program succeeds, warns and keeps
-    running the eager program. After a successful first call it is ``compiled`` alone."""
+class _FirstCall:
+    """Runs ``compiled``, its first call (the compile) under :data:`COMPILE_LOCK`. With ``fallback``, if
+    that call fails where the eager program succeeds, warns and keeps running the eager program."""
 
-    def __init__(self, name: str, compiled: Callable[..., tuple], gm: fx.GraphModule) -> None:
-        self.name, self.run, self._gm, self._checked = name, compiled, gm, False
+    def __init__(self, name: str, compiled: Callable[..., tuple], gm: fx.GraphModule, *, fallback: bool) -> None:
+        self.name, self.run, self._gm, self._fallback, self._checked = name, compiled, gm, fallback, False
 
     @property
     def backend(self) -> str:
@@ -85,12 +88,14 @@ class _FirstCallFallback:
     def __call__(self, *args: object) -> tuple:
         if self._checked:
             return self.run(*args)
-        with COMPILE_LOCK:  # one thread decides; the others then run what it chose
+        with COMPILE_LOCK:  # one thread compiles (or falls back); the others then run what it chose
             if self._checked:
                 return self.run(*args)
             try:
                 out = self.run(*args)
             except Exception as e:  # noqa: BLE001 - compile errors come in many types
+                if not self._fallback:
+                    raise
                 out = self._gm(*args)  # a genuine error (bad input) raises here, from the reference
                 _warn_fallback(self.name, e)
                 self.name, self.run = "eager", self._gm
