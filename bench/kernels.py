@@ -300,9 +300,11 @@ def main() -> None:
             sweeps += ["", *sweep(dtype, device, time_of, list(dict.fromkeys([linear[0], linear[-1]])))]
     lines += [
         "",
-        "vs Inductor: the Inductor-compiled reference's time over the kernel's (above 1: the kernel is faster). "
-        "Bandwidth: the least bytes the step moves over the kernel's time; a matmul kernel is bounded by "
-        "arithmetic rather than memory, so its TFLOP/s are given beside torch.mm's on the same matmul.",
+        (
+            "vs Inductor: the Inductor-compiled reference's time over the kernel's (above 1: the kernel is faster). "
+            "Bandwidth: the least bytes the step moves over the kernel's time; a matmul kernel is bounded by "
+            "arithmetic rather than memory, so its TFLOP/s are given beside torch.mm's on the same matmul."
+        ),
         *sweeps,
     ]
     text = "\n".join(lines)

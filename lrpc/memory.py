@@ -25,8 +25,7 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.fx as fx
-
+from torch import fx
 
 #: The most nodes one kept value may be rebuilt from (besides itself): a ReLU is one, a batch-norm-folded
 #: weight about five, GELU written out about eight.

@@ -13,9 +13,10 @@ Argument roles are given by the op schema's argument names, so one entry serves 
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -64,7 +65,7 @@ class OpSpec:
     negated: frozenset[str] = frozenset()  # arguments that enter the output with a minus sign
     dim: Callable[[Mapping[str, Any]], int] | None = None
     linearize: Callable[[Mapping[str, Any], Any], Callable[[Tensor], Tensor]] | None = None
-    rule: "Rule | None" = None  # a rule of this op's own (lrpc.register_rule), above any preset
+    rule: Rule | None = None  # a rule of this op's own (lrpc.register_rule), above any preset
     impl: Callable[..., Any] | None = None  # same math, written so that its VJP adds no shape guards
     product: str | None = None  # how it multiplies its factors (lrpc.rules.PRODUCT_KINDS), if it does
 
@@ -78,7 +79,7 @@ class OpSpec:
 
 
 _TABLE: dict[Any, OpSpec] = {}
-_USER_RULES: dict[Any, tuple["Rule", frozenset[str]]] = {}  # lrpc.register_rule: op -> (rule, frozen args)
+_USER_RULES: dict[Any, tuple[Rule, frozenset[str]]] = {}  # lrpc.register_rule: op -> (rule, frozen args)
 _version = 0  # bumped by every registration: part of the compile cache key
 
 
@@ -104,12 +105,12 @@ def register_op(ops: Any, spec: OpSpec) -> None:
     _version += 1
 
 
-def registered_rules() -> list["Rule"]:
+def registered_rules() -> list[Rule]:
     """The rules given to ops with :func:`register_rule`."""
     return [rule for rule, _ in _USER_RULES.values()]
 
 
-def register_rule(op: Any, rule: "Rule | None", *, frozen: tuple[str, ...] = ()) -> None:
+def register_rule(op: Any, rule: Rule | None, *, frozen: tuple[str, ...] = ()) -> None:
     """Use ``rule`` at every call of ``op`` (an aten overload, a packet, a name such as ``"tanh"``, a
     custom op), above any preset; ``rule=None`` removes it again (the preset decides, or, for an op lrpc
     does not know, it is unsupported again).

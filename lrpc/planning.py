@@ -10,13 +10,13 @@ from __future__ import annotations
 import operator
 import warnings
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.utils._pytree as pytree
-from torch import nn
+from torch import fx, nn
 
 from .canonize import ACTIVATION_META, FROZEN_META
 from .errors import LRPCError, RuleError, UnsupportedOperatorError

@@ -28,8 +28,9 @@ gradient, exactly as Zennit does; op families Zennit has no rule for get the ``"
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any
 
 from torch import nn
 

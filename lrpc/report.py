@@ -32,7 +32,7 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, model: nn.Module, program: "Program", conservation: tuple[Tensor, Tensor] | None) -> "Report":
+    def build(cls, model: nn.Module, program: Program, conservation: tuple[Tensor, Tensor] | None) -> Report:
         plan = program.plan
         rel, seed = (float(conservation[0]), float(conservation[1])) if conservation else (None, None)
         return cls(
@@ -63,8 +63,10 @@ class Report:
         lines = [
             f"lrpc report: {self.model}  (rules: {self.preset}, backend: {self.backend})",
             f"  inputs      {', '.join(self.inputs)}",
-            f"  graph       {self.nodes} nodes, {len(self.op_counts)} unique ops; "
-            f"{self.steps} carry relevance; {self.kept} forward values kept for the relevance pass",
+            (
+                f"  graph       {self.nodes} nodes, {len(self.op_counts)} unique ops; "
+                f"{self.steps} carry relevance; {self.kept} forward values kept for the relevance pass"
+            ),
             f"  coverage    {self.coverage:.2%} of relevance-carrying nodes have a real rule"
             + (f"; {len(self.fallbacks)} gradient fallbacks" if self.fallbacks else ""),
         ]

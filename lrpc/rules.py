@@ -10,8 +10,9 @@ program. Notation: ``x`` the inputs, ``z`` the output, ``J_i`` the Jacobian of `
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor

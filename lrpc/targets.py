@@ -10,8 +10,9 @@ value, so input relevance sums to the logit up to what biases absorb (LXT, the L
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor

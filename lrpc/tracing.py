@@ -11,13 +11,13 @@ import contextlib
 import inspect
 import math
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.utils._pytree as pytree
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
@@ -249,7 +249,7 @@ def trace(
             raise TraceError(_export_message(model, errors[-1])) from errors[-1]
         try:
             program = program.run_decompositions(decomposition_table())
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise TraceError(f"decomposing the exported graph of {type(model).__name__} failed: {e}") from e
     program.example_inputs = None  # the program is cached: it must not keep the first call's inputs alive
     return _traced(program, wrapper, tensor_names, time.perf_counter() - start)
@@ -280,7 +280,7 @@ def _check_model_runs(wrapper: nn.Module, tensors: list[Tensor], names: list[str
     shape or dtype mismatch), not an export limitation."""
     try:
         wrapper(*tensors)
-    except Exception as e:  # noqa: BLE001 - reported with the inputs' shapes
+    except Exception as e:  # reported with the inputs' shapes
         shapes = ", ".join(f"{n} {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for n, t in zip(names, tensors))
         raise LRPCError(f"{type(model).__name__} fails on the given inputs ({shapes}): {type(e).__name__}: {e}") from e
 
@@ -405,4 +405,4 @@ def _strip(path: str) -> str:
     if path == _WRAPPED or path.startswith("_empty_nn_module_stack"):
         return ""
     prefix = _WRAPPED + "."
-    return path[len(prefix) :] if path.startswith(prefix) else path
+    return path.removeprefix(prefix)

@@ -17,7 +17,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import lrpc  # noqa: E402
+import lrpc
 
 if importlib.util.find_spec("lrpc.kernels") is None:  # an editable install maps it already
     lrpc.__path__.append(str(Path(__file__).resolve().parents[1]))  # lrpc.kernels -> <checkout>/kernels

@@ -799,7 +799,7 @@ def test_target_none_is_the_argmax(lrp0) -> None:
 
 
 def test_target_int(lrp0) -> None:
-    model, x, a, out = lrp0
+    model, x, a, _out = lrp0
     for c in (0, 3):
         res = a(x, target=c)
         assert torch.equal(res.target, torch.full((4,), c))
@@ -807,7 +807,7 @@ def test_target_int(lrp0) -> None:
 
 
 def test_target_per_sample(lrp0) -> None:
-    model, x, a, out = lrp0
+    model, x, a, _out = lrp0
     index = torch.tensor([3, 0, 2, 1])
     res = a(x, target=index)
     assert torch.equal(res.target, index)
@@ -829,7 +829,7 @@ def test_target_per_sample(lrp0) -> None:
 
 
 def test_target_callable_is_the_seed(lrp0) -> None:
-    model, x, a, out = lrp0
+    _model, x, a, _out = lrp0
     index = torch.tensor([1, 1, 3, 0])
 
     def seed(output: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,7 @@ def test_factory_returning_model_and_call(capsys) -> None:
 def test_factory_returning_a_bare_model_needs_an_input_shape(capsys) -> None:
     code, _, err = run(capsys, "coverage", f"{__name__}:make_model")
     assert code == 2 and "--input" in err
-    code, out, _ = run(capsys, "coverage", f"{__name__}:make_model", "--input", "2", "4")
+    code, _out, _ = run(capsys, "coverage", f"{__name__}:make_model", "--input", "2", "4")
     assert code == 0
 
 
@@ -117,7 +117,7 @@ def test_unknown_models_are_clear_errors(capsys, spec: str) -> None:
         pytest.importorskip("torchvision")
     if spec.startswith("hf"):
         pytest.importorskip("transformers")
-    code, out, err = run(capsys, "coverage", spec)
+    code, _out, err = run(capsys, "coverage", spec)
     assert code == 2 and err.startswith("lrpc: error:") and "Traceback" not in err
 
 
@@ -182,7 +182,7 @@ def test_explain_bad_inputs_are_clear_errors(capsys, tmp_path, digit_files, inpu
     import re
 
     folder, _ = digit_files
-    code, out, err = run(capsys, "explain", "digits", *[str(folder / i) if "." in i else i for i in inputs], "--out", str(tmp_path))
+    code, _out, err = run(capsys, "explain", "digits", *[str(folder / i) if "." in i else i for i in inputs], "--out", str(tmp_path))
     assert code == 2 and re.search(message, err) and "Traceback" not in err, err
 
 
@@ -200,7 +200,7 @@ def test_explain_text_with_a_local_hugging_face_folder(capsys, tmp_path) -> None
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     out = tmp_path / "out"
-    code, stdout, err = run(
+    code, _stdout, err = run(
         capsys, "explain", f"hf:{tmp_path / 'model'}", "the cat sat on the mat", "a dog", "--rules", "attnlrp",
         "--backend", "eager", "--out", str(out),
     )

@@ -7,13 +7,12 @@ import operator
 
 import pytest
 import torch
-import torch.fx as fx
-from torch import nn
+from torch import fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import lrpc
 import lrpc.codegen
-from lrpc.memory import reuse_buffers, rematerialize
+from lrpc.memory import rematerialize, reuse_buffers
 
 aten = torch.ops.aten
 

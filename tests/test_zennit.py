@@ -16,10 +16,10 @@ import lrpc
 from lrpc.rules import AlphaBeta, Epsilon, Flat, Gamma, WSquare, ZBox, ZPlus
 
 zennit = pytest.importorskip("zennit")
-from zennit import rules as zrules  # noqa: E402
-from zennit.canonizers import SequentialMergeBatchNorm  # noqa: E402
-from zennit.composites import EpsilonAlpha2Beta1, EpsilonGammaBox, EpsilonPlusFlat  # noqa: E402
-from zennit.torchvision import ResNetCanonizer  # noqa: E402
+from zennit import rules as zrules
+from zennit.canonizers import SequentialMergeBatchNorm
+from zennit.composites import EpsilonAlpha2Beta1, EpsilonGammaBox, EpsilonPlusFlat
+from zennit.torchvision import ResNetCanonizer
 
 D = torch.float64
 
@@ -95,7 +95,7 @@ def test_zplus_and_flat_by_hand() -> None:
         layer.bias.copy_(torch.tensor([0.5]))
     x = torch.tensor([[1.0, 3.0]], dtype=D)
     seed = torch.tensor([[4.0]], dtype=D)
-    run = lambda rule: lrpc.compile(  # noqa: E731
+    run = lambda rule: lrpc.compile(
         nn.Sequential(layer).eval(), rules=lrpc.composite("epsilon", {nn.Linear: rule}), backend="eager"
     )(x, target=lambda out: seed).relevance
     # z+: x+ = [1, 3], W+ = [2, 0], b+ = 0.5 -> z+ = 2.5; R = x+ W+ R / z+ = [2*4/2.5, 0]

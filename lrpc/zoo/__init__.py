@@ -10,8 +10,8 @@ True
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 
@@ -78,4 +78,4 @@ def build(name: str) -> Built:
     return get(name).build()
 
 
-__all__ = ["ZooModel", "register", "entries", "names", "get", "build", "Built"]
+__all__ = ["Built", "ZooModel", "build", "entries", "get", "names", "register"]
