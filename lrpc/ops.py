@@ -68,14 +68,15 @@ class OpSpec:
     rule: Rule | None = None  # a rule of this op's own (lrpc.register_rule), above any preset
     impl: Callable[..., Any] | None = None  # same math, written so that its VJP adds no shape guards
     product: str | None = None  # how it multiplies its factors (lrpc.rules.PRODUCT_KINDS), if it does
+    # the family of one call from its arguments, where they decide it (a transposed convolution, an
+    # index_put that accumulates): ``family`` is then the op's family when nothing is known of the call
+    family_of: Callable[[Mapping[str, Any]], Family] | None = None
 
     def family_for(self, relevant_args: set[str], args: Mapping[str, Any]) -> Family:
         """The family of one call, given which arguments carry relevance."""
         if self.factors and len(self.factors & relevant_args) > 1:
             return Family.PRODUCT
-        if self.family is Family.CONV and args.get("transposed"):
-            return Family.CONV_TRANSPOSE
-        return self.family
+        return self.family_of(args) if self.family_of is not None else self.family
 
 
 _TABLE: dict[Any, OpSpec] = {}
@@ -198,7 +199,7 @@ VALUE_MOVING_OPS = _existing(
      "slice.Tensor", "select.int", "cat.default",
      "max_pool1d.default", "max_pool2d.default", "max_pool3d.default",
      "max_pool2d_with_indices.default", "max_pool3d_with_indices.default",
-     "adaptive_max_pool1d.default", "adaptive_max_pool2d.default")
+     "adaptive_max_pool1d.default", "adaptive_max_pool2d.default", "adaptive_max_pool3d.default")
 )
 #: Ops whose output is non-negative when every tensor input is: they move, select, pool or average values.
 SIGN_PRESERVING_OPS = VALUE_MOVING_OPS | _existing(
@@ -243,15 +244,55 @@ def _copy(self: Tensor, src: Tensor, non_blocking: bool = False) -> Tensor:
 register_op("copy", _spec(Family.ROUTE, frozen={"self"}, impl=_copy))
 register_op(["index", "_unsafe_index"], _spec(Family.ROUTE, frozen={"indices"}))
 register_op(["index_select", "gather"], _spec(Family.ROUTE, frozen={"index"}))
-register_op(["index_put", "_unsafe_index_put"], _spec(Family.ROUTE, frozen={"indices"}))
-register_op(["scatter"], _spec(Family.ROUTE, frozen={"index"}))
+# an index_put that accumulates adds its values in (index_add and F.fold decompose to it): a sum, whose
+# routed VJP would hand each value the whole relevance of the element it was added to
+register_op(
+    ["index_put", "_unsafe_index_put"],
+    _spec(Family.ROUTE, frozen={"indices"}, family_of=lambda a: Family.SUM if a.get("accumulate") else Family.ROUTE),
+)
+register_op(["scatter.src", "scatter.value"], _spec(Family.ROUTE, frozen={"index"}))
+_REDUCE_FAMILY = {
+    "sum": Family.SUM, "add": Family.SUM, "mean": Family.SUM,
+    "amax": Family.ROUTE, "amin": Family.ROUTE,
+    "prod": Family.GRADIENT, "multiply": Family.GRADIENT,
+}
+
+
+def _reduce_family(args: Mapping[str, Any]) -> Family:
+    return _REDUCE_FAMILY[args["reduce"]]
+
+
+def _scatter_reduce(
+    self: Tensor, dim: int, index: Tensor, src: Tensor | float, reduce: str, *, value: bool = False
+) -> Tensor:
+    """``aten.scatter(..., reduce=)``, which autograd cannot differentiate, as the ``scatter_reduce`` it
+    equals (``self`` included), which it can."""
+    if value:
+        src = torch.full(index.shape, src, dtype=self.dtype, device=self.device)
+    return self.scatter_reduce(dim, index, src, {"add": "sum", "multiply": "prod"}[reduce])
+
+
+register_op(
+    "scatter.reduce", _spec(Family.SUM, frozen={"index"}, family_of=_reduce_family, impl=_scatter_reduce)
+)
+register_op(
+    "scatter.value_reduce",
+    _spec(
+        Family.SUM,
+        frozen={"index"},
+        family_of=_reduce_family,
+        impl=lambda self, dim, index, value, reduce: _scatter_reduce(self, dim, index, value, reduce, value=True),
+    ),
+)
+# sum and mean split relevance over what was reduced; amax / amin route it to the winner
+register_op(["scatter_reduce", "index_reduce"], _spec(Family.SUM, frozen={"index"}, family_of=_reduce_family))
 register_op(["where"], _spec(Family.ROUTE, frozen={"condition"}))
 register_op(["masked_fill"], _spec(Family.ROUTE, frozen={"mask"}))
 # Winner-take-all: the gradient of a max goes to the arg max.
 register_op(
     [
         "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices", "amax", "amin", "max", "min", "maximum",
-        "minimum", "topk", "sort", "adaptive_max_pool2d", "adaptive_max_pool1d", "fmax", "fmin",
+        "minimum", "topk", "sort", "adaptive_max_pool2d", "adaptive_max_pool1d", "adaptive_max_pool3d", "fmax", "fmin",
     ],
     _spec(Family.ROUTE),
 )
@@ -288,7 +329,15 @@ register_op(
 register_op(["mm", "bmm"], _spec(Family.LINEAR, factors={"self", "mat2"}, product="matmul"))
 register_op("addmm", _spec(Family.LINEAR, factors={"mat1", "mat2"}, bias={"self"}, product="matmul"))
 register_op("baddbmm", _spec(Family.LINEAR, factors={"batch1", "batch2"}, bias={"self"}, product="matmul"))
-register_op("convolution", _spec(Family.CONV, factors={"input", "weight"}, bias={"bias"}))
+register_op(
+    "convolution",
+    _spec(
+        Family.CONV,
+        factors={"input", "weight"},
+        bias={"bias"},
+        family_of=lambda a: Family.CONV_TRANSPOSE if a.get("transposed") else Family.CONV,
+    ),
+)
 register_op("mul", _spec(Family.SCALE, factors={"self", "other"}, product="elementwise"))
 # The divisor is treated as a normalizing constant: relevance flows to the numerator only.
 register_op("div", _spec(Family.SCALE, frozen={"other"}))
@@ -300,6 +349,7 @@ register_op(
     [
         "add", "sum", "mean", "cumsum", "scatter_add", "index_add",
         "upsample_bilinear2d", "upsample_linear1d", "upsample_trilinear3d", "upsample_bicubic2d",
+        "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa",
         "col2im", "im2col", "trace",
     ],
     _spec(Family.SUM, frozen={"index"}),

@@ -1,7 +1,8 @@
 """lrpc against oracles that could disagree with it.
 
-* LRP-0 on bias-free ReLU networks (MLP; CNN with max pooling; residual block) against gradient x input
-  from ``torch.autograd``, for both seeds;
+* LRP-0 on bias-free ReLU networks (MLP; CNN with max pooling; residual block; a loop writing in place;
+  graph message passing with scatter / index aggregations) against gradient x input from
+  ``torch.autograd``, for both seeds;
 * end-to-end conservation on bias-free networks (LRP-0 and the epsilon preset);
 * a two-layer network with small integer weights, its relevance worked out by hand;
 * every rule against its written equation (DESIGN.md, "Rules: the reference equations"), on single layers
@@ -140,20 +141,48 @@ class InPlaceWrites(nn.Module):
         return self.fc(torch.flatten(out, 1))
 
 
+class MessagePassing(nn.Module):
+    """Graph-network aggregations of messages along fixed edges: ``index_add`` (which torch.export turns
+    into an accumulating ``index_put``), mean and max by ``scatter_reduce``, min by ``index_reduce``. The
+    sums and means divide by stab(z): each is marked with an ``Identity`` (hooks read them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4, bias=False)
+        self.sum_join, self.mean_join = nn.Identity(), nn.Identity()
+        self.joins = nn.ModuleList(nn.Identity() for _ in range(3))
+        self.fc = nn.Linear(5 * 4, 5, bias=False)
+        self.register_buffer("src", torch.tensor([0, 1, 2, 3, 4, 0, 2, 2]))
+        self.register_buffer("dst", torch.tensor([1, 2, 3, 4, 0, 2, 2, 3]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        messages = F.relu(self.lin(x))[:, self.src]
+        to = self.dst.view(1, -1, 1).expand_as(messages)
+        empty = torch.zeros_like(x)
+        total = self.sum_join(empty.index_add(1, self.dst, messages))
+        mean = self.mean_join(empty.scatter_reduce(1, to, messages, "mean", include_self=False))
+        largest = empty.scatter_reduce(1, to, messages, "amax", include_self=False)
+        smallest = empty.index_reduce(1, self.dst, messages, "amin", include_self=False)
+        h = self.joins[2](self.joins[1](self.joins[0](total + mean) + largest) + smallest)
+        return self.fc(torch.flatten(F.relu(h), 1))
+
+
 def _net(name: str) -> tuple[nn.Module, torch.Tensor]:
-    torch.manual_seed({"mlp": 1, "cnn": 2, "residual": 3, "in-place": 4}[name])
+    torch.manual_seed({"mlp": 1, "cnn": 2, "residual": 3, "in-place": 4, "messages": 5}[name])
     if name == "mlp":
         model, x = MLP(), torch.randn(6, 10)
     elif name == "cnn":
         model, x = CNN(), torch.randn(6, 3, 12, 12)
     elif name == "in-place":
         model, x = InPlaceWrites(), torch.randn(6, 3, 4)
+    elif name == "messages":
+        model, x = MessagePassing(), torch.randn(6, 5, 4)
     else:
         model, x = ResidualBlock(), torch.randn(6, 3, 6, 6)
     return kaiming(model).to(DTYPE).eval(), x.to(DTYPE)
 
 
-NETS = ["mlp", "cnn", "residual", "in-place"]
+NETS = ["mlp", "cnn", "residual", "in-place", "messages"]
 #: Different classes across the batch (all 5 classes used).
 TARGETS = torch.tensor([0, 3, 1, 4, 2, 3])
 
@@ -265,7 +294,7 @@ def test_epsilon_deficit_is_first_order_in_eps(nets, name: str) -> None:
     res = explain(nets, name, "epsilon")
     logits, outs = _stabilized_outputs(model, x)
     logit = logits.gather(1, TARGETS[:, None]).squeeze(1)
-    assert len(outs) == {"mlp": 3, "cnn": 3, "residual": 5, "in-place": 7}[name]
+    assert len(outs) == {"mlp": 3, "cnn": 3, "residual": 5, "in-place": 7, "messages": 7}[name]
     grads = torch.autograd.grad(logit.sum(), outs)
     # z_j = 0 exactly (a running sum of ReLUs that are all 0) receives R_j = 0 and loses nothing: sign 0
     predicted = eps * sum((torch.sign(z) * g).flatten(1).sum(1) for z, g in zip(outs, grads))
@@ -648,6 +677,54 @@ def test_grid_sampling_passes_relevance_to_the_sampled_values(backend: str) -> N
     res = lrpc.compile(model, rules="lrp0", backend=backend)(x)
     expected, _ = grad_x_input(oracle, x, res.target)
     assert rel_err(res.relevance, expected) < 1e-10
+
+
+class Resampling(nn.Module):
+    """A bias-free conv, then one of the ops below, then a bias-free linear head."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.head = nn.LazyLinear(5, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv(x))
+        if self.op in ("bilinear", "bicubic"):  # antialiased: its own aten ops
+            h = F.interpolate(h, scale_factor=0.5, mode=self.op, antialias=True)
+        elif self.op == "fold":  # overlapping patches summed back (aten.col2im: an accumulating index_put)
+            h = F.fold(F.unfold(h, 3, padding=1), h.shape[-2:], 3, padding=1)
+        elif self.op == "adaptive_max_pool3d":
+            h = F.adaptive_max_pool3d(h.unsqueeze(1), (2, 3, 3))
+        elif self.op == "scatter_add":  # scatter(reduce="add"): no derivative in autograd
+            index = torch.arange(h.shape[1]).remainder(2).view(1, -1, 1, 1).expand_as(h)
+            h = torch.zeros_like(h[:, :2]).scatter(1, index, h, reduce="add")
+        elif self.op == "scatter_reduce_sum":  # the same, written so that autograd can give the oracle
+            index = torch.arange(h.shape[1]).remainder(2).view(1, -1, 1, 1).expand_as(h)
+            h = torch.zeros_like(h[:, :2]).scatter_reduce(1, index, h, "sum")
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.filterwarnings("ignore:The reduce argument of torch.scatter")
+@pytest.mark.parametrize("backend", ["eager", "interpret"])
+@pytest.mark.parametrize("op", ["bilinear", "bicubic", "fold", "adaptive_max_pool3d", "scatter_add"])
+def test_lrp0_through_resampling_and_scatter_ops(op: str, backend: str) -> None:
+    """Linear resampling and winner-take-all pooling keep LRP-0 = gradient x input on a bias-free ReLU net.
+    (Antialiased interpolation, adaptive_max_pool3d and scatter with reduce had no rule; F.fold routed the
+    relevance of each output element to every patch value summed into it.)"""
+    torch.manual_seed(21)
+    x = torch.randn(2, 3, 6, 6, dtype=DTYPE)
+    model = Resampling(op)
+    model(x.float())  # sizes the lazy head
+    model = model.to(DTYPE).eval()
+    oracle = model
+    if op == "scatter_add":
+        oracle = Resampling("scatter_reduce_sum").to(DTYPE).eval()
+        oracle.load_state_dict(model.state_dict())
+    res = lrpc.compile(model, rules="lrp0", backend=backend)(x)
+    expected, logits = grad_x_input(oracle, x, res.target)
+    assert rel_err(res.relevance, expected) < 1e-10
+    torch.testing.assert_close(res.relevance.flatten(1).sum(1), logits, rtol=1e-10, atol=1e-12)
 
 
 def test_cp_lrp_lstm_step_by_hand() -> None:
