@@ -143,17 +143,19 @@ def bind(node: fx.Node) -> tuple[dict[str, Any], list[tuple[str, fx.Node]]]:
 
 
 def _is_float(node: fx.Node) -> bool:
+    """Whether ``node`` holds real or complex values (an FFT's spectrum carries relevance as far as an op
+    without a rule, which is then reported, rather than ending it as a constant)."""
     val = node.meta.get("val")
-    if isinstance(val, (tuple, list)):
-        return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in val)
-    return isinstance(val, torch.Tensor) and val.is_floating_point()
+    vals = val if isinstance(val, (tuple, list)) else [val]
+    return any(isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()) for v in vals)
 
 
 def _is_int(node: fx.Node) -> bool:
     val = node.meta.get("val")
     vals = val if isinstance(val, (tuple, list)) else [val]
     return any(
-        isinstance(v, torch.Tensor) and not v.is_floating_point() and v.dtype != torch.bool for v in vals
+        isinstance(v, torch.Tensor) and not (v.is_floating_point() or v.is_complex()) and v.dtype != torch.bool
+        for v in vals
     )
 
 
@@ -217,6 +219,10 @@ def carriers(
         elif _is_float(node) and any(_is_float(t) for _, t in live):
             carry.add(node)
         elif _is_int(node) and spec is not None and spec.family is Family.ROUTE:
+            carry.add(node)
+        elif spec is None and _is_float(node):
+            # an op without a rule that turns token ids into values (an embedding bag): carried, so that
+            # planning reports it, rather than a constant that silently absorbs the ids' share
             carry.add(node)
     return carry
 

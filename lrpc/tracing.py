@@ -92,6 +92,48 @@ def _like_query(out: Tensor, query: Tensor) -> Tensor:
     return out.contiguous()
 
 
+_EMBEDDING_BAG_SUM, _EMBEDDING_BAG_MEAN, _EMBEDDING_BAG_MAX = 0, 1, 2
+
+
+def embedding_bag(
+    weight: Tensor,
+    indices: Tensor,
+    offsets: Tensor,
+    scale_grad_by_freq: bool = False,
+    mode: int = 0,
+    sparse: bool = False,
+    per_sample_weights: Tensor | None = None,
+    include_last_offset: bool = False,
+    padding_idx: int = -1,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """lrpc's decomposition of ``aten._embedding_bag`` (``nn.EmbeddingBag``): an embedding lookup, then a
+    per-bag sum (``index_add``), mean or max (``scatter_reduce``), whose rules exist: each id then gets the
+    relevance of its row's share in its bag, as with ``nn.Embedding`` and a sum over the bag. Only the
+    first output (the bags) is meant to be read; the others have the op's shapes."""
+    n, dim = indices.shape[0], weight.shape[1]
+    bags = offsets.shape[0] - (1 if include_last_offset else 0)
+    # the bag of each index: how many bags start at or before its position (after the first)
+    starts = offsets[1:bags]
+    marks = torch.zeros(n + 1, dtype=offsets.dtype, device=offsets.device).index_add(0, starts, torch.ones_like(starts))
+    offset2bag = marks[:n].cumsum(0)
+    # padded ids are left out of their bags: they go to one more bag, which is dropped
+    into = offset2bag if padding_idx < 0 else torch.where(indices == padding_idx, bags, offset2bag)
+    rows = torch.nn.functional.embedding(indices, weight)
+    if per_sample_weights is not None:
+        rows = rows * per_sample_weights.unsqueeze(-1)
+    bag_size = torch.zeros(bags + 1, dtype=offsets.dtype, device=offsets.device).index_add(
+        0, into, torch.ones_like(into)
+    )[:bags]
+    empty = weight.new_zeros(bags + 1, dim)
+    if mode == _EMBEDDING_BAG_MAX:
+        out = empty.scatter_reduce(0, into.unsqueeze(-1).expand(n, dim), rows, "amax", include_self=False)[:bags]
+        return out, offset2bag, bag_size, torch.zeros(bags, dim, dtype=offsets.dtype, device=offsets.device)
+    out = empty.index_add(0, into, rows)[:bags]
+    if mode == _EMBEDDING_BAG_MEAN:
+        out = out / bag_size.clamp(min=1).unsqueeze(-1).to(out.dtype)
+    return out, offset2bag, bag_size, torch.zeros_like(bag_size)
+
+
 def decomposition_table() -> dict:
     """The table passed to ``ExportedProgram.run_decompositions``."""
     table = torch.export.default_decompositions()
@@ -99,6 +141,8 @@ def decomposition_table() -> dict:
         if op in table:
             del table[op]
     table[aten.scaled_dot_product_attention.default] = scaled_dot_product_attention
+    table[aten._embedding_bag.default] = embedding_bag
+    table[aten._embedding_bag_forward_only.default] = embedding_bag
     return table
 
 

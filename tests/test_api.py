@@ -531,6 +531,40 @@ def test_unsupported_op_error_names_op_node_and_module() -> None:
     assert "register_rule" in message and "on_unsupported" in message
 
 
+if not hasattr(torch.ops.lrpctest, "hashed"):
+
+    @torch.library.custom_op("lrpctest::hashed", mutates_args=(), device_types="cpu")
+    def _hashed(ids: torch.Tensor) -> torch.Tensor:
+        """Token ids to features by an op lrpc has no rule for (a hashing trick)."""
+        return torch.stack([torch.sin(ids * 1.0), torch.cos(ids * 1.0)], -1).sum(1)
+
+    @_hashed.register_fake
+    def _(ids: torch.Tensor) -> torch.Tensor:
+        return ids.new_empty(ids.shape[0], 2, dtype=torch.float32)
+
+
+class TokensAndSpectrum(nn.Module):
+    """Token ids through the op above, or an input's spectrum (complex values), beside a dense input."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.path == "ids":
+            return self.fc(x + torch.ops.lrpctest.hashed(ids))
+        return self.fc(x + torch.view_as_real(torch.fft.fft(x, dim=-1))[..., 0])
+
+
+@pytest.mark.parametrize("path, op", [("ids", "lrpctest.hashed"), ("spectrum", "aten.view_as_real")])
+def test_ops_without_rules_are_reported_on_token_ids_and_complex_values(path: str, op: str) -> None:
+    """Such an op counted as a constant, not as unsupported: its share of the relevance vanished without an
+    error (nn.EmbeddingBag before it had a rule, torch.fft)."""
+    with pytest.raises(lrpc.UnsupportedOperatorError, match=op.replace(".", r"\.")):
+        compile_eager(TokensAndSpectrum(path).eval())(torch.randn(2, 2), torch.randint(0, 9, (2, 4)))
+
+
 def test_unsupported_op_warn_falls_back_to_the_gradient() -> None:
     model = WithOp(torch.ops.lrpctest.weird).eval()
     x = torch.randn(3, 6)

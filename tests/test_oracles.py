@@ -1032,3 +1032,82 @@ def test_relevance_dead_below_zero_not_claimed_through_grouped_activations(monke
     on = a(x).relevance
     monkeypatch.setattr(planning, "_relevance_dead", lambda node, ctx, negative: False)
     assert rel_err(on, lrpc.compile(model, rules=rules_, backend="eager")(x).relevance) < 1e-12
+
+
+class Bags(nn.Module):
+    """A recommender's sparse features: ``nn.EmbeddingBag`` ids beside a dense input, then a bias-free head.
+    With ``starts`` (the bags' offsets as Python numbers) the same bags are written with ``nn.Embedding``
+    and a reduction per bag: the oracle, lrpc's per-token relevance through an embedding and a sum, mean
+    or max. ``starts=[]`` with (B, L) ids: one bag per row."""
+
+    def __init__(self, mode: str, starts: list[int] | None = None, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.mode, self.starts = mode, starts
+        loop = starts is not None
+        self.bag = nn.Embedding(10, 4, padding_idx=padding_idx) if loop else nn.EmbeddingBag(10, 4, mode=mode, padding_idx=padding_idx)
+        self.dense = nn.Linear(3, 4, bias=False)
+        self.head = nn.Linear(4, 5, bias=False)
+
+    def forward(self, dense, ids, offsets=None, weights=None):
+        if self.starts is None:
+            bags = self.bag(ids, offsets, per_sample_weights=weights)
+        else:
+            rows = self.bag(ids)
+            if weights is not None:
+                rows = rows * weights.unsqueeze(-1)
+            if ids.dim() == 2:
+                if self.bag.padding_idx is not None:  # left out of their bag (the data has no all-padding bag)
+                    pad = (ids == self.bag.padding_idx).unsqueeze(-1)
+                    fill = float("-inf") if self.mode == "max" else 0.0
+                    rows = rows.masked_fill(pad, fill)
+                    if self.mode == "mean":
+                        return self.head(F.relu(self.dense(dense)) + rows.sum(1) / (~pad).sum(1))
+                parts = list(rows.unbind(0))
+            else:
+                ends = [*self.starts[1:], ids.shape[0]]
+                parts = [rows[a:b] for a, b in zip(self.starts, ends)]
+            reduce = {"sum": lambda r: r.sum(0), "mean": lambda r: r.mean(0), "max": lambda r: r.amax(0)}[self.mode]
+            bags = torch.stack([reduce(p) if len(p) else p.new_zeros(p.shape[-1]) for p in parts])
+        return self.head(F.relu(self.dense(dense)) + bags)
+
+
+@pytest.mark.parametrize("backend", ["eager", "interpret"])
+@pytest.mark.parametrize(
+    "mode, layout",
+    [(m, layout) for m in ("sum", "mean", "max") for layout in ("rows", "offsets", "padding")] + [("sum", "weighted")],
+)
+def test_embedding_bag_ids_get_their_rows_relevance(mode: str, layout: str, backend: str) -> None:
+    """``nn.EmbeddingBag`` gives each id the relevance of its row's share in the bag, as the same bags written
+    with ``nn.Embedding`` and a sum / mean / max do; bias-free, LRP-0 conserves the logit over the dense input
+    and the ids. (The bag op had no rule and counted as a constant: the ids got nothing, their share vanished.)
+    Per-sample weights exist for mode "sum" only."""
+    torch.manual_seed(22)
+    padding = 0 if layout == "padding" else None
+    dense = torch.randn(3, 3, dtype=DTYPE)
+    kwargs: dict[str, torch.Tensor] = {}
+    starts: list[int] = []
+    if layout in ("rows", "padding"):
+        ids = torch.tensor([[1, 4, 0], [7, 7, 2], [0, 3, 9]])
+    else:  # flat ids with offsets: bags of 3, 0 (empty) and 4 ids
+        ids, starts = torch.tensor([1, 4, 0, 7, 2, 3, 9]), [0, 3, 3]
+        kwargs["offsets"] = torch.tensor(starts)
+        if layout == "weighted":
+            kwargs["weights"] = torch.rand(7, dtype=DTYPE) + 0.5
+    model = Bags(mode, padding_idx=padding).to(DTYPE).eval()
+    oracle = Bags(mode, starts=starts, padding_idx=padding).to(DTYPE).eval()
+    oracle.load_state_dict(model.state_dict())
+    constants = ["offsets", "weights"]
+    res = lrpc.compile(model, rules="lrp0", backend=backend, constants=constants)(dense, ids, **kwargs)
+    weights = {"weights": kwargs["weights"]} if "weights" in kwargs else {}
+    expected = lrpc.compile(oracle, rules="lrp0", backend="eager", constants=constants)(
+        dense, ids, **weights, target=res.target
+    )
+    torch.testing.assert_close(res.output, model(dense, ids, **kwargs).detach())
+    torch.testing.assert_close(res.output, expected.output)
+    assert set(res.inputs) == {"dense", "ids"}
+    assert rel_err(res.inputs["ids"], expected.inputs["ids"]) < 1e-10
+    assert rel_err(res.inputs["dense"], expected.inputs["dense"]) < 1e-10
+    logits = res.output.gather(1, res.target[:, None]).squeeze(1)
+    torch.testing.assert_close(
+        res.inputs["dense"].sum() + res.inputs["ids"].sum(), logits.sum(), rtol=1e-10, atol=1e-12
+    )
