@@ -66,7 +66,7 @@ def build(name: str, gm: fx.GraphModule, *, fallback: bool) -> Callable[..., tup
         return get(name)(gm)
     try:
         compiled = get(name)(gm)
-    except Exception as e:  # noqa: BLE001 - any build failure: run eagerly instead
+    except Exception as e:  # any build failure: run eagerly instead
         if not fallback:
             raise
         _warn_fallback(name, e)
@@ -93,7 +93,7 @@ class _FirstCall:
                 return self.run(*args)
             try:
                 out = self.run(*args)
-            except Exception as e:  # noqa: BLE001 - compile errors come in many types
+            except Exception as e:  # compile errors come in many types
                 if not self._fallback:
                     raise
                 out = self._gm(*args)  # a genuine error (bad input) raises here, from the reference
@@ -139,7 +139,17 @@ def get(name: str) -> Backend:
 def _eager(gm: fx.GraphModule) -> Callable[..., tuple]:
     """Run the generated program node by node, one aten call each; pointwise ops write into operands that
     die at them (:func:`lrpc.memory.reuse_buffers`, on a copy: ``gm`` stays as generated)."""
-    return _rewritten(gm, reuse_buffers)
+    return _rewritten(gm, lambda graph: reuse_buffers(_reshaping_views(graph)))
+
+
+def _reshaping_views(graph: fx.Graph) -> fx.Graph:
+    """``view`` as ``reshape`` (in place; returns ``graph``): a view is traced where the fake tensors' strides
+    allow it, and a kernel may return other strides than its fake kernel says (CPU batch norm on a
+    transposed input returns it contiguous). ``reshape`` views where the real strides allow and copies where
+    not; compiled backends lay out memory themselves."""
+    for node in graph.find_nodes(op="call_function", target=torch.ops.aten.view.default):
+        node.target = torch.ops.aten.reshape.default
+    return graph
 
 
 def _rewritten(gm: fx.GraphModule, graph_pass: Callable[[fx.Graph], fx.Graph]) -> fx.GraphModule:

@@ -18,16 +18,23 @@ class UnsupportedOperatorError(LRPCError):
     from, and how to cover it.
     """
 
-    def __init__(self, op: object, node: str, module: str, shape: object = None):
+    def __init__(self, op: object, node: str, module: str, shape: object = None, *, complex_values: bool = False):
         self.op, self.node, self.module, self.shape = op, node, module, shape
         where = f"module '{module}'" if module else "the model's top-level forward"
         shape_text = f" (output shape {tuple(shape)})" if shape is not None else ""
-        super().__init__(
-            f"no LRP rule for aten op {op} at graph node '{node}'{shape_text}, called from {where}.\n"
-            f"Register one with lrpc.register_rule({op}, rule) (e.g. lrpc.rules.Gradient() to route "
-            "relevance through the op's gradient), or compile with on_unsupported='warn' to route it "
-            "through the gradient with a warning."
-        )
+        if complex_values:  # relevance is a real quantity: neither rules nor the gradient fallback apply
+            how = (
+                "It computes with complex values (an FFT, complex rotary embeddings), which LRP's rules and the "
+                "gradient fallback do not cover: explain the model up to the complex part (output=), or keep "
+                "that part's inputs constant."
+            )
+        else:
+            how = (
+                f"Register one with lrpc.register_rule({op}, rule) (e.g. lrpc.rules.Gradient() to route "
+                "relevance through the op's gradient), or compile with on_unsupported='warn' to route it "
+                "through the gradient with a warning."
+            )
+        super().__init__(f"no LRP rule for aten op {op} at graph node '{node}'{shape_text}, called from {where}.\n{how}")
 
 
 class RuleError(LRPCError):

@@ -150,6 +150,11 @@ def _is_float(node: fx.Node) -> bool:
     return any(isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()) for v in vals)
 
 
+def _is_complex(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return any(isinstance(v, torch.Tensor) and v.is_complex() for v in (val if isinstance(val, (tuple, list)) else [val]))
+
+
 def _is_int(node: fx.Node) -> bool:
     val = node.meta.get("val")
     vals = val if isinstance(val, (tuple, list)) else [val]
@@ -356,9 +361,12 @@ def _step(node: fx.Node, ctx: _Context, reached: set[fx.Node]) -> Step:
     module = module_path(node)
     fallback = False
     if spec is None:
-        if ctx.on_unsupported == "error":
+        complex_values = _is_complex(node) or any(_is_complex(t) for _, t in tensors)
+        if ctx.on_unsupported == "error" or complex_values:
             val = node.meta.get("val")
-            raise UnsupportedOperatorError(op_name(node), node.name, module, getattr(val, "shape", None))
+            raise UnsupportedOperatorError(
+                op_name(node), node.name, module, getattr(val, "shape", None), complex_values=complex_values
+            )
         warnings.warn(
             f"lrpc: no LRP rule for {op_name(node)} at node '{node.name}' (module '{module}'); "
             "relevance is routed through its gradient (Gradient rule)",

@@ -11,7 +11,7 @@ import contextlib
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -197,10 +197,14 @@ class _Explained(nn.Module):
 
 def select_output(out: Any, select: OutputSelector) -> Tensor:
     """The output to explain: ``select(out)`` for a callable, ``out[select]`` for an int or str, else
-    the first tensor in ``out`` (Hugging Face outputs: the first field that is set, e.g. ``logits``)."""
+    the first tensor in ``out`` (Hugging Face outputs: the first field that is set, e.g. ``logits``) other
+    than a ``loss`` entry, which a call with ``labels=`` puts first: the predictions are explained, not
+    the loss (``output="loss"`` picks it)."""
     if callable(select):
         picked = select(out)
     elif select is None:
+        if isinstance(out, Mapping) and "loss" in out and len(out) > 1:
+            out = {k: v for k, v in out.items() if k != "loss"}
         leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, Tensor)]
         if not leaves:
             raise TraceError(f"the model returned no tensor (got {type(out).__name__}); nothing to explain")

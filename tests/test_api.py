@@ -565,6 +565,15 @@ def test_ops_without_rules_are_reported_on_token_ids_and_complex_values(path: st
         compile_eager(TokensAndSpectrum(path).eval())(torch.randn(2, 2), torch.randint(0, 9, (2, 4)))
 
 
+def test_complex_values_are_not_routed_through_the_gradient() -> None:
+    """``on_unsupported="warn"`` routes an op without a rule through its gradient, which for an FFT crashed
+    inside the fallback (complex primals cast to the real relevance's dtype): the error says why instead."""
+    with pytest.raises(lrpc.UnsupportedOperatorError, match=r"view_as_real.*\n.*complex values"):
+        compile_eager(TokensAndSpectrum("spectrum").eval(), on_unsupported="warn")(
+            torch.randn(2, 2), torch.randint(0, 9, (2, 4))
+        )
+
+
 def test_unsupported_op_warn_falls_back_to_the_gradient() -> None:
     model = WithOp(torch.ops.lrpctest.weird).eval()
     x = torch.randn(3, 6)
@@ -799,6 +808,7 @@ def test_hugging_face_tiny_models(build) -> None:
     report = a.report()
     assert report.coverage == 1.0 and report.fallbacks == [], str(report)
 
+
     for shape in ((3, 5), (4, 9)):
         res2 = a(input_ids=torch.randint(3, 100, shape), attention_mask=torch.ones(shape, dtype=torch.long))
         assert res2.relevance.shape == shape and torch.isfinite(res2.relevance).all()
@@ -811,6 +821,24 @@ def test_hugging_face_tiny_models(build) -> None:
     assert torch.equal(res3.target, torch.tensor([c, c]))
     assert not torch.allclose(res3.relevance[0], res.relevance[0])
     assert a.stats["traces"] == 3
+
+
+def test_a_call_with_labels_explains_the_predictions() -> None:
+    """``labels=`` makes a Hugging Face model return its loss first: lrpc explained the batch's mean loss, a
+    scalar, without a word. The logits are explained, as without labels; ``output="loss"`` still picks it."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model, _ = _bert()
+    model.eval()
+    ids, labels = torch.randint(3, 100, (2, 7)), torch.tensor([0, 1])
+    plain = compile_eager(model)(input_ids=ids)
+    res = compile_eager(model)(input_ids=ids, labels=labels)
+    torch.testing.assert_close(res.output, plain.output)
+    assert torch.equal(res.target, plain.target)
+    torch.testing.assert_close(res.relevance, nonzero(plain.relevance))
+    loss = compile_eager(model, output="loss")(input_ids=ids, labels=labels)
+    assert loss.output.shape == ()
+    torch.testing.assert_close(loss.output, model(input_ids=ids, labels=labels).loss.detach())
 
 
 # --- targets and seeds ---------------------------------------------------------------------------------
@@ -1157,6 +1185,29 @@ def test_a_program_failing_at_run_time_names_the_node(backend: str) -> None:
 
 
 # --- backends ----------------------------------------------------------------------------------------------
+
+
+class NormalizedOverTime(nn.Module):
+    """Batch norm over the features of a (B, T, F) series, through a transpose (PatchTST's default)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn, self.lin = nn.BatchNorm1d(8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.bn(x.transpose(1, 2)).transpose(1, 2)).mean(1)
+
+
+def test_eager_backend_takes_the_strides_kernels_return() -> None:
+    """CPU batch norm returns a transposed input's result contiguous where its fake kernel keeps the input's
+    strides: the program's later ``view`` failed at run time on the eager backend (not under Inductor)."""
+    torch.manual_seed(23)
+    model = NormalizedOverTime().double().eval()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    eager = compile_eager(model)(x)
+    interp = lrpc.compile(model, backend="interpret")(x)
+    torch.testing.assert_close(eager.output, model(x))
+    torch.testing.assert_close(eager.relevance, nonzero(interp.relevance), rtol=1e-12, atol=1e-14)
 
 
 def test_interpret_backend_matches_eager() -> None:
