@@ -235,7 +235,7 @@ class Attributor:
             structure, constants = str(tree), []
             for x in leaves:
                 if not isinstance(x, Tensor):
-                    if hasattr(x, "__array__"):
+                    if hasattr(x, "__array__") and getattr(x, "ndim", 0) > 0:  # an array; NumPy scalars pass
                         raise LRPCError(
                             f"got a {type(x).__name__} argument: lrpc explains tensors; pass torch.from_numpy(x) "
                             "(or torch.as_tensor) on the model's device"

@@ -23,7 +23,8 @@ _BACKENDS: dict[str, Backend] = {}
 
 #: Held while lrpc traces or compiles, from any thread. torch.export's tracing and Inductor's compiler keep
 #: process-wide state (export's pre-dispatch mode stack, Inductor's caches): two at once fail or collide.
-#: Running compiled programs does not take it, so one thread's first call does not stall another's cached call.
+#: A program's first call holds it too (compiled backends compile then); later calls do not, so a thread's
+#: cached call never waits for another thread's compile.
 COMPILE_LOCK = threading.RLock()
 
 AUTO = "auto"
@@ -70,16 +71,17 @@ def build(name: str, gm: fx.GraphModule, *, fallback: bool) -> Callable[..., tup
         if not fallback:
             raise
         _warn_fallback(name, e)
-        return _FirstCall("eager", gm, gm, fallback=False)
-    return _FirstCall(name, compiled, gm, fallback=fallback)
+        eager = _eager(gm)
+        return _FirstCall("eager", eager, eager, fallback=False)
+    return _FirstCall(name, compiled, _eager(gm) if fallback else gm, fallback=fallback)
 
 
 class _FirstCall:
     """Runs ``compiled``, its first call (the compile) under :data:`COMPILE_LOCK`. With ``fallback``, if
-    that call fails where the eager program succeeds, warns and keeps running the eager program."""
+    that call fails where ``eager`` (the eager backend's program) succeeds, warns and keeps running that."""
 
-    def __init__(self, name: str, compiled: Callable[..., tuple], gm: fx.GraphModule, *, fallback: bool) -> None:
-        self.name, self.run, self._gm, self._fallback, self._checked = name, compiled, gm, fallback, False
+    def __init__(self, name: str, compiled: Callable[..., tuple], eager: Callable[..., tuple], *, fallback: bool) -> None:
+        self.name, self.run, self._eager, self._fallback, self._checked = name, compiled, eager, fallback, False
 
     @property
     def backend(self) -> str:
@@ -96,9 +98,9 @@ class _FirstCall:
             except Exception as e:  # compile errors come in many types
                 if not self._fallback:
                     raise
-                out = self._gm(*args)  # a genuine error (bad input) raises here, from the reference
+                out = self._eager(*args)  # a genuine error (bad input) raises here, from the reference
                 _warn_fallback(self.name, e)
-                self.name, self.run = "eager", self._gm
+                self.name, self.run = "eager", self._eager
             self._checked = True
         return out
 
@@ -118,6 +120,11 @@ def failing_node(gm: fx.GraphModule, args: tuple) -> fx.Node | None:
 
     class Locate(fx.Interpreter):
         failed: fx.Node | None = None
+
+        def call_function(self, target: object, args: tuple, kwargs: dict) -> object:
+            if target is torch.ops.aten.view.default:  # as the eager backend runs it (_reshaping_views)
+                target = torch.ops.aten.reshape.default
+            return super().call_function(target, args, kwargs)  # type: ignore[arg-type]
 
         def run_node(self, n: fx.Node) -> object:
             try:

@@ -225,9 +225,10 @@ def carriers(
             carry.add(node)
         elif _is_int(node) and spec is not None and spec.family is Family.ROUTE:
             carry.add(node)
-        elif spec is None and _is_float(node):
-            # an op without a rule that turns token ids into values (an embedding bag): carried, so that
-            # planning reports it, rather than a constant that silently absorbs the ids' share
+        elif spec is None and _is_float(node) and any(_is_float(t) for _, t in tensors):
+            # an op without a rule that looks token ids up in a table (as an embedding bag does): carried,
+            # so that planning reports it, rather than a constant that silently absorbs the ids' share. Ids
+            # turned into values alone (log of a length) start a constant, like any int -> float conversion
             carry.add(node)
     return carry
 

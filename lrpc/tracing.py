@@ -113,21 +113,21 @@ def embedding_bag(
     n, dim = indices.shape[0], weight.shape[1]
     bags = offsets.shape[0] - (1 if include_last_offset else 0)
     # the bag of each index: how many bags start at or before its position (after the first)
-    starts = offsets[1:bags]
-    marks = torch.zeros(n + 1, dtype=offsets.dtype, device=offsets.device).index_add(0, starts, torch.ones_like(starts))
+    starts = offsets[1:bags].long()  # int32 offsets too: the counts below are int64 (cumsum's type)
+    marks = torch.zeros(n + 1, dtype=torch.long, device=offsets.device).index_add(0, starts, torch.ones_like(starts))
     offset2bag = marks[:n].cumsum(0)
     # padded ids are left out of their bags: they go to one more bag, which is dropped
     into = offset2bag if padding_idx < 0 else torch.where(indices == padding_idx, bags, offset2bag)
     rows = torch.nn.functional.embedding(indices, weight)
     if per_sample_weights is not None:
         rows = rows * per_sample_weights.unsqueeze(-1)
-    bag_size = torch.zeros(bags + 1, dtype=offsets.dtype, device=offsets.device).index_add(
+    bag_size = torch.zeros(bags + 1, dtype=torch.long, device=offsets.device).index_add(
         0, into, torch.ones_like(into)
     )[:bags]
     empty = weight.new_zeros(bags + 1, dim)
     if mode == _EMBEDDING_BAG_MAX:
         out = empty.scatter_reduce(0, into.unsqueeze(-1).expand(n, dim), rows, "amax", include_self=False)[:bags]
-        return out, offset2bag, bag_size, torch.zeros(bags, dim, dtype=offsets.dtype, device=offsets.device)
+        return out, offset2bag, bag_size, torch.zeros(bags, dim, dtype=torch.long, device=offsets.device)
     out = empty.index_add(0, into, rows)[:bags]
     if mode == _EMBEDDING_BAG_MEAN:
         out = out / bag_size.clamp(min=1).unsqueeze(-1).to(out.dtype)
@@ -312,7 +312,8 @@ def check_traceable(model: nn.Module) -> None:
             "trace: compile the nn.Module it was scripted from"
         )
     for path, module in model.named_modules():
-        if type(module).__module__.startswith(_QUANTIZED):
+        kind = type(module).__module__
+        if kind.startswith(_QUANTIZED) and ".reference" not in kind:  # reference modules keep float weights
             raise TraceError(
                 f"module '{path}' ({type(module).__module__}.{type(module).__name__}) is quantized: its packed "
                 "integer weights cannot be traced, and LRP's rules are defined on real-valued layers. Explain the "

@@ -531,38 +531,50 @@ def test_unsupported_op_error_names_op_node_and_module() -> None:
     assert "register_rule" in message and "on_unsupported" in message
 
 
-if not hasattr(torch.ops.lrpctest, "hashed"):
+if not hasattr(torch.ops.lrpctest, "bag"):
 
-    @torch.library.custom_op("lrpctest::hashed", mutates_args=(), device_types="cpu")
-    def _hashed(ids: torch.Tensor) -> torch.Tensor:
-        """Token ids to features by an op lrpc has no rule for (a hashing trick)."""
-        return torch.stack([torch.sin(ids * 1.0), torch.cos(ids * 1.0)], -1).sum(1)
+    @torch.library.custom_op("lrpctest::bag", mutates_args=(), device_types="cpu")
+    def _bag(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids looked up in a table and summed per row, by an op lrpc has no rule for."""
+        return table[ids].sum(1)
 
-    @_hashed.register_fake
-    def _(ids: torch.Tensor) -> torch.Tensor:
-        return ids.new_empty(ids.shape[0], 2, dtype=torch.float32)
+    @_bag.register_fake
+    def _(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return table.new_empty(ids.shape[0], table.shape[1])
 
 
 class TokensAndSpectrum(nn.Module):
-    """Token ids through the op above, or an input's spectrum (complex values), beside a dense input."""
+    """Token ids through the op above or through a log (a length as a feature), or an input's spectrum
+    (complex values), beside a dense input."""
 
     def __init__(self, path: str) -> None:
         super().__init__()
         self.path = path
+        self.table = nn.Parameter(torch.randn(9, 2))
         self.fc = nn.Linear(2, 3)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if self.path == "ids":
-            return self.fc(x + torch.ops.lrpctest.hashed(ids))
+            return self.fc(x + torch.ops.lrpctest.bag(self.table, ids))
+        if self.path == "log":
+            return self.fc(x + torch.log10(ids + 1).sum(1, keepdim=True))
         return self.fc(x + torch.view_as_real(torch.fft.fft(x, dim=-1))[..., 0])
 
 
-@pytest.mark.parametrize("path, op", [("ids", "lrpctest.hashed"), ("spectrum", "aten.view_as_real")])
+@pytest.mark.parametrize("path, op", [("ids", "lrpctest.bag"), ("spectrum", "aten.view_as_real")])
 def test_ops_without_rules_are_reported_on_token_ids_and_complex_values(path: str, op: str) -> None:
     """Such an op counted as a constant, not as unsupported: its share of the relevance vanished without an
     error (nn.EmbeddingBag before it had a rule, torch.fft)."""
     with pytest.raises(lrpc.UnsupportedOperatorError, match=op.replace(".", r"\.")):
         compile_eager(TokensAndSpectrum(path).eval())(torch.randn(2, 2), torch.randint(0, 9, (2, 4)))
+
+
+def test_ids_turned_into_values_alone_stay_a_constant() -> None:
+    """An int -> float op without a table (the log of a count) starts a constant, as a mask turned into a
+    bias does: it is not reported as unsupported, and the dense input is explained."""
+    res = compile_eager(TokensAndSpectrum("log").eval())(torch.randn(2, 2), torch.randint(0, 9, (2, 4)))
+    assert set(res.inputs) == {"x"}
+    assert res.relevance.abs().sum() > 0
 
 
 def test_complex_values_are_not_routed_through_the_gradient() -> None:
@@ -808,7 +820,6 @@ def test_hugging_face_tiny_models(build) -> None:
     report = a.report()
     assert report.coverage == 1.0 and report.fallbacks == [], str(report)
 
-
     for shape in ((3, 5), (4, 9)):
         res2 = a(input_ids=torch.randint(3, 100, shape), attention_mask=torch.ones(shape, dtype=torch.long))
         assert res2.relevance.shape == shape and torch.isfinite(res2.relevance).all()
@@ -888,6 +899,21 @@ def test_target_per_sample(lrp0) -> None:
             a(x, target=bad)
     with pytest.raises(lrpc.LRPCError, match=r"ndarray argument: .*torch\.from_numpy"):
         a(x.numpy())
+
+
+class Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = relu_net()
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return self.net(x) * scale
+
+
+def test_numpy_scalars_are_constants_like_python_numbers() -> None:
+    x = torch.randn(2, 6)
+    res = compile_eager(Scaled().eval())(x, scale=np.float32(2.0))
+    torch.testing.assert_close(res.output, Scaled().eval()(x, 2.0).detach())
 
 
 def test_target_callable_is_the_seed(lrp0) -> None:
@@ -1263,6 +1289,11 @@ def test_auto_backend_falls_back_to_eager_with_a_warning(monkeypatch, broken) ->
     # asked for by name, the backend's own error surfaces
     with pytest.raises(RuntimeError, match="simulated"):
         lrpc.compile(model, backend="inductor")(x)
+    # the fallback is the eager backend's program (views run as reshape: batch norm through a transpose)
+    series, xs = NormalizedOverTime().eval(), torch.randn(2, 5, 8)
+    with pytest.warns(UserWarning, match="running it with the eager"):
+        fallen = lrpc.compile(series)(xs)
+    torch.testing.assert_close(fallen.relevance, nonzero(compile_eager(series)(xs).relevance))
 
 
 def test_auto_backend_picks_inductor(monkeypatch) -> None:

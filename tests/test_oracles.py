@@ -1074,13 +1074,14 @@ class Bags(nn.Module):
 @pytest.mark.parametrize("backend", ["eager", "interpret"])
 @pytest.mark.parametrize(
     "mode, layout",
-    [(m, layout) for m in ("sum", "mean", "max") for layout in ("rows", "offsets", "padding")] + [("sum", "weighted")],
+    [(m, layout) for m in ("sum", "mean", "max") for layout in ("rows", "offsets", "padding", "int32")]
+    + [("sum", "weighted")],
 )
 def test_embedding_bag_ids_get_their_rows_relevance(mode: str, layout: str, backend: str) -> None:
     """``nn.EmbeddingBag`` gives each id the relevance of its row's share in the bag, as the same bags written
     with ``nn.Embedding`` and a sum / mean / max do; bias-free, LRP-0 conserves the logit over the dense input
     and the ids. (The bag op had no rule and counted as a constant: the ids got nothing, their share vanished.)
-    Per-sample weights exist for mode "sum" only."""
+    Per-sample weights exist for mode "sum" only; int32 ids and offsets are taken as int64 ones are."""
     torch.manual_seed(22)
     padding = 0 if layout == "padding" else None
     dense = torch.randn(3, 3, dtype=DTYPE)
@@ -1091,6 +1092,8 @@ def test_embedding_bag_ids_get_their_rows_relevance(mode: str, layout: str, back
     else:  # flat ids with offsets: bags of 3, 0 (empty) and 4 ids
         ids, starts = torch.tensor([1, 4, 0, 7, 2, 3, 9]), [0, 3, 3]
         kwargs["offsets"] = torch.tensor(starts)
+        if layout == "int32":  # EmbeddingBag takes int32 ids and offsets too
+            ids, kwargs["offsets"] = ids.int(), kwargs["offsets"].int()
         if layout == "weighted":
             kwargs["weights"] = torch.rand(7, dtype=DTYPE) + 0.5
     model = Bags(mode, padding_idx=padding).to(DTYPE).eval()
