@@ -166,7 +166,9 @@ class Attributor:
         self._cache_lock = threading.Lock()  # the cache's order and counts, for calls from several threads
         self.stats = {"traces": 0, "hits": 0, "calls": 0}
         self._last: Program | None = None
-        self._last_relevance: tuple[tuple[Tensor, ...], Tensor] | None = None  # summed by report(), not per call
+        # the last call's program and relevance, one tuple so that report() never pairs one call's program with
+        # another's relevance (threads; a program() or plan() in between); summed by report(), not per call
+        self._last_relevance: tuple[Program, tuple[Tensor, ...], Tensor] | None = None
 
     # -- calling -------------------------------------------------------------------------------
     def __call__(self, *args: Any, target: Any = None, seed: str | None = None, **kwargs: Any) -> Attribution:
@@ -214,13 +216,14 @@ class Attributor:
 
     def report(self) -> Report:
         """Coverage, rules and timings of the most recently used program."""
-        if self._last is None:
+        program, last = self._last, self._last_relevance
+        if program is None:
             raise LRPCError("report() is available after the first call")
         conservation = None
-        if self._last_relevance is not None:
-            values, seed_total = self._last_relevance
+        if last is not None and last[0] is program:
+            _, values, seed_total = last
             conservation = (sum(v.sum() for v in values) if values else seed_total.new_zeros(()), seed_total)
-        return Report.build(self.model, self._last, conservation)
+        return Report.build(self.model, program, conservation)
 
     # -- compiling -----------------------------------------------------------------------------
     def _key(self, args: tuple, kwargs: dict, spec: TargetSpec) -> tuple[tuple, list[Tensor]]:
@@ -386,7 +389,7 @@ class Attributor:
             inputs[name] = r
         layers = dict(zip(sig.layer_names, layer_values))
         values = tuple(inputs.values())
-        self._last_relevance = (values, seed_total)
+        self._last_relevance = (program, values, seed_total)
         return Attribution(
             output=output,
             relevance=values[0] if len(values) == 1 else values,

@@ -949,6 +949,9 @@ def test_seed_logit_and_one(lrp0, seed: str) -> None:
     torch.testing.assert_close(res_other.relevance.sum(1), logit if other == "logit" else torch.ones(4))
     report = a.report()
     assert report.conservation == pytest.approx(1.0, abs=1e-4)
+    # a program looked up but not run since: its report has no conservation, not the other program's
+    a.plan(x, target=lambda out: out)
+    assert a.report().conservation is None
 
 
 def test_scalar_output_is_explained_as_is() -> None:
