@@ -71,17 +71,16 @@ def build(name: str, gm: fx.GraphModule, *, fallback: bool) -> Callable[..., tup
         if not fallback:
             raise
         _warn_fallback(name, e)
-        eager = _eager(gm)
-        return _FirstCall("eager", eager, eager, fallback=False)
-    return _FirstCall(name, compiled, _eager(gm) if fallback else gm, fallback=fallback)
+        return _FirstCall("eager", _eager(gm), gm, fallback=False)
+    return _FirstCall(name, compiled, gm, fallback=fallback)
 
 
 class _FirstCall:
     """Runs ``compiled``, its first call (the compile) under :data:`COMPILE_LOCK`. With ``fallback``, if
-    that call fails where ``eager`` (the eager backend's program) succeeds, warns and keeps running that."""
+    that call fails where the eager backend's program of ``gm`` succeeds, warns and keeps running that."""
 
-    def __init__(self, name: str, compiled: Callable[..., tuple], eager: Callable[..., tuple], *, fallback: bool) -> None:
-        self.name, self.run, self._eager, self._fallback, self._checked = name, compiled, eager, fallback, False
+    def __init__(self, name: str, compiled: Callable[..., tuple], gm: fx.GraphModule, *, fallback: bool) -> None:
+        self.name, self.run, self._gm, self._fallback, self._checked = name, compiled, gm, fallback, False
 
     @property
     def backend(self) -> str:
@@ -98,9 +97,10 @@ class _FirstCall:
             except Exception as e:  # compile errors come in many types
                 if not self._fallback:
                     raise
-                out = self._eager(*args)  # a genuine error (bad input) raises here, from the reference
+                eager = _eager(self._gm)
+                out = eager(*args)  # a genuine error (bad input) raises here, from the reference
                 _warn_fallback(self.name, e)
-                self.name, self.run = "eager", self._eager
+                self.name, self.run = "eager", eager
             self._checked = True
         return out
 

@@ -262,27 +262,20 @@ def _reduce_family(args: Mapping[str, Any]) -> Family:
     return _REDUCE_FAMILY[args["reduce"]]
 
 
-def _scatter_reduce(
-    self: Tensor, dim: int, index: Tensor, src: Tensor | float, reduce: str, *, value: bool = False
-) -> Tensor:
+def _scatter_reduce(self: Tensor, dim: int, index: Tensor, src: Tensor, reduce: str) -> Tensor:
     """``aten.scatter(..., reduce=)``, which autograd cannot differentiate, as the ``scatter_reduce`` it
     equals (``self`` included), which it can."""
-    if value:
-        src = torch.full(index.shape, src, dtype=self.dtype, device=self.device)
     return self.scatter_reduce(dim, index, src, {"add": "sum", "multiply": "prod"}[reduce])
 
 
+def _scatter_value_reduce(self: Tensor, dim: int, index: Tensor, value: float, reduce: str) -> Tensor:
+    """The same with one value scattered everywhere ``index`` points."""
+    return _scatter_reduce(self, dim, index, torch.full(index.shape, value, dtype=self.dtype, device=self.device), reduce)
+
+
+register_op("scatter.reduce", _spec(Family.SUM, frozen={"index"}, family_of=_reduce_family, impl=_scatter_reduce))
 register_op(
-    "scatter.reduce", _spec(Family.SUM, frozen={"index"}, family_of=_reduce_family, impl=_scatter_reduce)
-)
-register_op(
-    "scatter.value_reduce",
-    _spec(
-        Family.SUM,
-        frozen={"index"},
-        family_of=_reduce_family,
-        impl=lambda self, dim, index, value, reduce: _scatter_reduce(self, dim, index, value, reduce, value=True),
-    ),
+    "scatter.value_reduce", _spec(Family.SUM, frozen={"index"}, family_of=_reduce_family, impl=_scatter_value_reduce)
 )
 # sum and mean split relevance over what was reduced; amax / amin route it to the winner
 register_op(["scatter_reduce", "index_reduce"], _spec(Family.SUM, frozen={"index"}, family_of=_reduce_family))

@@ -142,26 +142,24 @@ def bind(node: fx.Node) -> tuple[dict[str, Any], list[tuple[str, fx.Node]]]:
     return args, tensors
 
 
+def _values(node: fx.Node) -> list[torch.Tensor]:
+    """The tensor values ``node`` holds (one, or those of a multi-output op)."""
+    val = node.meta.get("val")
+    return [v for v in (val if isinstance(val, (tuple, list)) else [val]) if isinstance(v, torch.Tensor)]
+
+
 def _is_float(node: fx.Node) -> bool:
     """Whether ``node`` holds real or complex values (an FFT's spectrum carries relevance as far as an op
     without a rule, which is then reported, rather than ending it as a constant)."""
-    val = node.meta.get("val")
-    vals = val if isinstance(val, (tuple, list)) else [val]
-    return any(isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()) for v in vals)
+    return any(v.is_floating_point() or v.is_complex() for v in _values(node))
 
 
 def _is_complex(node: fx.Node) -> bool:
-    val = node.meta.get("val")
-    return any(isinstance(v, torch.Tensor) and v.is_complex() for v in (val if isinstance(val, (tuple, list)) else [val]))
+    return any(v.is_complex() for v in _values(node))
 
 
 def _is_int(node: fx.Node) -> bool:
-    val = node.meta.get("val")
-    vals = val if isinstance(val, (tuple, list)) else [val]
-    return any(
-        isinstance(v, torch.Tensor) and not (v.is_floating_point() or v.is_complex()) and v.dtype != torch.bool
-        for v in vals
-    )
+    return any(not (v.is_floating_point() or v.is_complex()) and v.dtype != torch.bool for v in _values(node))
 
 
 def frozen_args(

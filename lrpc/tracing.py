@@ -92,7 +92,7 @@ def _like_query(out: Tensor, query: Tensor) -> Tensor:
     return out.contiguous()
 
 
-_EMBEDDING_BAG_SUM, _EMBEDDING_BAG_MEAN, _EMBEDDING_BAG_MAX = 0, 1, 2
+_EMBEDDING_BAG_MEAN, _EMBEDDING_BAG_MAX = 1, 2  # aten's modes (0: sum)
 
 
 def embedding_bag(
