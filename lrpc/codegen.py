@@ -270,10 +270,16 @@ def generate(plan: Plan, target: TargetSpec, example_inputs: list[Any]) -> tuple
 
 
 def eliminate_common_subexpressions(graph: fx.Graph) -> fx.Graph:
-    """Merge identical pure calls: the rules' VJPs recompute forward ops that the forward already has."""
+    """Merge identical pure calls: the rules' VJPs recompute forward ops that the forward already has.
+
+    Values written in place later (autograd formulas do that to their temporaries: ``dist``'s backward
+    computes ``(self - other) / dist`` for each input and masks each copy in place) are not merged: each
+    copy is written on its own.
+    """
+    written = _written_in_place(graph)
     seen: dict[Any, fx.Node] = {}
     for node in list(graph.nodes):
-        if node.op != "call_function" or _impure(node):
+        if node.op != "call_function" or _impure(node) or node in written:
             continue
         try:
             key = (node.target, _freeze(node.args), _freeze(node.kwargs))
@@ -286,6 +292,36 @@ def eliminate_common_subexpressions(graph: fx.Graph) -> fx.Graph:
         else:
             seen[key] = node
     return graph
+
+
+def _written_in_place(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes whose storage an in-place op writes: the written argument and the values it is a view of."""
+    written: set[fx.Node] = set()
+    for node in graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        if not target._schema.is_mutable:
+            continue
+        for argument, value in zip(target._schema.arguments, node.args):
+            if argument.alias_info is None or not argument.alias_info.is_write:
+                continue
+            while isinstance(value, fx.Node) and value not in written:
+                written.add(value)
+                value = _view_base(value)
+    return written
+
+
+def _view_base(node: fx.Node) -> fx.Node | None:
+    """The value ``node`` is a view of (its first argument), or ``None`` if it owns its storage."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return None
+    returns = target._schema.returns
+    if len(returns) != 1 or returns[0].alias_info is None or not node.args:
+        return None
+    base = node.args[0]
+    return base if isinstance(base, fx.Node) else None
 
 
 def _impure(node: fx.Node) -> bool:

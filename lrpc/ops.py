@@ -306,6 +306,8 @@ register_op("pow.Tensor_Scalar", _spec(Family.PASS))
 register_op("pow.Scalar", _spec(Family.PASS))
 register_op("_prelu_kernel", _spec(Family.PASS, frozen={"weight"}))
 register_op("prelu", _spec(Family.PASS, frozen={"weight"}))
+# nn.RReLU in eval mode: a leaky ReLU with the mean slope (the noise buffer is only written in training)
+register_op(["rrelu_with_noise", "rrelu_with_noise_functional"], _spec(Family.PASS, frozen={"noise"}))
 
 # --- linear layers and products -------------------------------------------------------------------
 def _linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -322,6 +324,8 @@ register_op(
 register_op(["mm", "bmm"], _spec(Family.LINEAR, factors={"self", "mat2"}, product="matmul"))
 register_op("addmm", _spec(Family.LINEAR, factors={"mat1", "mat2"}, bias={"self"}, product="matmul"))
 register_op("baddbmm", _spec(Family.LINEAR, factors={"batch1", "batch2"}, bias={"self"}, product="matmul"))
+# nn.Bilinear, x1ᵀ W x2: a product of its two inputs, or a layer where one of them is a constant
+register_op("_trilinear", _spec(Family.LINEAR, factors={"i1", "i2", "i3"}))
 register_op(
     "convolution",
     _spec(
@@ -362,7 +366,7 @@ register_op(
 register_op(
     [
         "_log_softmax", "glu", "var", "std", "var_mean", "prod", "logsumexp", "linalg_vector_norm",
-        "cumprod", "atan2", "pow.Tensor_Tensor",
+        "cumprod", "atan2", "pow.Tensor_Tensor", "_cdist_forward", "_pdist_forward", "dist",
     ],
     _spec(Family.GRADIENT),
 )

@@ -275,8 +275,9 @@ def _nonnegative_input(op: Operation) -> bool:
 
 def _parts(op: Operation, rule: Rule) -> tuple[Tensor, Tensor, Tensor | None]:
     """Input, weight and bias of a parameterized linear op (linear, conv, mm with a constant)."""
-    if op.roles.count("input") != 1 or "weight" not in op.roles:
-        raise RuleError(f"{rule.name} needs a layer with one relevant input and a weight (roles {op.roles})")
+    if op.roles.count("input") != 1 or op.roles.count("weight") != 1:
+        # two constant factors (nn.Bilinear with one input fixed): no single weight to take W⁺ or 1 of
+        raise RuleError(f"{rule.name} needs a layer with one relevant input and one weight (roles {op.roles})")
     return op.role("input"), op.role("weight"), op.role("bias")  # type: ignore[return-value]
 
 
@@ -575,9 +576,11 @@ class ProportionalProduct(Rule):
             rb = _reduce_to(rb.mT if op.product == "linear" else rb, b.shape)
         else:
             raise RuleError(
-                f"{self.name} splits elementwise and matrix products of two activations; this op's product "
-                f"kind is {op.product!r}. An op registered with lrpc.ops.register_op says how it "
-                f"multiplies its factors with OpSpec(..., product=...), one of {PRODUCT_KINDS}"
+                f"{self.name} splits elementwise and matrix products of two activations, and this op is neither "
+                f"(product kind {op.product!r}; nn.Bilinear's x1ᵀ W x2 is such an op). Give it "
+                "another rule, e.g. lrpc.composite(preset, {nn.Bilinear: lrpc.rules.UniformProduct()}), or, "
+                "for an op registered with lrpc.ops.register_op, say how it multiplies its factors with "
+                f"OpSpec(..., product=...), one of {PRODUCT_KINDS}"
             )
         out: list[Tensor | None] = [None] * len(op.inputs)
         out[index[0]], out[index[1]] = ra, rb

@@ -1,5 +1,7 @@
-"""Rematerialization: which forward values the relevance pass rebuilds instead of keeping, that the
-arithmetic does not change, and that the program's live memory drops by what it should."""
+"""The passes over the generated program. Rematerialization: which forward values the relevance pass
+rebuilds instead of keeping, that the arithmetic does not change, and that the program's live memory drops
+by what it should. Merging common subexpressions and writing results into dying operands: that neither
+changes a value."""
 
 from __future__ import annotations
 
@@ -199,6 +201,32 @@ def test_inductor_program_matches_eager() -> None:
     eager = lrpc.compile(model, backend="eager")(x, target=2).relevance
     compiled = lrpc.compile(model, backend="inductor")(x, target=2).relevance
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+# --- common subexpressions ------------------------------------------------------------------------------
+def test_values_written_in_place_are_not_merged() -> None:
+    """Autograd formulas write their temporaries in place (``dist``'s backward masks ``(self - other) / d``
+    for each input). Merging two such copies made the second mask (and a negation) land on the first's
+    result: the eager backend's LRP-0 through ``torch.dist`` was off by a factor of -1.4. Pure copies are
+    still merged."""
+
+    def fn(x, y):
+        a = (x - y) / 2
+        a.masked_fill_(x > 0, 0)
+        b = (x - y) / 2
+        b.view(-1).mul_(3)  # written through a view
+        c = (x - y) / 2  # never written: merged with nothing written
+        return a, b, c
+
+    x, y = torch.randn(3, 4), torch.randn(3, 4)
+    gm = make_fx(fn)(x, y)
+    lrpc.codegen.eliminate_common_subexpressions(gm.graph)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    assert _count(gm.graph, aten.sub.Tensor) == 1  # (x - y) is never written: one copy
+    assert _count(gm.graph, aten.div.Tensor) == 3
+    for got, want in zip(gm(x, y), fn(x, y)):
+        assert torch.equal(got, want)
 
 
 # --- reuse_buffers -------------------------------------------------------------------------------------

@@ -727,6 +727,86 @@ def test_lrp0_through_resampling_and_scatter_ops(op: str, backend: str) -> None:
     torch.testing.assert_close(res.relevance.flatten(1).sum(1), logits, rtol=1e-10, atol=1e-12)
 
 
+class TwoBranches(nn.Module):
+    """Two bias-free ReLU branches of the input joined by ``op``, then a bias-free linear head: a bilinear
+    layer (``constant``: its second input a buffer, so the net is a layer of the first branch), Euclidean
+    distances between the branches' rows (``cdist``, ``pdist``, ``dist``), or an eval-mode RReLU in the
+    first branch (a leaky ReLU with the mean slope, ``leaky`` writes it so)."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.a, self.b = nn.Linear(4, 6, bias=False), nn.Linear(4, 6, bias=False)
+        self.bilinear = nn.Bilinear(6, 6, 5, bias=False)
+        self.rrelu = nn.RReLU(0.1, 0.3) if op == "rrelu" else nn.LeakyReLU(0.2)
+        self.register_buffer("query", torch.randn(6))
+        self.head = None if op in ("bilinear", "constant") else nn.LazyLinear(5, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.op in ("rrelu", "leaky"):
+            return self.head(self.rrelu(self.a(x)))
+        h, g = F.relu(self.a(x)), F.relu(self.b(x))
+        if self.op == "bilinear":
+            return self.bilinear(h, g)
+        if self.op == "constant":
+            return self.bilinear(h, self.query.expand_as(h))
+        rows, others = h.view(-1, 3, 2), g.view(-1, 3, 2)
+        if self.op == "cdist":
+            d = torch.cdist(rows, others)
+        elif self.op == "pdist":
+            d = torch.stack([F.pdist(r) for r in rows.unbind(0)])
+        else:
+            d = torch.stack([torch.dist(r, o) for r, o in zip(rows.unbind(0), others.unbind(0))])
+        return self.head(d.reshape(len(rows), -1))
+
+
+@pytest.mark.parametrize("backend", ["eager", "interpret"])
+@pytest.mark.parametrize("op", ["constant", "cdist", "pdist", "dist", "rrelu"])
+def test_lrp0_through_bilinear_layers_distances_and_rrelu(op: str, backend: str) -> None:
+    """These had no rule. A bilinear layer with one input constant is a layer, distances take gradient x
+    input locally, RReLU (eval) passes relevance: LRP-0 = gradient x input on the bias-free net; distances
+    and a leaky ReLU are homogeneous of degree 1, so relevance is also conserved."""
+    torch.manual_seed(22)
+    model = TwoBranches(op)
+    x = torch.randn(3, 4, dtype=DTYPE)
+    model(x.float())  # sizes the lazy head
+    model = model.to(DTYPE).eval()
+    res = lrpc.compile(model, rules="lrp0", backend=backend)(x)
+    expected, logits = grad_x_input(model, x, res.target)
+    assert rel_err(res.relevance, expected) < 1e-10
+    torch.testing.assert_close(res.relevance.sum(1), logits, rtol=1e-10, atol=1e-12)
+    if op == "rrelu":  # and the mean slope is the one applied
+        leaky = TwoBranches("leaky").to(DTYPE).eval()
+        leaky.load_state_dict(model.state_dict())
+        same = lrpc.compile(leaky, rules="lrp0", backend=backend)(x)
+        assert rel_err(res.relevance, same.relevance) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["eager", "interpret"])
+def test_bilinear_layer_splits_between_its_inputs(backend: str) -> None:
+    """``x1ᵀ W x2`` of two bias-free ReLU branches is homogeneous of degree 2 in the input: gradient x input
+    sums to twice the logit. The uniform product rule gives each branch half of its gradient x input, so
+    LRP-0 is half of it and conserves the logit. dynamiclrp has no magnitude split for it and says so."""
+    torch.manual_seed(23)
+    model = TwoBranches("bilinear").to(DTYPE).eval()
+    x = torch.randn(3, 4, dtype=DTYPE)
+    res = lrpc.compile(model, rules="lrp0", backend=backend)(x)
+    expected, logits = grad_x_input(model, x, res.target)
+    assert rel_err(res.relevance, expected / 2) < 1e-10
+    torch.testing.assert_close(res.relevance.sum(1), logits, rtol=1e-10, atol=1e-12)
+    with pytest.raises(lrpc.RuleError, match=r"nn.Bilinear.*UniformProduct.*module 'bilinear'"):
+        lrpc.compile(model, rules="dynamiclrp", backend=backend)(x)
+
+
+def test_layer_rules_refuse_a_bilinear_layer_with_two_constant_factors() -> None:
+    """With one input fixed, a bilinear layer's weight is ``W x2``, not ``W``: z⁺ of ``W`` alone would be
+    another rule, so it is refused, naming the node (it failed inside the op with a shape error)."""
+    model = TwoBranches("constant").to(DTYPE).eval()
+    rules = lrpc.composite("epsilon", {nn.Bilinear: lrpc.rules.ZPlus()})
+    with pytest.raises(lrpc.RuleError, match=r"one weight.*_trilinear.*module 'bilinear'"):
+        lrpc.compile(model, rules=rules, backend="eager")(torch.randn(2, 4, dtype=DTYPE))
+
+
 def test_cp_lrp_lstm_step_by_hand() -> None:
     """One bias-free LSTM step from zero state under CP-LRP (gates constant, signal-take-all as in Arras
     et al. 2017): h = sig(o) * tanh(c), c = sig(i) * tanh(g), so R_h flows whole to g = W_g x and
