@@ -313,15 +313,17 @@ def _written_in_place(graph: fx.Graph) -> set[fx.Node]:
 
 
 def _view_base(node: fx.Node) -> fx.Node | None:
-    """The value ``node`` is a view of (its first argument), or ``None`` if it owns its storage."""
+    """The value ``node`` is a view of (its first argument; a list's item: the list), or ``None`` if it owns
+    its storage."""
     target = node.target
-    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+    if node.op != "call_function" or not node.args or not isinstance(base := node.args[0], fx.Node):
+        return None
+    if target is operator.getitem:
+        return base
+    if not isinstance(target, torch._ops.OpOverload):
         return None
     returns = target._schema.returns
-    if len(returns) != 1 or returns[0].alias_info is None or not node.args:
-        return None
-    base = node.args[0]
-    return base if isinstance(base, fx.Node) else None
+    return base if len(returns) == 1 and returns[0].alias_info is not None else None
 
 
 def _impure(node: fx.Node) -> bool:
