@@ -198,8 +198,9 @@ class _Explained(nn.Module):
 def select_output(out: Any, select: OutputSelector) -> Tensor:
     """The output to explain: ``select(out)`` for a callable, ``out[select]`` for an int or str, else
     the first tensor in ``out`` (Hugging Face outputs: the first field that is set, e.g. ``logits``) other
-    than a ``loss`` entry, which a call with ``labels=`` puts first: the predictions are explained, not
-    the loss (``output="loss"`` picks it)."""
+    than a loss, which a call with ``labels=`` puts first: the predictions are explained, not the loss
+    (``output="loss"`` or ``output=0`` picks it). A loss is a ``loss`` entry, or, in a tuple
+    (``return_dict=False``), a scalar followed by tensors that are not scalars."""
     if callable(select):
         picked = select(out)
     elif select is None:
@@ -208,7 +209,8 @@ def select_output(out: Any, select: OutputSelector) -> Tensor:
         leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, Tensor)]
         if not leaves:
             raise TraceError(f"the model returned no tensor (got {type(out).__name__}); nothing to explain")
-        picked = leaves[0]
+        batched = [x for x in leaves if x.dim() > 0]
+        picked = batched[0] if isinstance(out, (tuple, list)) and leaves[0].dim() == 0 and batched else leaves[0]
     elif isinstance(select, str) and not isinstance(out, dict) and hasattr(out, select):
         picked = getattr(out, select)
     else:

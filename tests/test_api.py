@@ -850,6 +850,11 @@ def test_a_call_with_labels_explains_the_predictions() -> None:
     loss = compile_eager(model, output="loss")(input_ids=ids, labels=labels)
     assert loss.output.shape == ()
     torch.testing.assert_close(loss.output, model(input_ids=ids, labels=labels).loss.detach())
+    # a tuple (return_dict=False) has no names: the loss is the scalar before the logits
+    res = compile_eager(model)(input_ids=ids, labels=labels, return_dict=False)
+    torch.testing.assert_close(res.relevance, plain.relevance)
+    loss = compile_eager(model, output=0)(input_ids=ids, labels=labels, return_dict=False)
+    assert loss.output.shape == ()
 
 
 # --- targets and seeds ---------------------------------------------------------------------------------
