@@ -168,12 +168,14 @@ def frozen_args(
     """Tensor arguments the node treats as constants: the op's own (a divisor, indices), normalizer
     statistics marked by canonicalization, and, under CP-LRP, an activated gate in ``act(g) * u`` where
     both factors carry relevance (``carry``; ``act(x) * 0.5`` or ``act(x) * beta`` is a scaling, not a
-    gated product: NFNet's blocks)."""
+    gated product: NFNet's blocks; nor is ``act(x) * s`` with ``s`` a statistic of ``x`` that
+    canonicalization froze: the activation is what is scaled)."""
     frozen = (spec.frozen if spec else frozenset()) | node.meta.get(FROZEN_META, frozenset())
     if (
         gates_constant
         and node.target is torch.ops.aten.mul.Tensor
         and all(isinstance(a, fx.Node) and a in carry for a in node.args[:2])
+        and not frozen & {"self", "other"}
     ):
         gates = {name for name, arg in zip(("self", "other"), node.args) if _is_activation(arg)}
         if len(gates) == 2:  # LSTM: sigmoid(o) * tanh(c); the squashing-to-[0, 1] one is the gate

@@ -646,6 +646,38 @@ def test_gates_constant_leaves_a_scaled_activation_alone(beta: str) -> None:
     assert cp.relevance.abs().sum() > 0
 
 
+class NormalizedActivation(nn.Module):
+    """A hand-written RMS normalization of a ReLU's output, then a bias-free head; ``detach`` computes the
+    statistic from a detached value (the oracle: the statistic is a constant)."""
+
+    def __init__(self, detach: bool = False) -> None:
+        super().__init__()
+        self.detach = detach
+        self.a, self.head = nn.Linear(4, 6, bias=False), nn.Linear(6, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.a(x))
+        s = h.detach() if self.detach else h
+        return self.head(h * torch.rsqrt(s.pow(2).mean(-1) + 1e-6).unsqueeze(-1))
+
+
+@pytest.mark.parametrize("rules", ["cp-lrp", "attnlrp"])
+def test_a_normalized_activation_is_not_a_gate(rules: str) -> None:
+    """``relu(h) * rsqrt(mean(relu(h)²)).unsqueeze(-1)``: the statistic is held constant, so the activation is what is
+    scaled. CP-LRP took the activation for a gate of a gated product and held it constant too: nothing was
+    left to explain ("does not depend on any floating-point input"). Both presets are LRP-0 here, so the
+    relevance is gradient x input with the statistic detached."""
+    torch.manual_seed(24)
+    model = NormalizedActivation().to(DTYPE).eval()
+    oracle = NormalizedActivation(detach=True).to(DTYPE).eval()
+    oracle.load_state_dict(model.state_dict())
+    x = torch.randn(3, 4, dtype=DTYPE)
+    res = lrpc.compile(model, rules=rules, backend="eager")(x)
+    expected, logits = grad_x_input(oracle, x, res.target)
+    assert rel_err(res.relevance, expected) < 1e-10
+    torch.testing.assert_close(res.relevance.sum(1), logits, rtol=1e-10, atol=1e-12)
+
+
 class SpatialTransformer(nn.Module):
     """Bias-free conv features sampled on an affine grid predicted from the input (``grid_sample``);
     ``detach`` computes the grid from a detached input (the oracle: coordinates are constants)."""
