@@ -12,13 +12,14 @@ torch.Size([2, 4])
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -183,7 +184,7 @@ class Attributor:
         start = time.perf_counter()
         arguments = (*program.traced.state, *tensors, *extra)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _without_autocast():
                 outs = program.run(*arguments)
         except (LRPCError, torch.OutOfMemoryError):
             raise
@@ -259,6 +260,7 @@ class Attributor:
             tuple((t.dtype, t.device, t.dim()) for t in tensors),
             spec,
             ops.table_version(),
+            _autocast_state(),
         )
         return key, tensors
 
@@ -341,6 +343,10 @@ class Attributor:
     ) -> Program:
         self.stats["traces"] += 1
         traced = trace(self.model, args, kwargs, output=self.output, dynamic=dynamic)
+        with _without_autocast():  # the trace has the casts autocast made; the relevance pass adds none
+            return self._generate(traced, spec, tensors)
+
+    def _generate(self, traced: Traced, spec: TargetSpec, tensors: list[Tensor]) -> Program:
         start = time.perf_counter()
         traced, the_plan = self._plan(traced)
         graph = the_plan.graph
@@ -397,6 +403,24 @@ class Attributor:
             layers=layers,
             target=used_index,
         )
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_state() -> tuple[tuple[str, torch.dtype], ...]:
+    """The devices autocast is on for, and its dtype there: a program traced under autocast has its casts."""
+    return tuple((d, torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d))
+
+
+@contextlib.contextmanager
+def _without_autocast() -> Iterator[None]:
+    """Autocast off where it is on: programs run (and are generated) with the casts their trace has, so that
+    every backend computes in the same dtypes (the eager program's ops would be cast again, Inductor's not)."""
+    with contextlib.ExitStack() as stack:
+        for device, _ in _autocast_state():
+            stack.enter_context(torch.autocast(device, enabled=False))
+        yield
 
 
 def _batch(program: Program, sizes: dict[str, int]) -> int:

@@ -328,9 +328,11 @@ _QUANTIZED = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
 
 def _check_model_runs(wrapper: nn.Module, tensors: list[Tensor], names: list[str], model: nn.Module) -> None:
     """After export failed: if the model itself fails on these inputs, that is the error to report (a
-    shape or dtype mismatch), not an export limitation."""
+    shape or dtype mismatch), not an export limitation. It runs on copies of the buffers: a forward that
+    writes to them (a step counter, a running average) leaves the model as it was."""
+    copies = {name: b.clone() for name, b in wrapper.named_buffers(remove_duplicate=False)}
     try:
-        wrapper(*tensors)
+        torch.func.functional_call(wrapper, copies, tuple(tensors))
     except Exception as e:  # reported with the inputs' shapes
         shapes = ", ".join(f"{n} {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for n, t in zip(names, tensors))
         raise LRPCError(f"{type(model).__name__} fails on the given inputs ({shapes}): {type(e).__name__}: {e}") from e

@@ -233,6 +233,26 @@ def test_cache_is_bounded_and_least_recently_used() -> None:
     assert n_programs(big) == 3
 
 
+def test_autocast_is_part_of_the_signature() -> None:
+    """A call under ``torch.autocast`` explains the model as it runs there (its output in bfloat16); a call
+    outside it, the model in its own dtype. Autocast was not in the cache key: a plain call after an
+    autocast one reused the bfloat16 program (1e-2 off), and the eager program ran its relevance pass
+    autocast again where the Inductor one did not."""
+    torch.manual_seed(0)
+    model, x = relu_net(bias=True), torch.randn(3, 6)
+    a = compile_eager(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = a(x, target=1)
+        model_output = model(x)
+        reference = lrpc.compile(model, backend="interpret")(x, target=1)
+    assert cast.output.dtype == torch.bfloat16
+    torch.testing.assert_close(cast.output, model_output, rtol=0, atol=0)
+    torch.testing.assert_close(cast.relevance, reference.relevance, rtol=0, atol=0)
+    plain = a(x, target=1)
+    assert plain.output.dtype == torch.float32 and a.stats["traces"] == 2
+    torch.testing.assert_close(plain.relevance, nonzero(compile_eager(model)(x, target=1).relevance), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
 def test_calls_from_several_threads(backend: str) -> None:
     """A server's threads share one attributor: their first calls compile one program (torch.export and
@@ -405,6 +425,28 @@ def test_a_forward_that_writes_its_state_is_explained_without_writing_it() -> No
     expected = compile_eager(plain, rules="lrp0")(x, target=res.target)
     torch.testing.assert_close(res.output, expected.output, rtol=0, atol=0)
     torch.testing.assert_close(res.relevance, expected.relevance, rtol=0, atol=0)
+
+
+class CountsThenBranches(WritesItsState):
+    """Writes its buffer, then branches on a value: torch.export cannot trace it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        h = self.head(torch.relu(self.fc(x)))
+        return h if h.sum() > 0 else -h
+
+
+def test_a_failed_trace_leaves_the_buffers_as_they_were() -> None:
+    """After export fails, lrpc runs the model to tell its own errors from export's limits: that run wrote
+    the model's buffers (its step counter went from 0 to 1)."""
+    model = CountsThenBranches().eval()
+    before = snapshot(model)
+    with pytest.raises(lrpc.TraceError, match="could not trace"):
+        compile_eager(model)(torch.randn(2, 6))
+    assert_unchanged(model, before)
+    with pytest.raises(lrpc.LRPCError, match=r"fails on the given inputs \(x \(2, 5\) float32\)"):
+        compile_eager(model)(torch.randn(2, 5))  # the model's own error is still the one reported
+    assert_unchanged(model, before)
 
 
 def test_training_model_warns_and_is_explained_in_eval_semantics() -> None:
