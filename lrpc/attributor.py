@@ -165,6 +165,7 @@ class Attributor:
         self.constants = (constants,) if isinstance(constants, str) else tuple(constants)
         self._cache: OrderedDict[tuple, list[Program]] = OrderedDict()
         self._cache_lock = threading.Lock()  # the cache's order and counts, for calls from several threads
+        self._state = _ModelState(model)
         self.stats = {"traces": 0, "hits": 0, "calls": 0}
         self._last: Program | None = None
         # the last call's program and relevance, one tuple so that report() never pairs one call's program with
@@ -184,8 +185,12 @@ class Attributor:
         start = time.perf_counter()
         arguments = (*program.traced.state, *tensors, *extra)
         try:
-            with torch.no_grad(), _without_autocast():
-                outs = program.run(*arguments)
+            with torch.no_grad():
+                if _autocast_state():
+                    with _without_autocast():
+                        outs = program.run(*arguments)
+                else:
+                    outs = program.run(*arguments)
         except (LRPCError, torch.OutOfMemoryError):
             raise
         except Exception as e:  # name the node: a compiled program's own error does not say where
@@ -261,8 +266,13 @@ class Attributor:
             spec,
             ops.table_version(),
             _autocast_state(),
+            self._state.dtype_and_device(self._forget_programs),
         )
         return key, tensors
+
+    def _forget_programs(self) -> None:
+        with self._cache_lock:
+            self._cache.clear()
 
     def _program(self, args: tuple, kwargs: dict, spec: TargetSpec) -> tuple[Program, list[Tensor], dict[str, int]]:
         """The program for this call, its tensors, and the sizes its dynamic dims take."""
@@ -403,6 +413,58 @@ class Attributor:
             layers=layers,
             target=used_index,
         )
+
+
+_STRUCTURE_VERSION = [0]  # bumped whenever any module anywhere gets a submodule, parameter or buffer assigned
+_VERSION_HOOKS: list[Any] = []
+
+
+def _bump(*_: Any) -> None:
+    _STRUCTURE_VERSION[0] += 1
+
+
+class _ModelState:
+    """Notices a model whose parameters, buffers or submodules were replaced (``model.head = nn.Linear(...)``,
+    ``load_state_dict(..., assign=True)``), or which was cast or moved, after programs were traced from it:
+    they compute with what the trace saw, so they are dropped. Per call this costs a counter and one
+    tensor's dtype and device: PyTorch's global registration hooks bump the counter on any assignment, and
+    only then are the model's modules and tensors compared with those seen before."""
+
+    def __init__(self, model: nn.Module) -> None:
+        with backends.COMPILE_LOCK:  # installed once per process
+            if not _VERSION_HOOKS:
+                from torch.nn.modules import module as m
+
+                _VERSION_HOOKS.extend(
+                    register(_bump)
+                    for register in (
+                        m.register_module_module_registration_hook,
+                        m.register_module_parameter_registration_hook,
+                        m.register_module_buffer_registration_hook,
+                    )
+                )
+        self.model = model
+        self.version = -1
+        self.members: tuple[Any, ...] = ()
+        self.probe: Tensor | None = None  # a floating-point parameter or buffer: a cast or move shows on it
+
+    def dtype_and_device(self, on_change: Callable[[], None]) -> tuple[Any, Any] | None:
+        """The probe's dtype and device (in the cache key); calls ``on_change`` first if members were replaced."""
+        if self.version != _STRUCTURE_VERSION[0]:
+            self._refresh(on_change)
+        probe = self.probe
+        return None if probe is None else (probe.dtype, probe.device)
+
+    def _refresh(self, on_change: Callable[[], None]) -> None:
+        version = _STRUCTURE_VERSION[0]
+        modules = [m for _, m in self.model.named_modules(remove_duplicate=False)]
+        tensors = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values())]
+        members = (*modules, *tensors)
+        same = len(members) == len(self.members) and all(a is b for a, b in zip(members, self.members))
+        if not same and self.members:
+            on_change()
+        self.members, self.version = members, version
+        self.probe = next((t for t in tensors if t is not None and t.is_floating_point()), None)
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")

@@ -1474,18 +1474,43 @@ def test_static_inductor_backend_copies_arguments_into_the_compiled_strides(monk
     assert run(*double)[3].dtype == torch.float64 and len(compiles) == before + 2
 
 
-def test_static_inductor_program_follows_a_model_cast_after_compiling() -> None:
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_a_model_cast_after_compiling_is_traced_again(backend: str) -> None:
     """Token ids keep the call's signature when the model is cast (or moved) after its first call: the
-    cached program must not run code compiled for float32 parameters on float64 ones. It is compiled
-    again, as Dynamo's guards would have it."""
+    cached program must not run what was traced for float32 parameters on float64 ones (the eager program
+    failed inside a matmul). The model's dtype and device are part of the signature."""
     model = BagOfEmbeddings().eval()
     ids = torch.randint(0, 50, (3, 7))
-    a = lrpc.compile(model, rules="lrp0", backend="inductor")
+    a = lrpc.compile(model, rules="lrp0", backend=backend)
     assert a(ids).relevance.dtype == torch.float32
     model.double()
     res = a(ids)
-    assert res.relevance.dtype == torch.float64 and a.stats["traces"] == 1
+    assert res.relevance.dtype == torch.float64 and a.stats["traces"] == 2
     torch.testing.assert_close(res.relevance, nonzero(compile_eager(model, rules="lrp0")(ids).relevance))
+
+
+@pytest.mark.parametrize("change", ["submodule", "parameter", "load_state_dict(assign=True)", "unrelated"])
+def test_replaced_members_drop_the_cached_programs(change: str) -> None:
+    """Programs read the parameter objects they were traced with: a replaced submodule or parameter was
+    silently explained as it was (outputs 0.5-0.8 off). A module created elsewhere changes nothing."""
+    torch.manual_seed(0)
+    model, x = relu_net(bias=True), torch.randn(3, 6)
+    a = compile_eager(model)
+    a(x)
+    fresh = relu_net(bias=True)
+    with torch.no_grad():  # other weights, the same shapes
+        for p in fresh.parameters():
+            p.mul_(-1.5)
+    if change == "submodule":
+        model[2] = fresh[2]
+    elif change == "parameter":
+        model[0].weight = fresh[0].weight
+    elif change == "load_state_dict(assign=True)":
+        model.load_state_dict(fresh.state_dict(), assign=True)
+    res = a(x)
+    torch.testing.assert_close(res.output, model(x).detach(), rtol=0, atol=0)
+    assert a.stats["traces"] == (1 if change == "unrelated" else 2)
+    torch.testing.assert_close(res.relevance, compile_eager(model)(x).relevance, rtol=0, atol=0)
 
 
 def test_static_inductor_programs_are_cached_on_disk_across_attributors(monkeypatch, tmp_path) -> None:
