@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
+import inspect
 import math
 import threading
 import time
@@ -166,6 +167,7 @@ class Attributor:
         self._cache: OrderedDict[tuple, list[Program]] = OrderedDict()
         self._cache_lock = threading.Lock()  # the cache's order and counts, for calls from several threads
         self._state = _ModelState(model)
+        self._shadowed = _shadowed_parameters(model)
         self.stats = {"traces": 0, "hits": 0, "calls": 0}
         self._last: Program | None = None
         # the last call's program and relevance, one tuple so that report() never pairs one call's program with
@@ -174,12 +176,15 @@ class Attributor:
 
     # -- calling -------------------------------------------------------------------------------
     def __call__(self, *args: Any, target: Any = None, seed: str | None = None, **kwargs: Any) -> Attribution:
+        if self._shadowed:
+            self._check_shadowed(args, target=target, seed=seed)
         spec, index = parse_target(target, seed or self.seed)
         program, tensors, sizes = self._program(args, kwargs, spec)
         # the program was traced on contiguous inputs: its views (a flatten after a convolution) assume them
         tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
         extra = []
         if spec.mode == "index":
+            _check_has_classes(program, index)
             extra.append(index_tensor(index, _batch(program, sizes), tensors[0].device))
             _check_classes(index if isinstance(index, int) else extra[-1], program)
         start = time.perf_counter()
@@ -209,6 +214,8 @@ class Attributor:
 
     def program(self, *args: Any, target: Any = None, seed: str | None = None, **kwargs: Any) -> Program:
         """The compiled program that a call with these arguments runs (compiling it if needed)."""
+        if self._shadowed:
+            self._check_shadowed(args, target=target, seed=seed)
         spec, _ = parse_target(target, seed or self.seed)
         return self._program(args, kwargs, spec)[0]
 
@@ -230,6 +237,20 @@ class Attributor:
             _, values, seed_total = last
             conservation = (sum(v.sum() for v in values) if values else seed_total.new_zeros(()), seed_total)
         return Report.build(self.model, program, conservation)
+
+    def _check_shadowed(self, args: tuple, **given: Any) -> None:
+        """``target=`` and ``seed=`` are lrpc's: where the model's forward has a parameter of that name, it
+        must come positionally, or the call would be ambiguous (lrpc took it, and the model never saw it)."""
+        for name, position in self._shadowed.items():
+            if given[name] is None or (position is not None and len(args) > position):
+                continue
+            head = (
+                f"{type(self.model).__name__}.forward takes an argument named '{name}', and {name}= of an lrpc "
+                f"call is lrpc's own ({'the class to explain' if name == 'target' else 'the seed'}), never the model's"
+            )
+            if position is None:
+                raise LRPCError(f"{head}; the model's is keyword-only: wrap the model in a module that names it otherwise")
+            raise LRPCError(f"{head}: pass the model's '{name}' positionally, as argument {position + 1} of the call")
 
     # -- compiling -----------------------------------------------------------------------------
     def _key(self, args: tuple, kwargs: dict, spec: TargetSpec) -> tuple[tuple, list[Tensor]]:
@@ -415,6 +436,21 @@ class Attributor:
         )
 
 
+def _shadowed_parameters(model: nn.Module) -> dict[str, int | None]:
+    """Parameters of ``model.forward`` named like an lrpc call's own keywords, with their position (``None``:
+    keyword-only)."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return {
+        p.name: (i if p.kind in positional else None)
+        for i, p in enumerate(parameters)
+        if p.name in ("target", "seed") and p.kind is not inspect.Parameter.VAR_KEYWORD
+    }
+
+
 _STRUCTURE_VERSION = [0]  # bumped whenever any module anywhere gets a submodule, parameter or buffer assigned
 _VERSION_HOOKS: list[Any] = []
 
@@ -494,6 +530,19 @@ def _batch(program: Program, sizes: dict[str, int]) -> int:
     if isinstance(size, int):
         return size
     return int(sympy.sympify(str(size.node.expr)).subs(sizes))
+
+
+def _check_has_classes(program: Program, index: Any) -> None:
+    """Class indices pick from an output's last dimension: one score per sample has none to pick from."""
+    out = program.output_example
+    if out.dim() <= 1:
+        shown = index if isinstance(index, int) else f"a tensor of shape {tuple(index.shape)}"
+        raise LRPCError(
+            f"target={shown} picks a class, but the explained output {tuple(out.shape)} is "
+            f"{'a scalar' if out.dim() == 0 else 'one score per sample'}, with no class dimension: drop target= "
+            "to explain the score itself, pass output= to explain another of the model's outputs, or a callable "
+            "target for another seed"
+        )
 
 
 def _check_classes(index: int | Tensor, program: Program) -> None:

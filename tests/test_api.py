@@ -1045,6 +1045,45 @@ def test_bad_target_is_a_clear_error(lrp0, target, match: str) -> None:
         a(x, target=target)
 
 
+@pytest.mark.parametrize("reduce", ["per-sample", "scalar"])
+def test_a_class_target_on_an_output_without_classes_is_refused(reduce: str) -> None:
+    """One score per sample ``(B,)`` or a scalar: ``target=3`` was silently ignored (the score explained,
+    ``res.target`` None). No target still explains the score."""
+    model = nn.Sequential(relu_net(), nn.Flatten(0) if reduce == "scalar" else nn.Identity())
+    head = (lambda out: out.sum()) if reduce == "scalar" else (lambda out: out[:, 0])
+    a = compile_eager(model, output=head)
+    x = torch.randn(3, 6)
+    for target in (3, [0, 1, 2]):
+        with pytest.raises(lrpc.LRPCError, match=r"picks a class, but the explained output .* no class dimension"):
+            a(x, target=target)
+    res = a(x)
+    assert res.target is None
+    torch.testing.assert_close(res.relevance.sum(), head(model(x)).sum().detach(), rtol=1e-5, atol=1e-6)
+
+
+class ClassConditional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(4, 6), nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fc(x if target is None else x + self.emb(target))
+
+
+def test_a_forward_argument_named_target_comes_positionally() -> None:
+    """``target=`` of a call is lrpc's: a class-conditional model's own ``target`` was taken for the class to
+    explain and the model never saw it. The ambiguous call is refused; positionally it reaches the model."""
+    torch.manual_seed(0)
+    model, x, t = ClassConditional().eval(), torch.randn(3, 6), torch.tensor([0, 2, 3])
+    a = compile_eager(model)
+    with pytest.raises(lrpc.LRPCError, match=r"forward takes an argument named 'target'.*as argument 2"):
+        a(x, target=t)
+    res = a(x, t, target=1)
+    torch.testing.assert_close(res.output, model(x, t).detach(), rtol=0, atol=0)
+    assert torch.equal(res.target, torch.tensor([1, 1, 1]))
+    torch.testing.assert_close(a(x).output, model(x).detach(), rtol=0, atol=0)
+
+
 def test_bad_options_are_clear_errors() -> None:
     model = relu_net()
     with pytest.raises(lrpc.LRPCError, match=r"unknown rules preset 'nope'.*epsilon"):
