@@ -19,6 +19,7 @@ import inspect
 import math
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -153,6 +154,7 @@ class Attributor:
             except AttributeError:
                 raise LRPCError(f"layers: {type(model).__name__} has no submodule '{path}'") from None
         self.preset = resolve_preset(rules)
+        _warn_unmatched_overrides(self.preset, model)
         seed = seed or self.preset.seed
         parse_target(None, seed)  # validates seed
         self.model = model
@@ -434,6 +436,24 @@ class Attributor:
             layers=layers,
             target=used_index,
         )
+
+
+def _warn_unmatched_overrides(preset: Preset, model: nn.Module) -> None:
+    """An override whose key names no module of ``model`` applies nowhere: a mistyped path would otherwise
+    leave the preset's rule in place without a word."""
+    modules = list(model.named_modules())
+    for key, rule in preset.overrides:
+        if isinstance(key, str):
+            if any(fnmatch.fnmatchcase(path, key) for path, _ in modules):
+                continue
+            paths = ", ".join(repr(p) for p, _ in modules[1:7]) + (", ..." if len(modules) > 7 else "")
+            what = f"no module path of {type(model).__name__} matches it (its modules: {paths or 'none'})"
+        elif any(isinstance(m, key) for _, m in modules):
+            continue
+        else:
+            what = f"{type(model).__name__} has no {key.__name__} module"
+        label = repr(key) if isinstance(key, str) else key.__name__
+        warnings.warn(f"lrpc: the override {label}: {rule.name} applies nowhere: {what}", stacklevel=4)
 
 
 def _shadowed_parameters(model: nn.Module) -> dict[str, int | None]:

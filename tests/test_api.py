@@ -1084,6 +1084,17 @@ def test_a_forward_argument_named_target_comes_positionally() -> None:
     torch.testing.assert_close(a(x).output, model(x).detach(), rtol=0, atol=0)
 
 
+def test_an_override_that_names_no_module_warns() -> None:
+    """A mistyped path (``"features.2"`` on a plain ``Sequential``) left the preset's rule in place silently."""
+    model = relu_net()
+    for key, match in [("features.2", r"'features\.2'.*applies nowhere: no module path.*'0', '1'"), (nn.Conv1d, "no Conv1d")]:
+        with pytest.warns(UserWarning, match=match):
+            lrpc.compile(model, rules=lrpc.composite("epsilon", {key: lrpc.rules.ZPlus()}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lrpc.compile(model, rules=lrpc.composite("epsilon", {"2": lrpc.rules.ZPlus(), nn.Linear: lrpc.rules.Epsilon()}))
+
+
 def test_bad_options_are_clear_errors() -> None:
     model = relu_net()
     with pytest.raises(lrpc.LRPCError, match=r"unknown rules preset 'nope'.*epsilon"):
