@@ -33,7 +33,7 @@ from .ops import (
 )
 from .presets import Preset
 from .rules import Gradient, Pass, Route, Rule
-from .tracing import belongs_to, module_path, module_stack
+from .tracing import belongs_to, module_calls, module_path, module_stack
 
 
 @dataclass(frozen=True)
@@ -503,7 +503,15 @@ def find_layer_output(graph: fx.Graph, path: str) -> fx.Node:
     outputs = [n for n in members if _is_float(n) and any(not belongs_to(u, path) for u in n.users)]
     if not outputs:
         raise LRPCError(
-            f"layer '{path}' has no output in the traced graph: it is not called in forward, or its result "
-            "is not used by the explained output"
+            f"layer '{path}' has no output in the traced graph: it is not called in forward, its result is not "
+            "used by the explained output, or it computes nothing a trace keeps (nn.Identity, a bare view): "
+            "ask for the module that computes its input"
+        )
+    calls = {call for n in members for call in module_calls(n, path)}
+    if len(calls) > 1:
+        warnings.warn(
+            f"lrpc: module '{path}' is called {len(calls)} times in forward; layers['{path}'] is the relevance at "
+            "its last call's output (ask for the modules around the other calls for theirs)",
+            stacklevel=2,
         )
     return outputs[-1]

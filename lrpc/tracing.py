@@ -454,6 +454,11 @@ def module_stack(node: fx.Node) -> list[tuple[str, type | str]]:
     return out
 
 
+def module_calls(node: fx.Node, path: str) -> list[str]:
+    """Which call of module ``path`` created ``node`` (export names a module's second call ``path@1``)."""
+    return [key for key, (p, _) in (node.meta.get("nn_module_stack") or {}).items() if _strip(p) == path]
+
+
 def _strip(path: str) -> str:
     if path == _WRAPPED or path.startswith("_empty_nn_module_stack"):
         return ""

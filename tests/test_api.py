@@ -1129,6 +1129,26 @@ def test_layer_not_on_the_explained_path_is_an_error() -> None:
         compile_eager(Unused().eval(), layers=["unused"])(torch.randn(2, 4))
 
 
+class SharedActivation(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.act, self.l2, self.head, self.skip = nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 3), nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.l2(self.act(self.l1(self.skip(x))))))
+
+
+def test_layers_of_a_module_called_twice_or_computing_nothing() -> None:
+    """A module called twice: the relevance at its last call, with a warning saying so (one of the two came
+    back without a word). ``nn.Identity`` leaves nothing in the trace: the error said it was not called."""
+    model, x = SharedActivation().eval(), torch.randn(2, 6)
+    with pytest.warns(UserWarning, match=r"module 'act' is called 2 times.*last call"):
+        res = compile_eager(model, rules="lrp0", layers=["act", "l2"])(x)
+    torch.testing.assert_close(res.layers["act"], res.layers["l2"])  # the identity rule: ReLU(l2) carries l2's
+    with pytest.raises(lrpc.LRPCError, match=r"layer 'skip'.*computes nothing a trace keeps \(nn.Identity"):
+        compile_eager(model, layers=["skip"])(x)
+
+
 def test_layer_relevance_is_conserved(lrp0) -> None:
     model, x, _, out = lrp0
     res = compile_eager(model, rules="lrp0", layers=["0", "2"])(x)
