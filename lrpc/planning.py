@@ -261,9 +261,16 @@ def plan(
         output_node.args[0][0] if isinstance(output_node.args[0], (tuple, list)) else output_node.args[0]
     )
     if explained not in carry:
+        held = [name for name in inputs if name in constants]
         raise LRPCError(
             "the explained output does not depend on any floating-point input or embedded token id, "
             "so no relevance can reach the inputs"
+            + (
+                f" (held constant: {', '.join(held)}, whose names match compile(..., constants=...); the default "
+                "holds masks constant, '*mask*': pass constants=() or other patterns to explain them)"
+                if held
+                else ""
+            )
         )
     reached = {explained}
     steps: list[Step] = []

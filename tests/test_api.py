@@ -778,6 +778,9 @@ def test_float_mask_is_held_constant_by_default() -> None:
     # a pattern of the user's choice
     only_mask = compile_eager(model, rules="lrp0", constants="x")(x, mask)
     assert list(only_mask.inputs) == ["pixel_mask"]
+    # every input held constant (an image named "masked_image"): the error names the pattern, not the model
+    with pytest.raises(lrpc.LRPCError, match=r"held constant: x, pixel_mask, whose names match compile\(\.\.\., constants"):
+        compile_eager(model, rules="lrp0", constants=("x", "*mask*"))(x, mask)
 
 
 # --- tiny Hugging Face models ---------------------------------------------------------------------------
