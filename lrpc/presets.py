@@ -174,7 +174,7 @@ def _zennit(name: str, conv: Rule, *, first: Rule | None = None, first_families=
 
 def epsilon_plus_flat(eps: float = 1e-6) -> Preset:
     """Zennit's ``EpsilonPlusFlat``: Flat on the first layer, z⁺ on convolutions, ε on dense layers."""
-    return _zennit("epsilon-plus-flat", ZPlus(), first=Flat())
+    return _zennit("epsilon-plus-flat", ZPlus(), first=Flat(), eps=eps)
 
 
 def epsilon_gamma_box(low: Any = None, high: Any = None, gamma: float = 0.25, eps: float = 1e-6) -> Preset:

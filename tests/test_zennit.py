@@ -151,6 +151,32 @@ def test_preset_equals_zennit_composite(preset, composite, build, canonizer, sha
     assert rel_err(res.relevance, expected) < 1e-5
 
 
+@pytest.mark.parametrize(
+    "preset,composite",
+    [
+        (lambda: lrpc.presets.epsilon_plus_flat(eps=0.25), lambda: EpsilonPlusFlat(epsilon=0.25)),
+        (
+            lambda: lrpc.presets.epsilon_gamma_box(low=-3.0, high=3.0, gamma=0.5, eps=0.25),
+            lambda: EpsilonGammaBox(low=-3.0, high=3.0, gamma=0.5, epsilon=0.25),
+        ),
+        (lambda: lrpc.presets.epsilon_alpha2_beta1(eps=0.25), lambda: EpsilonAlpha2Beta1(epsilon=0.25)),
+    ],
+    ids=["epsilon-plus-flat", "epsilon-gamma-box", "epsilon-alpha2-beta1"],
+)
+def test_preset_parameters_equal_zennit_composite_parameters(preset, composite) -> None:
+    """The presets' own parameters reach their rules (``epsilon_plus_flat(eps=)`` kept ε = 1e-6 on its dense
+    layers: 4.2x off Zennit's ``EpsilonPlusFlat(epsilon=0.25)``)."""
+    model = copy.deepcopy(vgg_bn())
+    SequentialMergeBatchNorm().apply(model)
+    x = torch.randn(4, 3, 16, 16, dtype=D, generator=torch.Generator().manual_seed(4))
+    target = torch.tensor([0, 3, 1, 4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = lrpc.compile(model, rules=preset(), backend="eager")(x, target=target, seed="one")
+        expected = zennit_relevance(model, composite(), x, nn.functional.one_hot(target, 5).to(D))
+    assert rel_err(res.relevance, expected) < 1e-5
+
+
 def test_preset_assignment_is_visible_in_the_report() -> None:
     model = vgg_bn()
     x = torch.randn(2, 3, 16, 16, dtype=D)
