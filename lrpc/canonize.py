@@ -64,8 +64,8 @@ def canonicalize(
 
 def fold_batch_norm(graph: fx.Graph) -> fx.Graph:
     """Fold ``batch_norm(conv(x, W, b))`` into ``conv(x, W * s, (b - mean) * s + beta)`` with
-    ``s = gamma / sqrt(var + eps)``, for convolutions and rank-2 linear layers whose only user is the
-    batch norm. The folding arithmetic runs on the parameters inside the graph."""
+    ``s = gamma / sqrt(var + eps)``, for convolutions (transposed too) and rank-2 linear layers whose only user
+    is the batch norm. The folding arithmetic runs on the parameters inside the graph."""
     for bn in list(graph.nodes):
         if bn.op != "call_function" or bn.target not in _BATCH_NORM:
             continue
@@ -84,8 +84,7 @@ def fold_batch_norm(graph: fx.Graph) -> fx.Graph:
             if gamma is not None:
                 scale = call(aten.mul.Tensor, scale, gamma)
             weight = layer.args[1]
-            rank = len(weight.meta["val"].shape)
-            new_weight = call(aten.mul.Tensor, weight, call(aten.view.default, scale, [-1] + [1] * (rank - 1)))
+            new_weight = _scaled_per_output_channel(layer, weight, scale, call)
             bias = layer.args[2] if len(layer.args) > 2 else None
             shift = mean if bias is None else call(aten.sub.Tensor, mean, bias)
             new_bias = call(aten.neg.default, call(aten.mul.Tensor, shift, scale))
@@ -106,11 +105,23 @@ def fold_batch_norm(graph: fx.Graph) -> fx.Graph:
     return graph
 
 
+def _scaled_per_output_channel(layer: fx.Node, weight: fx.Node, scale: fx.Node, call: Callable[..., fx.Node]) -> fx.Node:
+    """``weight`` with output channel ``c`` scaled by ``scale[c]``. A convolution's and a linear layer's weight
+    is ``(out, in, ...)``; a transposed convolution's ``(in, out / groups, ...)``, the groups in its first dim."""
+    shape = list(weight.meta["val"].shape)
+    if not (layer.target is aten.convolution.default and layer.args[6]):
+        return call(aten.mul.Tensor, weight, call(aten.view.default, scale, [-1] + [1] * (len(shape) - 1)))
+    groups, kernel = layer.args[8], [1] * (len(shape) - 2)
+    grouped = call(aten.view.default, weight, [groups, shape[0] // groups, *shape[1:]])
+    scaled = call(aten.mul.Tensor, grouped, call(aten.view.default, scale, [groups, 1, shape[1], *kernel]))
+    return call(aten.view.default, scaled, shape)
+
+
 def _foldable(layer: Any) -> bool:
     if not isinstance(layer, fx.Node) or layer.op != "call_function" or len(layer.users) != 1:
         return False
     if layer.target is aten.convolution.default:
-        return not layer.args[6]  # not transposed
+        return True
     if layer.target is aten.linear.default:
         return len(layer.meta["val"].shape) == 2
     return False

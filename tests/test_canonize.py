@@ -110,6 +110,30 @@ def test_batch_norm_folds_into_conv_and_linear(bias: bool) -> None:
     assert not any("batch_norm" in op for op in ops), ops
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("rules", ["epsilon-plus-flat", "epsilon-alpha2-beta1"])
+def test_batch_norm_folds_into_a_transposed_convolution(groups: int, rules: str) -> None:
+    """A transposed convolution's weight is ``(in, out / groups, ...)``: each output channel's scale goes into
+    its slice of every group. It was not folded, and the batch norm passed relevance as it came (0.64 off
+    Zennit, which merges it, under epsilon-plus-flat); its layer rule now sees the folded weights."""
+    torch.manual_seed(0)
+    up, bn = nn.ConvTranspose2d(4, 6, 3, stride=2, groups=groups), nn.BatchNorm2d(6)
+    model = randomize_batch_norm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), up, bn, nn.ReLU(), nn.Flatten(), nn.Linear(6 * 9 * 9, 3)))
+    model = model.double().eval()
+    merged = nn.ConvTranspose2d(4, 6, 3, stride=2, groups=groups).double()
+    s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    with torch.no_grad():
+        merged.weight.copy_((up.weight.view(groups, 4 // groups, 6 // groups, 3, 3) * s.view(groups, 1, -1, 1, 1)).view_as(up.weight))
+        merged.bias.copy_((up.bias - bn.running_mean) * s + bn.bias)
+    by_hand = nn.Sequential(model[0], model[1], merged, nn.ReLU(), nn.Flatten(), model[6]).eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(by_hand(x), model(x))
+    attributor = lrpc.compile(model, rules=rules, backend="eager")
+    res, ref = attributor(x, target=1), explain(by_hand, x, rules=rules, target=1)
+    assert rel_err(res.relevance, ref.relevance) < 1e-10
+    assert not any("batch_norm" in s.op for s in attributor.plan(x, target=1).steps)
+
+
 def test_lrp0_with_folded_batch_norm_is_gradient_times_input() -> None:
     """LRP-0 equals gradient x input on a ReLU net with biases too (the biases absorb relevance)."""
     torch.manual_seed(1)
