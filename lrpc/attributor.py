@@ -42,7 +42,7 @@ from .presets import resolve as resolve_preset
 from .report import Report
 from .targets import TargetSpec, index_tensor
 from .targets import parse as parse_target
-from .tracing import OutputSelector, Traced, check_traceable, module_path, trace
+from .tracing import OutputSelector, Traced, check_model_runs, check_traceable, module_path, trace
 
 ON_UNSUPPORTED = ("error", "warn")
 DEFAULT_CONSTANTS = ("*mask*",)
@@ -375,9 +375,15 @@ class Attributor:
         self, args: tuple, kwargs: dict, spec: TargetSpec, tensors: list[Tensor], dynamic: bool
     ) -> Program:
         self.stats["traces"] += 1
-        traced = trace(self.model, args, kwargs, output=self.output, dynamic=dynamic)
-        with _without_autocast():  # the trace has the casts autocast made; the relevance pass adds none
-            return self._generate(traced, spec, tensors)
+        with _tracing(self.model):
+            traced = trace(self.model, args, kwargs, output=self.output, dynamic=dynamic)
+        try:
+            with _without_autocast():  # the trace has the casts autocast made; the relevance pass adds none
+                return self._generate(traced, spec, tensors)
+        except LRPCError:
+            with _tracing(self.model):
+                check_model_runs(self.model, args, kwargs, self.output)  # a rule failing where the model does
+            raise
 
     def _generate(self, traced: Traced, spec: TargetSpec, tensors: list[Tensor]) -> Program:
         start = time.perf_counter()
@@ -473,10 +479,27 @@ def _shadowed_parameters(model: nn.Module) -> dict[str, int | None]:
 
 _STRUCTURE_VERSION = [0]  # bumped whenever any module anywhere gets a submodule, parameter or buffer assigned
 _VERSION_HOOKS: list[Any] = []
+_TRACING = threading.local()  # set on a thread while lrpc traces: export swaps parameters in and out
+_IN_TRACE: set[int] = set()  # ids of the models being traced, whose members are fakes meanwhile
 
 
 def _bump(*_: Any) -> None:
-    _STRUCTURE_VERSION[0] += 1
+    if not getattr(_TRACING, "active", False):
+        _STRUCTURE_VERSION[0] += 1
+
+
+@contextlib.contextmanager
+def _tracing(model: nn.Module) -> Iterator[None]:
+    """Assignments made by lrpc's own trace of ``model`` on this thread (export swaps the parameters for fake
+    ones and back) leave the version alone, and the model's members are not compared meanwhile: another
+    thread would see the fakes and drop its programs."""
+    _TRACING.active = True
+    _IN_TRACE.add(id(model))
+    try:
+        yield
+    finally:
+        _IN_TRACE.discard(id(model))
+        _TRACING.active = False
 
 
 class _ModelState:
@@ -502,7 +525,7 @@ class _ModelState:
         self.model = model
         self.version = -1
         self.members: tuple[Any, ...] = ()
-        self.probe: Tensor | None = None  # a floating-point parameter or buffer: a cast or move shows on it
+        self.probe = _probe(_members(model)[1])
 
     def dtype_and_device(self, on_change: Callable[[], None]) -> tuple[Any, Any] | None:
         """The probe's dtype and device (in the cache key); calls ``on_change`` first if members were replaced."""
@@ -512,15 +535,26 @@ class _ModelState:
         return None if probe is None else (probe.dtype, probe.device)
 
     def _refresh(self, on_change: Callable[[], None]) -> None:
+        if id(self.model) in _IN_TRACE:  # mid-trace on another thread: compare when it is done
+            return
         version = _STRUCTURE_VERSION[0]
-        modules = [m for _, m in self.model.named_modules(remove_duplicate=False)]
-        tensors = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values())]
-        members = (*modules, *tensors)
+        members, tensors = _members(self.model)
         same = len(members) == len(self.members) and all(a is b for a, b in zip(members, self.members))
         if not same and self.members:
             on_change()
-        self.members, self.version = members, version
-        self.probe = next((t for t in tensors if t is not None and t.is_floating_point()), None)
+        self.members, self.version, self.probe = members, version, _probe(tensors)
+
+
+def _members(model: nn.Module) -> tuple[tuple[Any, ...], list[Tensor | None]]:
+    """Every submodule, parameter and buffer of ``model`` (what a program may have traced), and the tensors."""
+    modules = [m for _, m in model.named_modules(remove_duplicate=False)]
+    tensors = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values())]
+    return (*modules, *tensors), tensors
+
+
+def _probe(tensors: list[Tensor | None]) -> Tensor | None:
+    """A floating-point parameter or buffer: a cast or move of the model shows on it."""
+    return next((t for t in tensors if t is not None and t.is_floating_point()), None)
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")

@@ -9,8 +9,10 @@ annotated with the rule and forward node it comes from.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,7 +261,7 @@ def generate(plan: Plan, target: TargetSpec, example_inputs: list[Any]) -> tuple
     symbolic) followed by an index tensor when the target mode takes one.
     """
     program, signature = relevance_function(plan, target)
-    with fx_traceback.preserve_node_meta(), torch.no_grad():
+    with fx_traceback.preserve_node_meta(), torch.no_grad(), _fake_kernel_errors_unlogged():
         gm = make_fx(program, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example_inputs)
     eliminate_common_subexpressions(gm.graph)
     merge_input_gradients(gm.graph)
@@ -267,6 +269,19 @@ def generate(plan: Plan, target: TargetSpec, example_inputs: list[Any]) -> tuple
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm, signature
+
+
+@contextlib.contextmanager
+def _fake_kernel_errors_unlogged() -> Iterator[None]:
+    """Fake tensors log every exception of a kernel they run with its traceback (20 lines at ERROR) before
+    raising it; a rule that fails is reported by lrpc, naming the node, with that exception as its cause."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def eliminate_common_subexpressions(graph: fx.Graph) -> fx.Graph:

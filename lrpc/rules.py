@@ -455,10 +455,22 @@ class ZBox(Rule):
         # a scalar or per-feature bound fits any position; anything larger may differ between positions
         return any(torch.as_tensor(v).dim() >= 2 for v in (self.low, self.high))
 
+    @staticmethod
+    def _bound(value: Any, x: Tensor) -> Tensor:
+        bound = torch.as_tensor(value, dtype=x.dtype, device=x.device)
+        try:
+            return bound.expand_as(x)
+        except RuntimeError:
+            raise RuleError(
+                f"ZBox: a bound of shape {tuple(bound.shape)} does not fit the layer's input, "
+                f"{tuple(x.shape[1:])} per sample. A convolution that pads its input itself (padding_mode "
+                "'reflect', 'replicate' or 'circular') sees it padded: per-channel bounds (shape (C, 1, 1)) "
+                "or numbers fit any size"
+            ) from None
+
     def __call__(self, op: Operation, R: Any) -> Relevances:
         x, w, b = _parts(op, self)
-        low = torch.as_tensor(self.low, dtype=x.dtype, device=x.device).expand_as(x)
-        high = torch.as_tensor(self.high, dtype=x.dtype, device=x.device).expand_as(x)
+        low, high = (self._bound(v, x) for v in (self.low, self.high))
         z1, back1 = op.layer(x, w, b)
         z2, back2 = op.layer(low, w.clamp(min=0), _pos(b))
         z3, back3 = op.layer(high, w.clamp(max=0), _neg(b))

@@ -201,23 +201,43 @@ def select_output(out: Any, select: OutputSelector) -> Tensor:
     than a loss, which a call with ``labels=`` puts first: the predictions are explained, not the loss
     (``output="loss"`` or ``output=0`` picks it). A loss is a ``loss`` entry, or, in a tuple
     (``return_dict=False``), a scalar followed by tensors that are not scalars."""
-    if callable(select):
-        picked = select(out)
-    elif select is None:
+    if select is None:
         if isinstance(out, Mapping) and "loss" in out and len(out) > 1:
             out = {k: v for k, v in out.items() if k != "loss"}
         leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, Tensor)]
         if not leaves:
-            raise TraceError(f"the model returned no tensor (got {type(out).__name__}); nothing to explain")
+            raise TraceError(
+                f"the model returned no tensor that lrpc can find (got {type(out).__name__}, which torch's pytree "
+                "does not look into); pick the output to explain with output= (an attribute name, an index or "
+                "a callable)"
+            )
         batched = [x for x in leaves if x.dim() > 0]
-        picked = batched[0] if isinstance(out, (tuple, list)) and leaves[0].dim() == 0 and batched else leaves[0]
-    elif isinstance(select, str) and not isinstance(out, dict) and hasattr(out, select):
-        picked = getattr(out, select)
-    else:
-        picked = out[select]
+        return batched[0] if isinstance(out, (tuple, list)) and leaves[0].dim() == 0 and batched else leaves[0]
+    try:
+        if callable(select):
+            picked = select(out)
+        elif isinstance(select, str) and not isinstance(out, dict) and hasattr(out, select):
+            picked = getattr(out, select)
+        else:
+            picked = out[select]
+    except Exception as e:  # the selector's error, not the model's
+        raise TraceError(
+            f"output={select!r} does not pick from what the model returned ({_describe(out)}): "
+            f"{type(e).__name__}: {e}"
+        ) from e
     if not isinstance(picked, Tensor):
-        raise TraceError(f"output selector {select!r} picked a {type(picked).__name__}, not a tensor")
+        raise TraceError(f"output={select!r} picked a {type(picked).__name__} ({_describe(picked)}), not a tensor")
     return picked
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        return f"a {type(value).__name__} with keys {list(value)[:8]}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return f"a {type(value).__name__}"
 
 
 def flatten_inputs(model: nn.Module, args: tuple, kwargs: dict) -> tuple[list[Any], pytree.TreeSpec, list[str]]:
@@ -292,6 +312,8 @@ def trace(
             try:
                 program = torch.export.export(wrapper, tuple(tensors), dynamic_shapes=shapes, strict=False)
                 break
+            except LRPCError:  # lrpc's own finding (a wrong output= selector): not export's
+                raise
             except Exception as e:  # noqa: BLE001 - reported below with the export's own message
                 errors.append(e)
         else:
@@ -326,6 +348,16 @@ def check_traceable(model: nn.Module) -> None:
 _QUANTIZED = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
 
 
+def check_model_runs(model: nn.Module, args: tuple, kwargs: dict, output: OutputSelector = None) -> None:
+    """Raise the model's own error on this call, if it has one (see :func:`_check_model_runs`): where a later
+    stage failed on a call that export traced (a float64 input to a float32 model), that is the cause."""
+    leaves, spec, names = flatten_inputs(model, args, kwargs)
+    tensors = [x.contiguous() for x in leaves if isinstance(x, Tensor)]
+    tensor_names = [n for n, x in zip(names, leaves) if isinstance(x, Tensor)]
+    with eval_mode(model), torch.no_grad():
+        _check_model_runs(_Explained(model, spec, leaves, output), tensors, tensor_names, model)
+
+
 def _check_model_runs(wrapper: nn.Module, tensors: list[Tensor], names: list[str], model: nn.Module) -> None:
     """After export failed: if the model itself fails on these inputs, that is the error to report (a
     shape or dtype mismatch), not an export limitation. It runs on copies of the buffers: a forward that
@@ -333,6 +365,8 @@ def _check_model_runs(wrapper: nn.Module, tensors: list[Tensor], names: list[str
     copies = {name: b.clone() for name, b in wrapper.named_buffers(remove_duplicate=False)}
     try:
         torch.func.functional_call(wrapper, copies, tuple(tensors))
+    except LRPCError:
+        raise
     except Exception as e:  # reported with the inputs' shapes
         shapes = ", ".join(f"{n} {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for n, t in zip(names, tensors))
         raise LRPCError(f"{type(model).__name__} fails on the given inputs ({shapes}): {type(e).__name__}: {e}") from e

@@ -1098,6 +1098,36 @@ def test_an_override_that_names_no_module_warns() -> None:
         lrpc.compile(model, rules=lrpc.composite("epsilon", {"2": lrpc.rules.ZPlus(), nn.Linear: lrpc.rules.Epsilon()}))
 
 
+class TwoOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.fc(x), x.sum(-1)
+
+
+def test_errors_name_what_is_wrong_not_the_model(capfd) -> None:
+    """A wrong ``output=`` was reported as the model failing on its inputs; a float64 input to a float32
+    model as a rule failing at a node (after 20 lines of fake-tensor log); a per-pixel box bound on a
+    reflect-padded convolution as a failed ``expand``."""
+    x = torch.randn(3, 6)
+    for output, match in [
+        (5, r"output=5 does not pick from what the model returned \(a tuple of 2\): IndexError"),
+        ("logits", r"output='logits' does not pick .*a tuple of 2"),
+        (lambda out: out, r"picked a tuple \(a tuple of 2\), not a tensor"),
+    ]:
+        with pytest.raises(lrpc.TraceError, match=match):
+            compile_eager(TwoOutputs().eval(), output=output)(x)
+    with pytest.raises(lrpc.LRPCError, match=r"fails on the given inputs \(input \(3, 6\) float64\).*same dtype"):
+        compile_eager(relu_net())(x.double())
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU(), nn.Flatten(), nn.Linear(256, 3))
+    box = lrpc.presets.epsilon_gamma_box(low=torch.zeros(3, 8, 8), high=torch.ones(3, 8, 8))
+    with pytest.raises(lrpc.RuleError, match=r"ZBox: a bound of shape \(3, 8, 8\) does not fit .*\(3, 10, 10\).*reflect"):
+        compile_eager(model.eval(), rules=box)(torch.rand(2, 3, 8, 8))
+    assert "fake_tensor" not in capfd.readouterr().err
+
+
 def test_bad_options_are_clear_errors() -> None:
     model = relu_net()
     with pytest.raises(lrpc.LRPCError, match=r"unknown rules preset 'nope'.*epsilon"):
