@@ -125,7 +125,8 @@ class Attributor:
     Calling traces and compiles on the first call for each input signature (dtypes, device, ranks,
     non-dynamic sizes, target mode); later calls with the same signature reuse the program. The first
     program of a signature is compiled for its sizes; a call with other sizes compiles one whose dynamic
-    dimensions (batch; sequence length of token ids) take any size where export allows (``dynamic=``).
+    dimensions (batch; sequence length of token ids; those whose size changed) take any size where export
+    allows (``dynamic=``).
     """
 
     def __init__(
@@ -305,7 +306,8 @@ class Attributor:
             with backends.COMPILE_LOCK:
                 found = self._cached(key, tensors)  # compiled by another thread while this one waited
                 if found is None:
-                    found = self._add(key, self._compile(args, kwargs, spec, tensors, self._dynamic(key)), tensors)
+                    program = self._compile(args, kwargs, spec, tensors, self._dynamic(key), self._grown(key, tensors))
+                    found = self._add(key, program, tensors)
         program, sizes = found
         return program, tensors, sizes
 
@@ -313,6 +315,18 @@ class Attributor:
         # automatic dynamic shapes (torch.compile's default): sizes seen before under this signature did
         # not fit, so the next program takes any batch / sequence size
         return self.dynamic if self.dynamic is not None else key in self._cache
+
+    def _grown(self, key: tuple, tensors: list[Tensor]) -> list[set[int]]:
+        """Per tensor input, the dims whose size differs from a cached program of this signature that had them
+        static (a float sequence's length; batch and token dims are dynamic anyway): the next program makes
+        them dynamic, as torch.compile's automatic dynamic shapes would."""
+        grown: list[set[int]] = [set() for _ in tensors]
+        with self._cache_lock:
+            programs = list(self._cache.get(key, []))
+        for program in programs:
+            for dims, spec, t in zip(grown, program.traced.inputs, tensors):
+                dims.update(d for d, (want, got) in enumerate(zip(spec.shape, t.shape)) if isinstance(want, int) and want != got)
+        return grown
 
     def _add(self, key: tuple, program: Program, tensors: list[Tensor]) -> tuple[Program, dict[str, int]]:
         with self._cache_lock:
@@ -372,11 +386,11 @@ class Attributor:
             traced = pristine.copy()
 
     def _compile(
-        self, args: tuple, kwargs: dict, spec: TargetSpec, tensors: list[Tensor], dynamic: bool
+        self, args: tuple, kwargs: dict, spec: TargetSpec, tensors: list[Tensor], dynamic: bool, grown: list[set[int]]
     ) -> Program:
         self.stats["traces"] += 1
         with _tracing(self.model):
-            traced = trace(self.model, args, kwargs, output=self.output, dynamic=dynamic)
+            traced = trace(self.model, args, kwargs, output=self.output, dynamic=dynamic, grown=grown)
         try:
             with _without_autocast():  # the trace has the casts autocast made; the relevance pass adds none
                 return self._generate(traced, spec, tensors)
@@ -696,9 +710,9 @@ def compile(model: nn.Module, **options: Any) -> Attributor:
             rule; ``"warn"`` routes relevance through its gradient, warns, and records the fallback.
         dynamic: ``None`` (default, like ``torch.compile``'s automatic dynamic shapes): the first program
             for an input signature is compiled for its exact sizes (faster to compile: BERT-base's first
-            call with Inductor on 2 CPU cores took 39 s instead of 68 s); a later call with a new batch
-            size or sequence length compiles one program whose batch (and token sequence) dimension is
-            dynamic where export allows, and that program serves every size after. ``True``: dynamic from
+            call with Inductor on 2 CPU cores took 39 s instead of 68 s); a later call with new sizes
+            compiles one program whose batch, token sequence and changed dimensions are dynamic where
+            export allows, and that program serves the sizes after. ``True``: dynamic from
             the first call (for inputs whose sizes change from call to call). ``False``: never dynamic,
             a program per shape.
         cache_size: how many compiled programs to keep (least recently used are dropped).

@@ -11,7 +11,7 @@ import contextlib
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -272,25 +272,29 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _dynamic_shapes(tensors: Sequence[Tensor]) -> tuple:
-    """Batch (dim 0) dynamic for every input; also the sequence (dim 1) for integer inputs (token ids).
+def _dynamic_shapes(tensors: Sequence[Tensor], grown: Sequence[Collection[int]] = ()) -> tuple:
+    """Batch (dim 0) dynamic for every input; also the sequence (dim 1) for integer inputs (token ids), and
+    the dims in ``grown`` (per tensor: those whose size changed between calls, a float sequence's length).
     Sizes 0 and 1 are left static (export would specialize them anyway, with a warning). Shaped for the
     wrapper's ``forward(*tensors)``: one entry, the tuple of per-tensor specs."""
     spec = []
-    for t in tensors:
-        dims = {}
-        if t.dim() >= 1 and t.shape[0] > 1:
-            dims[0] = Dim.AUTO
-        if t.dim() >= 2 and not t.is_floating_point() and t.shape[1] > 1:
-            dims[1] = Dim.AUTO
-        spec.append(dims)
+    for i, t in enumerate(tensors):
+        wanted = {0} | ({1} if not t.is_floating_point() else set()) | set(grown[i] if i < len(grown) else ())
+        spec.append({d: Dim.AUTO for d in sorted(wanted) if d < t.dim() and t.shape[d] > 1})
     return (tuple(spec),)
 
 
 def trace(
-    model: nn.Module, args: tuple, kwargs: dict, *, output: OutputSelector = None, dynamic: bool = True
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    *,
+    output: OutputSelector = None,
+    dynamic: bool = True,
+    grown: Sequence[Collection[int]] = (),
 ) -> Traced:
-    """Export ``model(*args, **kwargs)`` and decompose it with :func:`decomposition_table`."""
+    """Export ``model(*args, **kwargs)`` and decompose it with :func:`decomposition_table`. With ``dynamic``,
+    batch and token dims are dynamic, and the dims in ``grown`` (per tensor input)."""
     import time
 
     start = time.perf_counter()
@@ -308,7 +312,7 @@ def trace(
         )
     with eval_mode(model), torch.no_grad():
         errors = []
-        for shapes in ([_dynamic_shapes(tensors)] if dynamic else []) + [None]:
+        for shapes in ([_dynamic_shapes(tensors, grown)] if dynamic else []) + [None]:
             try:
                 program = torch.export.export(wrapper, tuple(tensors), dynamic_shapes=shapes, strict=False)
                 break

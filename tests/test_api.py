@@ -135,6 +135,8 @@ def test_conv_batch_sizes_share_few_programs() -> None:
 
 
 def test_new_image_size_gets_a_new_program() -> None:
+    """A second image size: a program whose batch and image sizes are dynamic (they changed), which then
+    serves other batches and sizes too."""
     model = conv_net(nn.AdaptiveAvgPool2d(2), features=4 * 2 * 2)
     a = compile_eager(model)
     a(torch.randn(2, 3, 8, 8))
@@ -146,11 +148,23 @@ def test_new_image_size_gets_a_new_program() -> None:
     # the first program is still cached and still right
     torch.testing.assert_close(a(torch.ones(2, 3, 8, 8)).relevance, compile_eager(model)(torch.ones(2, 3, 8, 8)).relevance)
     assert a.stats["traces"] == 2
-    # another batch at the first image size: the dynamic program for that size, then reused
-    for batch in (4, 6):
-        y = torch.randn(batch, 3, 8, 8)
+    # other batches and image sizes: the dynamic program
+    for batch, size in ((4, 8), (6, 10), (3, 16)):
+        y = torch.randn(batch, 3, size, size)
         torch.testing.assert_close(a(y).relevance, compile_eager(model)(y).relevance)
-    assert a.stats["traces"] == 3
+    assert a.stats["traces"] == 2
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_float_sequences_of_new_lengths_share_one_program(dynamic: bool | None) -> None:
+    """Float inputs ``(B, T, F)`` (audio features, ``inputs_embeds``) compiled a program for every length:
+    a dim whose size changed becomes dynamic, as torch.compile's automatic dynamic shapes make it."""
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    a = compile_eager(model, output=lambda out: out.mean(1), dynamic=dynamic)
+    for length in (4, 7, 9, 12, 5):
+        x = torch.randn(2, length, 5)
+        torch.testing.assert_close(a(x).relevance, compile_eager(model, output=lambda out: out.mean(1))(x).relevance)
+    assert a.stats["traces"] == 2
 
 
 def test_image_size_that_the_model_cannot_take_is_named() -> None:
