@@ -149,7 +149,16 @@ class Attributor:
         if on_unsupported not in ON_UNSUPPORTED:
             raise LRPCError(f"on_unsupported must be one of {ON_UNSUPPORTED}, got {on_unsupported!r}")
         layers = () if layers is None else (layers,) if isinstance(layers, str) else tuple(layers)
+        if not isinstance(cache_size, int) or isinstance(cache_size, bool) or cache_size < 1:
+            raise LRPCError(f"cache_size must be a positive int (programs kept), got {cache_size!r}")
+        if dynamic not in (None, True, False):
+            raise LRPCError(f"dynamic must be None (automatic), True or False, got {dynamic!r}")
         for path in layers:
+            if not isinstance(path, str):
+                raise LRPCError(
+                    f"layers: module paths are strings ('0', 'features.3', as named_modules() gives them), "
+                    f"got {path!r} ({type(path).__name__})"
+                )
             try:
                 model.get_submodule(path)
             except AttributeError:

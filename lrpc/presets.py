@@ -28,7 +28,7 @@ gradient, exactly as Zennit does; op families Zennit has no rule for get the ``"
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -240,13 +240,13 @@ PRESETS = {
 
 def composite(
     preset: str | Preset = "epsilon",
-    overrides: Mapping[OverrideKey, Rule] | None = None,
+    overrides: Mapping[OverrideKey, Rule] | Iterable[tuple[OverrideKey, Rule]] | None = None,
     *,
     first: Rule | None = None,
     gates_constant: bool | None = None,
 ) -> Preset:
     """A preset plus overrides keyed by module path glob (``"features.0"``, ``"*.attn.*"``) or module type
-    (``nn.Linear``). An override applies to the ops created inside matching modules that its rule can
+    (``nn.Linear``), as a dict or as ``(key, rule)`` pairs. An override applies to the ops created inside matching modules that its rule can
     serve (a ``ZPlus`` override on ``"features"`` changes the convolutions there, not the ReLUs); the
     first matching key wins, in the order given. ``first`` replaces the preset's first-layer rule.
     ``gates_constant=True`` holds activated gates constant (``x * sigmoid(g)``: all relevance stays with
@@ -259,7 +259,15 @@ def composite(
     'epsilon-plus-flat+overrides'
     """
     base = resolve(preset)
-    items = tuple((overrides or {}).items())
+    try:  # a mapping, or (key, rule) pairs: both keep the order given
+        items = tuple(overrides.items() if isinstance(overrides, Mapping) else overrides or ())
+        items = tuple((key, rule) for key, rule in items)
+    except (TypeError, ValueError):
+        raise RuleError(
+            f"overrides are a mapping (or pairs) of module path glob or module type -> rule, got {overrides!r}"
+        ) from None
+    if first is not None and not isinstance(first, Rule):
+        raise RuleError(f"first must be an lrpc.rules.Rule (e.g. lrpc.rules.Flat()), got {first!r}")
     for key, rule in items:
         if not isinstance(key, (str, type)):
             raise RuleError(f"override keys are module path globs or module types, got {key!r}")

@@ -10,6 +10,9 @@ program. Notation: ``x`` the inputs, ``z`` the output, ``J_i`` the Jacobian of `
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -225,6 +228,15 @@ class Rule:
         it applies to must then see every position, so :mod:`lrpc.narrowing` leaves that layer whole."""
         return False
 
+    def __post_init__(self) -> None:
+        """Every parameter annotated ``float`` is a real number (not a string, not NaN)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("float", float) and (
+                isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value)
+            ):
+                raise RuleError(f"{type(self).__name__}: {f.name} must be a number, got {value!r}")
+
     def __call__(self, op: Operation, R: Any) -> Relevances:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -244,6 +256,7 @@ class Epsilon(Rule):
     eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.eps < 0:
             raise RuleError(f"Epsilon: eps must be >= 0, got {self.eps}")
 
@@ -335,6 +348,7 @@ class AlphaBeta(Rule):
     serves: ClassVar[frozenset[str] | None] = LAYERS
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.alpha < 0 or self.beta < 0 or self.alpha - self.beta != 1:
             raise RuleError(
                 f"AlphaBeta needs alpha, beta >= 0 and alpha - beta == 1, got {self.alpha}, {self.beta}"
@@ -377,6 +391,7 @@ class Gamma(Rule):
     serves: ClassVar[frozenset[str] | None] = LAYERS
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.gamma < 0:
             raise RuleError(f"Gamma needs gamma >= 0, got {self.gamma}")
 
@@ -447,8 +462,15 @@ class ZBox(Rule):
     serves: ClassVar[frozenset[str] | None] = LAYERS
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.low is None or self.high is None:
             raise RuleError("ZBox needs the input bounds: ZBox(low=..., high=...)")
+        try:
+            inverted = bool((torch.as_tensor(self.low) > torch.as_tensor(self.high)).any())
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise RuleError(f"ZBox: low and high must be numbers or tensors that broadcast together: {e}") from None
+        if inverted:
+            raise RuleError("ZBox: low must be <= high everywhere (the input's lower and upper bounds)")
 
     @property
     def holds_positions(self) -> bool:

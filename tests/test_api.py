@@ -1152,6 +1152,12 @@ def test_bad_options_are_clear_errors() -> None:
         lrpc.compile(model, layers=["5.weight"])
     with pytest.raises(lrpc.LRPCError, match=r"no submodule 'encoder'"):
         lrpc.compile(model, layers=["encoder"])
+    with pytest.raises(lrpc.LRPCError, match=r"module paths are strings .*got 0 \(int\)"):
+        lrpc.compile(model, layers=[0])  # it said Sequential had no submodule '0'
+    with pytest.raises(lrpc.LRPCError, match="cache_size must be a positive int"):
+        lrpc.compile(model, cache_size=-1)  # a StopIteration at the first call
+    with pytest.raises(lrpc.LRPCError, match="dynamic must be None"):
+        lrpc.compile(model, dynamic="yes")
     with pytest.raises(lrpc.LRPCError, match="seed must be one of"):
         lrpc.compile(model, seed="two")
     with pytest.raises(lrpc.LRPCError, match="on_unsupported must be one of"):

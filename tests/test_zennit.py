@@ -222,11 +222,26 @@ def test_changing_rules_recompiles() -> None:
         (lambda: lrpc.presets.resolve("epsilon-gamma-box"), "needs the input bounds"),
         (lambda: lrpc.composite("epsilon", {3: ZPlus()}), "module path globs or module types"),
         (lambda: lrpc.composite("epsilon", {"x": "ZPlus"}), "must be an lrpc.rules.Rule"),
+        # these raised AttributeError / TypeError from inside lrpc, or were taken (NaN relevance, low > high)
+        (lambda: lrpc.composite("epsilon", first="flat"), "first must be an lrpc.rules.Rule"),
+        (lambda: lrpc.composite("epsilon", [ZPlus()]), "a mapping .*or pairs"),
+        (lambda: Epsilon("1e-3"), "Epsilon: eps must be a number, got '1e-3'"),
+        (lambda: Gamma(float("nan")), "gamma must be a number, got nan"),
+        (lambda: ZPlus(stabilizer=True), "stabilizer must be a number"),
+        (lambda: lrpc.presets.epsilon_gamma_box(low=1.0, high=0.0), "low must be <= high"),
     ],
 )
 def test_bad_rules_are_clear_errors(make, match: str) -> None:
     with pytest.raises(lrpc.RuleError, match=match):
         make()
+
+
+def test_overrides_as_pairs_keep_their_order() -> None:
+    """``(key, rule)`` pairs work like a dict: the first matching key wins."""
+    model = vgg_bn()
+    pairs = lrpc.composite("epsilon", [("4", Gamma(0.5)), (nn.Conv2d, ZPlus())])
+    steps = {s.module: s.rule for s in lrpc.compile(model, rules=pairs, backend="eager").plan(torch.randn(1, 3, 16, 16, dtype=D)).steps}
+    assert steps["0"] == ZPlus() and steps["4"] == Gamma(0.5)
 
 
 def test_rule_on_the_wrong_op_family_is_an_error() -> None:
