@@ -304,7 +304,7 @@ def trace(
     tensors = [x.contiguous() for x in leaves if isinstance(x, Tensor)]
     tensor_names = [n for n, x in zip(names, leaves) if isinstance(x, Tensor)]
     wrapper = _Explained(model, spec, leaves, output)
-    if model.training:
+    if _trains_differently(model):
         warnings.warn(
             f"{type(model).__name__} is in training mode; lrpc explains it in eval semantics "
             "(dropout off, batch norm running statistics). The model's own mode is left unchanged.",
@@ -329,6 +329,29 @@ def trace(
             raise TraceError(f"decomposing the exported graph of {type(model).__name__} failed: {e}") from e
     program.example_inputs = None  # the program is cached: it must not keep the first call's inputs alive
     return _traced(program, wrapper, tensor_names, time.perf_counter() - start)
+
+
+#: torch.nn modules that compute otherwise in training mode.
+_TRAINING_DEPENDENT = (
+    nn.modules.dropout._DropoutNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.RReLU,
+    nn.MultiheadAttention,  # its dropout
+    nn.Transformer, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+)
+
+
+def _trains_differently(model: nn.Module) -> bool:
+    """Whether a module in training mode may compute otherwise than in eval mode: one of torch.nn's that do,
+    or a module of the user's own (its forward may read ``self.training``). Not for torch's other modules
+    (an ``nn.Identity``, activations, an exported program's module), whose mode changes nothing here."""
+    for m in model.modules():
+        if not m.training or isinstance(m, fx.GraphModule):
+            continue
+        if isinstance(m, _TRAINING_DEPENDENT) or not type(m).__module__.startswith("torch."):
+            return True
+    return False
 
 
 def check_traceable(model: nn.Module) -> None:

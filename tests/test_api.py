@@ -463,6 +463,23 @@ def test_a_failed_trace_leaves_the_buffers_as_they_were() -> None:
     assert_unchanged(model, before)
 
 
+def test_training_mode_warns_only_where_it_changes_something() -> None:
+    """Every ``lrpc explain model.pt2`` warned: an exported program's module comes back in training mode,
+    as does a fresh ``nn.Sequential`` of layers and activations, whose results no mode changes."""
+    x = torch.randn(2, 6)
+    plain = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Identity())
+    exported = torch.export.export(relu_net(), (x,)).module()
+    for model in (plain, exported):
+        assert model.training
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            compile_eager(model)(x)
+    with pytest.warns(UserWarning, match="training mode"):
+        compile_eager(nn.Sequential(nn.Linear(6, 4), nn.Dropout(0.5)))(x)
+    with pytest.warns(UserWarning, match="training mode"):  # the user's own module may read self.training
+        compile_eager(WritesItsState())(x)
+
+
 def test_training_model_warns_and_is_explained_in_eval_semantics() -> None:
     net = trained_net().train()
     x = torch.randn(4, 3, 6, 6)
