@@ -59,8 +59,7 @@ def demo(args: argparse.Namespace) -> int:
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(args.out)
     try:
         body = _demo_digits(args, out)
         if not args.no_text:
@@ -205,8 +204,10 @@ def explain(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, args.input)
     items = load_inputs(args.inputs, loaded)
     attributor = lrpc_compile(loaded.model, rules=args.rules, backend=args.backend)
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(args.out)
+    if loaded.fixed_batch is not None and loaded.fixed_batch != args.batch_size:
+        print(f"lrpc: {args.model} was exported for batch size {loaded.fixed_batch}: using it", file=sys.stderr)
+        args.batch_size = loaded.fixed_batch
     results: list[tuple[Item, Tensor, int | None, float | None]] = []
     start = time.perf_counter()
     for first in range(0, len(items), args.batch_size):
@@ -314,6 +315,22 @@ def _shown_input(item: Item, loaded: LoadedModel, size: tuple[int, int]) -> Any:
     return viz.to_image(item.tensor, scale=None, invert=loaded.invert)
 
 
+def _output_folder(path: str) -> Path:
+    out = Path(path).resolve()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LRPCError(f"cannot write to --out {path}: {e.strerror or e}") from None
+    return out
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:40]
 
@@ -339,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="backend for MiniLM (default eager: Inductor's compile of a 6-layer BERT outlasts the demo)",
     )
     p.add_argument("--out", default="lrpc-demo", help="folder for pictures and index.html (default ./lrpc-demo)")
-    p.add_argument("--repeat", type=int, default=10, help="timed repetitions after the first call")
+    p.add_argument("--repeat", type=_positive, default=10, help="timed repetitions after the first call")
     p.add_argument(
         "--threads",
         type=int,
@@ -351,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("coverage", help="trace a model, print which rule covers each op, coverage and fallbacks")
     c.add_argument("model", help=SPECS)
     c.add_argument("--rules", default="epsilon")
-    c.add_argument("--input", type=int, nargs="+", help="input shape for models built without an example")
+    c.add_argument("--input", type=_positive, nargs="+", help="input shape for models built without an example")
     c.set_defaults(func=coverage)
     e = sub.add_parser(
         "explain",
@@ -362,9 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rules", default="epsilon", help="preset (default epsilon; attnlrp for transformers)")
     e.add_argument("--target", type=int, help="class index to explain (default: each input's prediction)")
     e.add_argument("--out", default="lrpc-out", help="output folder (default ./lrpc-out)")
-    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--batch-size", type=_positive, default=16)
     e.add_argument("--backend", default="auto", choices=backends.names())
-    e.add_argument("--input", type=int, nargs="+", help="input shape for models that come without an example")
+    e.add_argument("--input", type=_positive, nargs="+", help="input shape for models that come without an example")
     e.set_defaults(func=explain)
     return parser
 

@@ -45,6 +45,7 @@ class LoadedModel:
     normalize: tuple[Sequence[float], Sequence[float]] | None = None
     invert: bool = False
     labels: list[str] = field(default_factory=list)
+    fixed_batch: int | None = None  # an exported program traced for one batch size takes only that one
 
     @property
     def example(self) -> Tensor:
@@ -89,6 +90,10 @@ def load_model(spec: str, input_shape: Sequence[int] | None = None) -> LoadedMod
         raise LRPCError(f"cannot load '{spec}': {e}") from None
     if isinstance(made, nn.Module):
         return LoadedModel(made.eval(), (_example(spec, input_shape),), {})
+    if not (isinstance(made, tuple) and len(made) == 3 and isinstance(made[0], nn.Module)):
+        raise LRPCError(
+            f"'{spec}' returned {type(made).__name__}, not an nn.Module or (model, args, kwargs)"
+        )
     model, args, kwargs = made
     return LoadedModel(model, args, kwargs)
 
@@ -144,9 +149,12 @@ def _hugging_face(name: str, input_shape: Sequence[int] | None) -> LoadedModel:
 def _saved(path: Path, input_shape: Sequence[int] | None) -> LoadedModel:
     if not path.is_file():
         raise LRPCError(f"no model file '{path}'")
+    fixed_batch = None
     try:
         if path.suffix == ".pt2":
-            model = torch.export.load(path).module()
+            program = torch.export.load(path)
+            model = program.module()
+            fixed_batch = _static_batch(program)
         else:
             model = torch.load(path, weights_only=False, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - any unpickling error: say which file
@@ -157,7 +165,19 @@ def _saved(path: Path, input_shape: Sequence[int] | None) -> LoadedModel:
         raise LRPCError(f"'{path}' holds a {type(model).__name__}, not an nn.Module")
     if path.suffix != ".pt2":  # an exported program's module is already in eval semantics (and refuses .eval())
         model = model.eval()
-    return LoadedModel(model, (_example(str(path), input_shape),), {})
+    return LoadedModel(model, (_example(str(path), input_shape),), {}, fixed_batch=fixed_batch)
+
+
+def _static_batch(program: torch.export.ExportedProgram) -> int | None:
+    """The batch size an exported program's first input was traced with, if it is not dynamic."""
+    users = {spec.arg.name for spec in program.graph_signature.input_specs if spec.kind.name == "USER_INPUT"}
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in users:
+            val = node.meta.get("val")
+            if isinstance(val, Tensor) and val.dim() and isinstance(val.shape[0], int):
+                return int(val.shape[0])
+            return None
+    return None
 
 
 # -- inputs ----------------------------------------------------------------------------------------------

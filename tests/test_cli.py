@@ -243,3 +243,47 @@ def test_explain_state_dict_file_is_a_clear_error(capsys, tmp_path) -> None:
     torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "weights.pt")
     code, _, err = run(capsys, "explain", str(tmp_path / "weights.pt"), "x.pt", "--input", "1", "2")
     assert code == 2 and "state dict, not a model" in err
+
+
+def test_explain_a_program_exported_for_one_batch_size(capsys, tmp_path) -> None:
+    """A ``.pt2`` exported at batch 1 takes only batch 1 (export's guard): lrpc uses it, and says so, instead
+    of failing with ``Guard failed: input.size()[0] == 1``."""
+    import lrpc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    torch.export.save(torch.export.export(model, (torch.randn(1, 1, 8, 8),)), tmp_path / "model.pt2")
+    x = torch.randn(3, 1, 8, 8)
+    torch.save(x, tmp_path / "inputs.pt")
+    code, _, err = run(
+        capsys, "explain", str(tmp_path / "model.pt2"), str(tmp_path / "inputs.pt"), "--input", "1", "1", "8", "8",
+        "--backend", "eager", "--out", str(tmp_path / "out"),
+    )
+    assert code == 0 and "exported for batch size 1: using it" in err, err
+    saved = torch.load(tmp_path / "out" / "relevance.pt")
+    torch.testing.assert_close(torch.stack(saved["relevance"]), lrpc.compile(model, backend="eager")(x).relevance)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["explain", "digits", "x.pt", "--batch-size", "0"], "--batch-size: must be a positive integer, got 0"),
+        (["coverage", "torchvision:resnet18", "--input", "1", "3", "8", "-8"], "--input: must be a positive integer"),
+        (["explain", "os:getcwd", "x.pt", "--input", "1", "3"], "returned str, not an nn.Module or"),
+        (["explain", "digits", "{digit}", "--out", "{file}"], "cannot write to --out .*: File exists"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(capsys, tmp_path, digit_files, argv, message) -> None:
+    """These ended in tracebacks (a zero step for range(), a negative dim, a factory's str unpacked, mkdir on
+    a file), or a wrong message (a negative batch size: "report() is available after the first call")."""
+    import re
+
+    folder, _ = digit_files
+    (tmp_path / "afile").write_text("x")
+    filled = [a.format(digit=folder / "batch.pt", file=tmp_path / "afile") for a in argv]
+    try:
+        code = main(filled)
+    except SystemExit as e:  # argparse's own errors: usage and one line, exit status 2
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(message, err) and "Traceback" not in err, err
