@@ -430,7 +430,14 @@ def _traced(program: ExportedProgram, wrapper: nn.Module, names: list[str], seco
         output = next(n for n in graph.nodes if n.op == "output")
         output.args = (tuple(v for v, spec in zip(output.args[0], specs) if spec.kind is OutputKind.USER_OUTPUT),)
         graph.eliminate_dead_code()
-        written = [_strip(spec.target) for spec in specs if spec.kind is not OutputKind.USER_OUTPUT and spec.target]
+        # an input is named as the user's call names it, not as the wrapper's placeholder (tensors_0)
+        user_inputs = [spec.arg.name for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT]
+        called = dict(zip(user_inputs, names))
+        written = [
+            called.get(spec.target, _strip(spec.target))
+            for spec in specs
+            if spec.kind is not OutputKind.USER_OUTPUT and spec.target
+        ]
         if written:
             model = getattr(wrapper, _WRAPPED)
             warnings.warn(

@@ -441,6 +441,25 @@ def test_a_forward_that_writes_its_state_is_explained_without_writing_it() -> No
     torch.testing.assert_close(res.relevance, expected.relevance, rtol=0, atol=0)
 
 
+class ScalesItsInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        features.mul_(2)
+        return self.fc(features)
+
+
+def test_a_forward_that_writes_its_input_is_warned_about_by_the_input_name() -> None:
+    """The warning named the input after lrpc's wrapper (``tensors_0``); the input is left as it was."""
+    x = torch.randn(2, 6)
+    before = x.clone()
+    with pytest.warns(UserWarning, match=r"forward writes to features:"):
+        compile_eager(ScalesItsInput().eval())(x)
+    assert torch.equal(x, before)
+
+
 class CountsThenBranches(WritesItsState):
     """Writes its buffer, then branches on a value: torch.export cannot trace it."""
 
