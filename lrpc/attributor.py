@@ -502,6 +502,7 @@ def _shadowed_parameters(model: nn.Module) -> dict[str, int | None]:
 
 _STRUCTURE_VERSION = [0]  # bumped whenever any module anywhere gets a submodule, parameter or buffer assigned
 _VERSION_HOOKS: list[Any] = []
+_HOOKS_LOCK = threading.Lock()
 _TRACING = threading.local()  # set on a thread while lrpc traces: export swaps parameters in and out
 _IN_TRACE: set[int] = set()  # ids of the models being traced, whose members are fakes meanwhile
 
@@ -533,7 +534,7 @@ class _ModelState:
     only then are the model's modules and tensors compared with those seen before."""
 
     def __init__(self, model: nn.Module) -> None:
-        with backends.COMPILE_LOCK:  # installed once per process
+        with _HOOKS_LOCK:  # installed once per process
             if not _VERSION_HOOKS:
                 from torch.nn.modules import module as m
 

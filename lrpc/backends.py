@@ -8,6 +8,7 @@ import contextlib
 import threading
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import fx
@@ -21,11 +22,37 @@ from .memory import reuse_buffers
 Backend = Callable[[fx.GraphModule], Callable[..., tuple]]
 _BACKENDS: dict[str, Backend] = {}
 
+class _CompileLock:
+    """Dynamo's own compile lock (``torch._dynamo.convert_frame.compile_lock``, an ``RLock``), fetched on first
+    use: export imports Dynamo anyway. Sharing it, a recompile of a dynamic program, which Dynamo starts
+    on its own when a guard fails (a batch of 1), waits for lrpc's trace in another thread, and the other
+    way round."""
+
+    def __init__(self) -> None:
+        self._lock: Any = None
+        self._fetch = threading.Lock()
+
+    def _get(self) -> Any:
+        if self._lock is None:
+            with self._fetch:
+                if self._lock is None:
+                    from torch._dynamo import convert_frame
+
+                    self._lock = getattr(convert_frame, "compile_lock", None) or threading.RLock()
+        return self._lock
+
+    def __enter__(self) -> None:
+        self._get().acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
 #: Held while lrpc traces or compiles, from any thread. torch.export's tracing and Inductor's compiler keep
 #: process-wide state (export's pre-dispatch mode stack, Inductor's caches): two at once fail or collide.
 #: A program's first call holds it too (compiled backends compile then); later calls do not, so a thread's
-#: cached call never waits for another thread's compile.
-COMPILE_LOCK = threading.RLock()
+#: cached call never waits for another thread's compile. It is Dynamo's compile lock (:class:`_CompileLock`).
+COMPILE_LOCK = _CompileLock()
 
 AUTO = "auto"
 #: Runs the rules eagerly on real tensors without tracing: the reference, slow, for checking the others.

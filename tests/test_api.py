@@ -267,6 +267,26 @@ def test_autocast_is_part_of_the_signature() -> None:
     torch.testing.assert_close(plain.relevance, nonzero(compile_eager(model)(x, target=1).relevance), rtol=0, atol=0)
 
 
+def test_the_compile_lock_is_dynamos() -> None:
+    """A dynamic program is compiled by Dynamo, which compiles again on its own when a guard fails (a batch of
+    1): holding lrpc's lock must keep Dynamo's compiles in other threads out, and the other way round."""
+    from torch._dynamo import convert_frame
+
+    from lrpc import backends
+
+    taken: list[bool] = []
+    with backends.COMPILE_LOCK:
+        probe = threading.Thread(target=lambda: taken.append(convert_frame.compile_lock.acquire(blocking=False)))
+        probe.start()
+        probe.join()
+    assert taken == [False]
+    with convert_frame.compile_lock:
+        probe = threading.Thread(target=lambda: taken.append(backends.COMPILE_LOCK._get().acquire(blocking=False)))
+        probe.start()
+        probe.join()
+    assert taken == [False, False]
+
+
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
 def test_calls_from_several_threads(backend: str) -> None:
     """A server's threads share one attributor: their first calls compile one program (torch.export and
