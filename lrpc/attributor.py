@@ -586,6 +586,8 @@ _AUTOCAST_DEVICES = ("cpu", "cuda")
 
 def _autocast_state() -> tuple[tuple[str, torch.dtype], ...]:
     """The devices autocast is on for, and its dtype there: a program traced under autocast has its casts."""
+    if not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")):  # every call: no generator
+        return ()
     return tuple((d, torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d))
 
 
