@@ -189,7 +189,11 @@ _GATES = frozenset({torch.ops.aten.sigmoid.default, torch.ops.aten.hardsigmoid.d
 
 
 def _is_activation(node: Any) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and _family(node) is Family.PASS
+    """An elementwise activation's output: a PASS op, or one written with primitive ops (GPT-2's
+    ``0.5·x·(1 + tanh(...))``, ``x·sigmoid(1.702x)``), which canonicalization marks."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    return _family(node) is Family.PASS or ACTIVATION_META in node.meta
 
 
 def carriers(

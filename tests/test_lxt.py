@@ -43,7 +43,8 @@ def dtype(kind: str) -> torch.dtype:
     return torch.float32 if kind == "gpt2" else D
 
 
-def build(kind: str) -> torch.nn.Module:
+def build(kind: str, **overrides) -> torch.nn.Module:
+    """``overrides``: config entries that differ from :data:`CONFIGS` (Hugging Face models)."""
     torch.manual_seed(0)
     if kind == "vit":
         from torchvision.models.vision_transformer import VisionTransformer
@@ -56,15 +57,17 @@ def build(kind: str) -> torch.nn.Module:
             "gpt2": (transformers.GPT2LMHeadModel, transformers.GPT2Config),
             "bert": (transformers.BertForSequenceClassification, transformers.BertConfig),
         }[kind]
-        model = cls(cfg(**CONFIGS[kind]))
+        model = cls(cfg(**CONFIGS[kind], **overrides))
     return model.to(dtype(kind)).eval()
 
 
-def lxt_relevance(kind: str, mode: str, model: torch.nn.Module, inputs: torch.Tensor, target: torch.Tensor, tmp_path) -> torch.Tensor:
+def lxt_relevance(
+    kind: str, mode: str, model: torch.nn.Module, inputs: torch.Tensor, target: torch.Tensor, tmp_path, **overrides
+) -> torch.Tensor:
     spec, out = tmp_path / "spec.pt", tmp_path / "out.pt"
     torch.save(
         {
-            "kind": kind, "mode": mode, "config": CONFIGS[kind], "state_dict": model.state_dict(),
+            "kind": kind, "mode": mode, "config": {**CONFIGS[kind], **overrides}, "state_dict": model.state_dict(),
             "inputs": inputs, "target": target, "dtype": dtype(kind),
         },
         spec,
@@ -93,6 +96,24 @@ def test_transformer_preset_equals_lxt(kind: str, mode: str, tmp_path) -> None:
     err = float((res.relevance.detach() - expected).abs().max() / expected.abs().max())
     assert err < 1e-4, err
     assert attributor.report().coverage == 1.0
+
+
+@pytest.mark.parametrize("act", ["gelu_new", "quick_gelu"])
+def test_cp_lrp_holds_a_gate_written_with_primitive_ops_constant(act: str, tmp_path) -> None:
+    """Llama's gated MLP ``act(gate(x)) * up(x)`` with an activation written with primitive ops
+    (``0.5·x·(1 + tanh(...))``, ``x·sigmoid(1.702x)``): CP-LRP holds the activated gate constant as it does
+    a native GELU's. It split the product instead: 0.56 off LXT, and 0.56 off itself with
+    ``gelu_pytorch_tanh``, the same function."""
+    model = build("llama", hidden_act=act)
+    inputs = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    res = lrpc.compile(model, rules="cp-lrp", backend="eager")(input_ids=inputs, attention_mask=torch.ones_like(inputs))
+    expected = lxt_relevance("llama", "cp-lrp", model, inputs, res.target, tmp_path, hidden_act=act)
+    assert expected.abs().max() > 0
+    assert float((res.relevance.detach() - expected).abs().max() / expected.abs().max()) < 1e-4
+    if act == "gelu_new":
+        native = build("llama", hidden_act="gelu_pytorch_tanh")
+        same = lrpc.compile(native, rules="cp-lrp", backend="eager")(input_ids=inputs, attention_mask=torch.ones_like(inputs))
+        torch.testing.assert_close(res.relevance, same.relevance)
 
 
 def test_attnlrp_and_cp_lrp_differ() -> None:
