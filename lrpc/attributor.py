@@ -34,6 +34,7 @@ from . import backends, ops
 from .canonize import canonicalize
 from .codegen import Signature, generate, relevance_function
 from .errors import LRPCError
+from .model_state import ModelState, being_traced
 from .narrowing import NARROWED_FROM
 from .planning import Plan
 from .planning import plan as make_plan
@@ -178,7 +179,7 @@ class Attributor:
         self.constants = (constants,) if isinstance(constants, str) else tuple(constants)
         self._cache: OrderedDict[tuple, list[Program]] = OrderedDict()
         self._cache_lock = threading.Lock()  # the cache's order and counts, for calls from several threads
-        self._state = _ModelState(model)
+        self._state = ModelState(model)
         self._shadowed = _shadowed_parameters(model)
         self.stats = {"traces": 0, "hits": 0, "calls": 0}
         self._last: Program | None = None
@@ -398,13 +399,13 @@ class Attributor:
         self, args: tuple, kwargs: dict, spec: TargetSpec, tensors: list[Tensor], dynamic: bool, grown: list[set[int]]
     ) -> Program:
         self.stats["traces"] += 1
-        with _tracing(self.model):
+        with being_traced(self.model):
             traced = trace(self.model, args, kwargs, output=self.output, dynamic=dynamic, grown=grown)
         try:
             with _without_autocast():  # the trace has the casts autocast made; the relevance pass adds none
                 return self._generate(traced, spec, tensors)
         except LRPCError:
-            with _tracing(self.model):
+            with being_traced(self.model):
                 check_model_runs(self.model, args, kwargs, self.output)  # a rule failing where the model does
             raise
 
@@ -498,87 +499,6 @@ def _shadowed_parameters(model: nn.Module) -> dict[str, int | None]:
         for i, p in enumerate(parameters)
         if p.name in ("target", "seed") and p.kind is not inspect.Parameter.VAR_KEYWORD
     }
-
-
-_STRUCTURE_VERSION = [0]  # bumped whenever any module anywhere gets a submodule, parameter or buffer assigned
-_VERSION_HOOKS: list[Any] = []
-_HOOKS_LOCK = threading.Lock()
-_TRACING = threading.local()  # set on a thread while lrpc traces: export swaps parameters in and out
-_IN_TRACE: set[int] = set()  # ids of the models being traced, whose members are fakes meanwhile
-
-
-def _bump(*_: Any) -> None:
-    if not getattr(_TRACING, "active", False):
-        _STRUCTURE_VERSION[0] += 1
-
-
-@contextlib.contextmanager
-def _tracing(model: nn.Module) -> Iterator[None]:
-    """Assignments made by lrpc's own trace of ``model`` on this thread (export swaps the parameters for fake
-    ones and back) leave the version alone, and the model's members are not compared meanwhile: another
-    thread would see the fakes and drop its programs."""
-    _TRACING.active = True
-    _IN_TRACE.add(id(model))
-    try:
-        yield
-    finally:
-        _IN_TRACE.discard(id(model))
-        _TRACING.active = False
-
-
-class _ModelState:
-    """Notices a model whose parameters, buffers or submodules were replaced (``model.head = nn.Linear(...)``,
-    ``load_state_dict(..., assign=True)``), or which was cast or moved, after programs were traced from it:
-    they compute with what the trace saw, so they are dropped. Per call this costs a counter and one
-    tensor's dtype and device: PyTorch's global registration hooks bump the counter on any assignment, and
-    only then are the model's modules and tensors compared with those seen before."""
-
-    def __init__(self, model: nn.Module) -> None:
-        with _HOOKS_LOCK:  # installed once per process
-            if not _VERSION_HOOKS:
-                from torch.nn.modules import module as m
-
-                _VERSION_HOOKS.extend(
-                    register(_bump)
-                    for register in (
-                        m.register_module_module_registration_hook,
-                        m.register_module_parameter_registration_hook,
-                        m.register_module_buffer_registration_hook,
-                    )
-                )
-        self.model = model
-        self.version = -1
-        self.members: tuple[Any, ...] = ()
-        self.probe = _probe(_members(model)[1])
-
-    def dtype_and_device(self, on_change: Callable[[], None]) -> tuple[Any, Any] | None:
-        """The probe's dtype and device (in the cache key); calls ``on_change`` first if members were replaced."""
-        if self.version != _STRUCTURE_VERSION[0]:
-            self._refresh(on_change)
-        probe = self.probe
-        return None if probe is None else (probe.dtype, probe.device)
-
-    def _refresh(self, on_change: Callable[[], None]) -> None:
-        if id(self.model) in _IN_TRACE:  # mid-trace on another thread: compare when it is done
-            return
-        version = _STRUCTURE_VERSION[0]
-        members, tensors = _members(self.model)
-        same = len(members) == len(self.members) and all(a is b for a, b in zip(members, self.members))
-        if not same and self.members:
-            on_change()
-        self.members, self.version, self.probe = members, version, _probe(tensors)
-
-
-def _members(model: nn.Module) -> tuple[tuple[Any, ...], list[Tensor | None]]:
-    """Every submodule, parameter and buffer of ``model`` (what a program may have traced), and the tensors."""
-    modules = [m for _, m in model.named_modules(remove_duplicate=False)]
-    tensors = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values())]
-    return (*modules, *tensors), tensors
-
-
-def _probe(tensors: list[Tensor | None]) -> Tensor | None:
-    """A floating-point parameter or buffer: a cast or move of the model shows on it."""
-    return next((t for t in tensors if t is not None and t.is_floating_point()), None)
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
