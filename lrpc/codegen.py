@@ -30,6 +30,7 @@ from .ops import SIDE_EFFECT_OPS, lookup
 from .planning import Plan, Step, bind
 from .rules import Operation
 from .targets import TargetSpec, seed_relevance
+from .tracing import belongs_to
 
 RULE_META = "lrpc_rule"  # node.meta["custom"][RULE_META] on relevance nodes: "<Rule> at <forward node>"
 
@@ -194,8 +195,51 @@ def _operation(node: fx.Node, env: dict[fx.Node, Any], step: Step) -> tuple[Oper
         nonnegative=tuple(t.name in step.nonnegative for _, t in tensor_inputs),
         negative_outputs_dead=step.negative_outputs_dead,
         product=op_spec.product if op_spec is not None else None,
+        positions=_positions(node, env, step, tensor_inputs) if step.rule.holds_positions else None,
     )
     return op, tensor_inputs
+
+
+def _positions(
+    node: fx.Node, env: dict[fx.Node, Any], step: Step, tensor_inputs: list[tuple[str, fx.Node]]
+) -> Callable[[Tensor], Tensor] | None:
+    """For a rule that holds values per position of its layer's input (ZBox bounds): the ops the layer's own
+    module applies to the value it receives before the layer (a convolution with ``padding_mode='reflect'``
+    pads it), replayed on a tensor shaped like one sample of that value. ``None`` if there are none."""
+    inputs = [t for _, t in tensor_inputs if t.name in step.receivers]
+    if len(inputs) != 1 or not step.module:
+        return None
+    chain: list[fx.Node] = []
+    sources: set[fx.Node] = set()
+    pending = [inputs[0]]
+    while pending:
+        n = pending.pop()
+        if n in chain or n in sources:
+            continue
+        if n.op == "call_function" and belongs_to(n, step.module):
+            chain.append(n)
+            pending.extend(n.all_input_nodes)
+        elif _is_float_value(n):
+            sources.add(n)
+    if not chain or len(sources) != 1:
+        return None
+    (source,) = sources
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    chain.sort(key=order.__getitem__)
+
+    def replay(value: Tensor) -> Tensor:
+        local: dict[fx.Node, Any] = {source: value.expand_as(env[source])}
+        for n in chain:
+            args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: local[a] if a in local else env[a])
+            local[n] = n.target(*args, **kwargs)
+        return local[inputs[0]]
+
+    return replay
+
+
+def _is_float_value(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, Tensor) and val.is_floating_point()
 
 
 def _one_class(

@@ -67,6 +67,9 @@ class Operation:
     negative_outputs_dead: bool = False  # R is 0 wherever the output is < 0 (it feeds a ReLU): Gamma's g₂ = 0
     # what kind of product the op is (:data:`PRODUCT_KINDS`), for rules that split products of activations
     product: str | None = None
+    # for rules that hold a value per position (ZBox bounds, shaped like one sample of what the layer's module
+    # receives): the ops that module applies before the layer (padding), replayed on such a value
+    positions: Callable[[Tensor], Tensor] | None = None
 
     def role(self, name: str) -> Tensor | None:
         """The value of the (first) input with this role, or ``None``."""
@@ -478,21 +481,22 @@ class ZBox(Rule):
         return any(torch.as_tensor(v).dim() >= 2 for v in (self.low, self.high))
 
     @staticmethod
-    def _bound(value: Any, x: Tensor) -> Tensor:
+    def _bound(value: Any, x: Tensor, positions: Callable[[Tensor], Tensor] | None) -> Tensor:
         bound = torch.as_tensor(value, dtype=x.dtype, device=x.device)
         try:
+            if positions is not None and bound.dim() >= 2:  # per position: padded as the layer's input was
+                bound = positions(bound)
             return bound.expand_as(x)
         except RuntimeError:
             raise RuleError(
                 f"ZBox: a bound of shape {tuple(bound.shape)} does not fit the layer's input, "
-                f"{tuple(x.shape[1:])} per sample. A convolution that pads its input itself (padding_mode "
-                "'reflect', 'replicate' or 'circular') sees it padded: per-channel bounds (shape (C, 1, 1)) "
-                "or numbers fit any size"
+                f"{tuple(x.shape[1:])} per sample: bounds are numbers, per channel (shape (C, 1, 1)), or shaped "
+                "like one sample of the model's input"
             ) from None
 
     def __call__(self, op: Operation, R: Any) -> Relevances:
         x, w, b = _parts(op, self)
-        low, high = (self._bound(v, x) for v in (self.low, self.high))
+        low, high = (self._bound(v, x, op.positions) for v in (self.low, self.high))
         z1, back1 = op.layer(x, w, b)
         z2, back2 = op.layer(low, w.clamp(min=0), _pos(b))
         z3, back3 = op.layer(high, w.clamp(max=0), _neg(b))

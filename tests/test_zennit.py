@@ -177,6 +177,27 @@ def test_preset_parameters_equal_zennit_composite_parameters(preset, composite) 
     assert rel_err(res.relevance, expected) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["eager", "interpret"])
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular", "zeros"])
+def test_per_pixel_box_bounds_are_padded_as_the_input_is(mode: str, backend: str) -> None:
+    """A first convolution with ``padding_mode`` other than zeros pads its input itself (index and slice ops in
+    the trace): per-pixel bounds go through the same ops, as Zennit pads them. They failed in an ``expand``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, padding_mode=mode), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(256, 3),
+    ).to(D).eval()
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(2, 3, 8, 8, dtype=D, generator=g)
+    low, high = -torch.rand(3, 8, 8, dtype=D, generator=g), 1 + torch.rand(3, 8, 8, dtype=D, generator=g)
+    target = torch.tensor([0, 2])
+    rules = lrpc.presets.epsilon_gamma_box(low=low, high=high)
+    res = lrpc.compile(model, rules=rules, backend=backend)(x, target=target, seed="one")
+    composite = EpsilonGammaBox(low=low.expand(2, 3, 8, 8), high=high.expand(2, 3, 8, 8))
+    expected = zennit_relevance(model, composite, x, nn.functional.one_hot(target, 3).to(D))
+    assert rel_err(res.relevance, expected) < 1e-12
+
+
 def test_preset_assignment_is_visible_in_the_report() -> None:
     model = vgg_bn()
     x = torch.randn(2, 3, 16, 16, dtype=D)
