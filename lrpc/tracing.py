@@ -452,7 +452,8 @@ def _traced(program: ExportedProgram, wrapper: nn.Module, names: list[str], seco
     inputs = []
     for name, node in zip(names, users):
         val = node.meta["val"]
-        shape = tuple(int(d) if isinstance(d, int) else str(d.node.expr) for d in val.shape)
+        # a size export specialized (MaxPool1d fixes a length marked dynamic) is a number, not an expression
+        shape = tuple(int(d) if isinstance(d, int) or d.node.expr.is_number else str(d.node.expr) for d in val.shape)
         inputs.append(InputSpec(name, val.dtype, shape))
     ranges = {}
     for sym, vr in program.range_constraints.items():

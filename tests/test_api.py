@@ -155,6 +155,28 @@ def test_new_image_size_gets_a_new_program() -> None:
     assert a.stats["traces"] == 2
 
 
+class PooledSignal(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.pool, self.head = nn.Conv1d(3, 4, 3), nn.MaxPool1d(2), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(torch.relu(self.conv(x))).mean(-1))
+
+
+def test_a_size_that_export_specializes_is_a_number() -> None:
+    """MaxPool1d makes export fix a length asked to be dynamic: the program's shape holds it as the number it
+    is (it held the expression "80", which matched only by evaluating it on every call)."""
+    torch.manual_seed(0)
+    model = PooledSignal().eval()
+    a = compile_eager(model)
+    a(torch.randn(2, 3, 64))
+    x = torch.randn(3, 3, 80)
+    torch.testing.assert_close(a(x).relevance, compile_eager(model)(x).relevance)
+    shape = a.program(x).traced.inputs[0].shape
+    assert isinstance(shape[0], str) and shape[1:] == (3, 80), shape
+
+
 @pytest.mark.parametrize("dynamic", [None, True])
 def test_float_sequences_of_new_lengths_share_one_program(dynamic: bool | None) -> None:
     """Float inputs ``(B, T, F)`` (audio features, ``inputs_embeds``) compiled a program for every length:
