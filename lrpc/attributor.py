@@ -179,7 +179,7 @@ class Attributor:
         self.constants = (constants,) if isinstance(constants, str) else tuple(constants)
         self._cache: OrderedDict[tuple, list[Program]] = OrderedDict()
         self._cache_lock = threading.Lock()  # the cache's order and counts, for calls from several threads
-        self._state = ModelState(model)
+        self._state = ModelState(model, on_change=self._forget_programs)
         self._shadowed = _shadowed_parameters(model)
         self.stats = {"traces": 0, "hits": 0, "calls": 0}
         self._last: Program | None = None
@@ -192,7 +192,8 @@ class Attributor:
         if self._shadowed:
             self._check_shadowed(args, target=target, seed=seed)
         spec, index = parse_target(target, seed or self.seed)
-        program, tensors, sizes = self._program(args, kwargs, spec)
+        autocast = _autocast_state()
+        program, tensors, sizes = self._program(args, kwargs, spec, autocast)
         # the program was traced on contiguous inputs: its views (a flatten after a convolution) assume them
         tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
         extra = []
@@ -204,7 +205,7 @@ class Attributor:
         arguments = (*program.traced.state, *tensors, *extra)
         try:
             with torch.no_grad():
-                if _autocast_state():
+                if autocast:
                     with _without_autocast():
                         outs = program.run(*arguments)
                 else:
@@ -230,7 +231,7 @@ class Attributor:
         if self._shadowed:
             self._check_shadowed(args, target=target, seed=seed)
         spec, _ = parse_target(target, seed or self.seed)
-        return self._program(args, kwargs, spec)[0]
+        return self._program(args, kwargs, spec, _autocast_state())[0]
 
     def graph_module(self, *args: Any, target: Any = None, **kwargs: Any) -> fx.GraphModule:
         """The generated relevance program (forward + relevance pass) as an ``fx.GraphModule``."""
@@ -266,7 +267,7 @@ class Attributor:
             raise LRPCError(f"{head}: pass the model's '{name}' positionally, as argument {position + 1} of the call")
 
     # -- compiling -----------------------------------------------------------------------------
-    def _key(self, args: tuple, kwargs: dict, spec: TargetSpec) -> tuple[tuple, list[Tensor]]:
+    def _key(self, args: tuple, kwargs: dict, spec: TargetSpec, autocast: tuple) -> tuple[tuple, list[Tensor]]:
         if all(type(x) is Tensor for x in args) and all(type(x) is Tensor for x in kwargs.values()):
             # the common call, tensors only: its structure without pytree (a third of a tiny model's call)
             tensors = [*args, *kwargs.values()]
@@ -299,8 +300,8 @@ class Attributor:
             tuple((t.dtype, t.device, t.dim()) for t in tensors),
             spec,
             ops.table_version(),
-            _autocast_state(),
-            self._state.dtype_and_device(self._forget_programs),
+            autocast,
+            self._state.dtype_and_device(),
         )
         return key, tensors
 
@@ -308,9 +309,12 @@ class Attributor:
         with self._cache_lock:
             self._cache.clear()
 
-    def _program(self, args: tuple, kwargs: dict, spec: TargetSpec) -> tuple[Program, list[Tensor], dict[str, int]]:
-        """The program for this call, its tensors, and the sizes its dynamic dims take."""
-        key, tensors = self._key(args, kwargs, spec)
+    def _program(
+        self, args: tuple, kwargs: dict, spec: TargetSpec, autocast: tuple
+    ) -> tuple[Program, list[Tensor], dict[str, int]]:
+        """The program for this call (``autocast``: :func:`_autocast_state`), its tensors, and the sizes its
+        dynamic dims take."""
+        key, tensors = self._key(args, kwargs, spec, autocast)
         found = self._cached(key, tensors)
         if found is None:
             with backends.COMPILE_LOCK:

@@ -242,7 +242,7 @@ def group_activations(graph: fx.Graph, inputs: Sequence[fx.Node] = ()) -> fx.Gra
     depends = _dependence(graph, inputs)
     claimed: set[fx.Node] = set()
     for y in reversed(list(graph.nodes)):
-        if y in claimed or not _elementwise(y) or not _is_float(y) or not depends(y):
+        if y in claimed or not _elementwise(y) or not is_float(y) or not depends(y):
             continue
         found = _region(y, depends)
         if found is not None:
@@ -259,6 +259,7 @@ def _dependence(graph: fx.Graph, inputs: Sequence[fx.Node]) -> Callable[[fx.Node
     return dependent.__contains__
 
 
-def _is_float(node: fx.Node) -> bool:
+def is_float(node: fx.Node) -> bool:
+    """Whether ``node`` holds one floating-point tensor."""
     val = node.meta.get("val")
     return isinstance(val, torch.Tensor) and val.is_floating_point()

@@ -22,7 +22,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from .canonize import ACTIVATION_META
+from .canonize import ACTIVATION_META, is_float
 from .errors import LRPCError, RuleError
 from .input_gradients import merge_input_gradients
 from .memory import rematerialize
@@ -219,7 +219,7 @@ def _positions(
         if n.op == "call_function" and belongs_to(n, step.module):
             chain.append(n)
             pending.extend(n.all_input_nodes)
-        elif _is_float_value(n):
+        elif is_float(n):
             sources.add(n)
     if not chain or len(sources) != 1:
         return None
@@ -235,11 +235,6 @@ def _positions(
         return local[inputs[0]]
 
     return replay
-
-
-def _is_float_value(node: fx.Node) -> bool:
-    val = node.meta.get("val")
-    return isinstance(val, Tensor) and val.is_floating_point()
 
 
 def _one_class(

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.export.graph_signature import InputKind
 
 from .errors import LRPCError
 
@@ -170,7 +171,7 @@ def _saved(path: Path, input_shape: Sequence[int] | None) -> LoadedModel:
 
 def _static_batch(program: torch.export.ExportedProgram) -> int | None:
     """The batch size an exported program's first input was traced with, if it is not dynamic."""
-    users = {spec.arg.name for spec in program.graph_signature.input_specs if spec.kind.name == "USER_INPUT"}
+    users = {spec.arg.name for spec in program.graph_signature.input_specs if spec.kind is InputKind.USER_INPUT}
     for node in program.graph.nodes:
         if node.op == "placeholder" and node.name in users:
             val = node.meta.get("val")

@@ -50,7 +50,7 @@ class ModelState:
     tensor's dtype and device: PyTorch's global registration hooks bump the counter on any assignment, and
     only then are the model's modules and tensors compared with those seen before."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, on_change: Callable[[], None]) -> None:
         with _HOOKS_LOCK:  # installed once per process
             if not _VERSION_HOOKS:
                 from torch.nn.modules import module as m
@@ -63,26 +63,26 @@ class ModelState:
                         m.register_module_buffer_registration_hook,
                     )
                 )
-        self.model = model
+        self.model, self.on_change = model, on_change
         self.version = -1
         self.members: tuple[Any, ...] = ()
         self.probe = _probe(_members(model)[1])
 
-    def dtype_and_device(self, on_change: Callable[[], None]) -> tuple[Any, Any] | None:
+    def dtype_and_device(self) -> tuple[Any, Any] | None:
         """The probe's dtype and device (in the cache key); calls ``on_change`` first if members were replaced."""
         if self.version != _STRUCTURE_VERSION[0]:
-            self._refresh(on_change)
+            self._refresh()
         probe = self.probe
         return None if probe is None else (probe.dtype, probe.device)
 
-    def _refresh(self, on_change: Callable[[], None]) -> None:
+    def _refresh(self) -> None:
         if id(self.model) in _IN_TRACE:  # mid-trace on another thread: compare when it is done
             return
         version = _STRUCTURE_VERSION[0]
         members, tensors = _members(self.model)
         same = len(members) == len(self.members) and all(a is b for a, b in zip(members, self.members))
         if not same and self.members:
-            on_change()
+            self.on_change()
         self.members, self.version, self.probe = members, version, _probe(tensors)
 
 

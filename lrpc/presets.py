@@ -246,9 +246,9 @@ def composite(
     gates_constant: bool | None = None,
 ) -> Preset:
     """A preset plus overrides keyed by module path glob (``"features.0"``, ``"*.attn.*"``) or module type
-    (``nn.Linear``), as a dict or as ``(key, rule)`` pairs. An override applies to the ops created inside matching modules that its rule can
-    serve (a ``ZPlus`` override on ``"features"`` changes the convolutions there, not the ReLUs); the
-    first matching key wins, in the order given. ``first`` replaces the preset's first-layer rule.
+    (``nn.Linear``), as a dict or as ``(key, rule)`` pairs. An override applies to the ops created inside
+    matching modules that its rule can serve (a ``ZPlus`` override on ``"features"`` changes the convolutions
+    there, not the ReLUs); the first matching key wins, in the order given. ``first`` replaces the preset's first-layer rule.
     ``gates_constant=True`` holds activated gates constant (``x * sigmoid(g)``: all relevance stays with
     ``x``), as CP-LRP does: for squeeze-excitation CNNs, where the uniform split sends half of it into the
     gate and the stabilizer amplifies it at the gate's near-zero pre-activation.

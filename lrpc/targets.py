@@ -2,9 +2,9 @@
 
 ``target`` selects output entries: ``None`` (each sample's arg max), an ``int``, one index per sample
 (a LongTensor, a list or a NumPy array), or a callable ``output -> seed`` for anything else. For sequence
-outputs ``(B, T, V)`` an index selects a class at the last position. ``seed="logit"`` (default) puts in the selected output
-value, so input relevance sums to the logit up to what biases absorb (LXT, the LRP papers);
-``seed="one"`` puts in 1.0 (Zennit, DynamicLRP).
+outputs ``(B, T, V)`` an index selects a class at the last position. ``seed="logit"`` (default) puts in
+the selected output value, so input relevance sums to the logit up to what biases absorb (LXT, the LRP
+papers); ``seed="one"`` puts in 1.0 (Zennit, DynamicLRP).
 """
 
 from __future__ import annotations

@@ -298,12 +298,7 @@ def trace(
     import time
 
     start = time.perf_counter()
-    leaves, spec, names = flatten_inputs(model, args, kwargs)
-    # traced contiguous, as every call runs them (Attributor.__call__): export specializes the program's
-    # views to the example's strides, and a channels-last example would give views a contiguous input breaks
-    tensors = [x.contiguous() for x in leaves if isinstance(x, Tensor)]
-    tensor_names = [n for n, x in zip(names, leaves) if isinstance(x, Tensor)]
-    wrapper = _Explained(model, spec, leaves, output)
+    wrapper, tensors, tensor_names = _wrapped_call(model, args, kwargs, output)
     if _trains_differently(model):
         warnings.warn(
             f"{type(model).__name__} is in training mode; lrpc explains it in eval semantics "
@@ -378,11 +373,21 @@ _QUANTIZED = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
 def check_model_runs(model: nn.Module, args: tuple, kwargs: dict, output: OutputSelector = None) -> None:
     """Raise the model's own error on this call, if it has one (see :func:`_check_model_runs`): where a later
     stage failed on a call that export traced (a float64 input to a float32 model), that is the cause."""
+    wrapper, tensors, tensor_names = _wrapped_call(model, args, kwargs, output)
+    with eval_mode(model), torch.no_grad():
+        _check_model_runs(wrapper, tensors, tensor_names, model)
+
+
+def _wrapped_call(
+    model: nn.Module, args: tuple, kwargs: dict, output: OutputSelector
+) -> tuple[_Explained, list[Tensor], list[str]]:
+    """The call as export takes it: the wrapper that rebuilds it, its tensors, and their argument names."""
     leaves, spec, names = flatten_inputs(model, args, kwargs)
+    # traced contiguous, as every call runs them (Attributor.__call__): export specializes the program's
+    # views to the example's strides, and a channels-last example would give views a contiguous input breaks
     tensors = [x.contiguous() for x in leaves if isinstance(x, Tensor)]
     tensor_names = [n for n, x in zip(names, leaves) if isinstance(x, Tensor)]
-    with eval_mode(model), torch.no_grad():
-        _check_model_runs(_Explained(model, spec, leaves, output), tensors, tensor_names, model)
+    return _Explained(model, spec, leaves, output), tensors, tensor_names
 
 
 def _check_model_runs(wrapper: nn.Module, tensors: list[Tensor], names: list[str], model: nn.Module) -> None:
@@ -422,6 +427,7 @@ def _traced(program: ExportedProgram, wrapper: nn.Module, names: list[str], seco
         elif spec.kind != InputKind.USER_INPUT:
             raise TraceError(f"unsupported exported input kind {spec.kind} for '{spec.target}'")
     graph = program.graph
+    users = [n for n in graph.nodes if n.op == "placeholder"][len(state) :]
     # A forward that writes to its buffers, parameters or inputs (a step counter; RWKV rescales its weights
     # on its first call in eval mode) returns the written values before its own: explain only its own, and
     # write nothing (the program computes with the written values where the forward reads them).
@@ -431,8 +437,7 @@ def _traced(program: ExportedProgram, wrapper: nn.Module, names: list[str], seco
         output.args = (tuple(v for v, spec in zip(output.args[0], specs) if spec.kind is OutputKind.USER_OUTPUT),)
         graph.eliminate_dead_code()
         # an input is named as the user's call names it, not as the wrapper's placeholder (tensors_0)
-        user_inputs = [spec.arg.name for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT]
-        called = dict(zip(user_inputs, names))
+        called = {n.name: name for name, n in zip(names, users)}
         written = [
             called.get(spec.target, _strip(spec.target))
             for spec in specs
@@ -447,8 +452,6 @@ def _traced(program: ExportedProgram, wrapper: nn.Module, names: list[str], seco
                 "earlier ones wrote, they may differ from lrpc's cached program",
                 stacklevel=6,  # the user's call: _traced <- trace <- _compile <- _program <- __call__
             )
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    users = placeholders[len(state) :]
     inputs = []
     for name, node in zip(names, users):
         val = node.meta["val"]
