@@ -23,6 +23,7 @@ the relevance to the reference implementation (max |a - b| / max |b|).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -535,7 +536,8 @@ def versions() -> str:
         try:
             out.append(f"{pkg} {md.version(pkg)}" + (checkout() if pkg == "lrpc" else ""))
         except md.PackageNotFoundError:
-            out.append(f"{pkg} not installed")
+            found = importlib.util.find_spec(pkg) is not None  # a package folder on PYTHONPATH has no metadata
+            out.append(f"{pkg} {'(no package metadata)' if found else 'not installed'}")
     return ", ".join(out)
 
 

@@ -17,6 +17,14 @@ pytestmark = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def full_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compare the backends, not TF32's rounding: cuDNN convolutions default to TF32 on Ampere and later,
+    and the box rule's cancelling terms turned that into a 3% difference on one pixel (an H200)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
 def cnn() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
@@ -57,13 +65,13 @@ class Tokens(nn.Module):
 
 
 def test_static_program_follows_the_model_to_another_dtype_on_cuda() -> None:
-    """Token ids keep their signature when the model is cast: the cached static program compiles again
-    for the new parameter dtype instead of running code compiled for float32."""
+    """Token ids keep their shape and dtype when the model is cast, but the model's dtype is part of the
+    signature: the cast model gets a program of its own instead of running code compiled for float32."""
     model = Tokens().cuda().eval()
     ids = torch.randint(0, 40, (3, 6), device="cuda")
     a = lrpc.compile(model, rules="lrp0", backend="inductor")
     assert a(ids).relevance.dtype == torch.float32
     model.double()
     res = a(ids)
-    assert res.relevance.dtype == torch.float64 and a.stats["traces"] == 1
+    assert res.relevance.dtype == torch.float64 and a.stats["traces"] == 2
     assert_matches(res.relevance, lrpc.compile(model, rules="lrp0", backend="eager")(ids).relevance)
