@@ -4,7 +4,9 @@
 # 1. the kernel tests with the kernels compiled for the GPU (and the CUDA-only tests),
 # 2. bench/kernels.py: each fused kernel against its references, bandwidth share (KERNELS_ARGS, default
 #    `--sweep`: the block-size, warp and stage sweep too),
-# 3. bench/speed.py --device cuda on MODELS (default: all six): the model benchmark against gradient x input,
+# 3. bench/backend_agreement.py --device cuda (AGREEMENT=0 skips it): each backend's ViT-B/16 relevance, block
+#    by block, against float64,
+# 4. bench/speed.py --device cuda on MODELS (default: all six): the model benchmark against gradient x input,
 #    Zennit, LXT, Captum, written into BENCHMARKS.md after every model (a run cut short keeps what it measured).
 # Each step's output lands in OUT_DIR (log files, kernels.md, BENCHMARKS.md).
 # The peers must be importable: Zennit, Captum, LXT 2.1 and the transformers 4.51 that LXT 2.1 needs (a
@@ -38,6 +40,11 @@ echo "tests done at $((SECONDS - start)) s"
 
 timeout $(( $(left) < 130 ? $(left) : 130 )) python3 bench/kernels.py ${KERNELS_ARGS:---sweep} --out "$out/kernels.md" 2>&1 | tail -40 > "$out/kernels.log"
 echo "kernels bench done at $((SECONDS - start)) s"
+
+if [ "${AGREEMENT:-1}" = 1 ]; then  # where ViT-B/16's CP-LRP under Inductor parts from float64 (BENCHMARKS.md)
+    timeout 150 python3 bench/backend_agreement.py --device cuda 2>&1 | grep -v -i warn | tail -20 > "$out/agreement.log"
+    echo "backend agreement done at $((SECONDS - start)) s"
+fi
 
 timeout $(( $(left) - 15 )) python3 bench/speed.py --device cuda --parallel-first --no-overhead --reps 10 \
     --timeout 300 --write --models "$models" 2> "$out/speed.log" | tail -5

@@ -282,35 +282,38 @@ def _match_softmax(node: fx.Node) -> tuple | None:
 
 # --- uniform product -----------------------------------------------------------------------------------
 def _fuse_uniform_product(graph: fx.Graph) -> int:
-    halves: dict[tuple, dict[fx.Node, fx.Node]] = {}
+    halves: dict[tuple, dict[int, tuple[fx.Node, Any, Any]]] = {}
     for node in list(graph.nodes):
         found = _match_half(node)
         if found is not None:
-            key, operand = found
-            halves.setdefault(key, {})[operand] = node
+            key, factor, a, b = found
+            halves.setdefault(key, {})[factor] = (node, a, b)
     order = {n: i for i, n in enumerate(graph.nodes)}
     count = 0
-    for (z, R, eps), found in halves.items():
-        a, b = z.args
-        if a not in found or b not in found:
+    for (_, R, eps), found in halves.items():
+        if len(found) != 2:
             continue
-        first = min(found[a], found[b], key=order.__getitem__)
+        first = min(found[0][0], found[1][0], key=order.__getitem__)
+        _, a, b = found[0]  # z's factors as the relevance pass reads them (rebuilt copies, maybe)
         with graph.inserting_before(first):
             call = graph.call_function(ops.UNIFORM_PRODUCT, (a, b, R, eps))
             call.meta = dict(first.meta)
-            call.meta["val"] = (_val(found[a]), _val(found[b]))
-            for i, half in enumerate((found[a], found[b])):
+            call.meta["val"] = (_val(found[0][0]), _val(found[1][0]))
+            for i in (0, 1):
                 item = graph.call_function(operator.getitem, (call, i))
-                item.meta = dict(half.meta)
-                half.replace_all_uses_with(item)
-        graph.erase_node(found[a])
-        graph.erase_node(found[b])
+                item.meta = dict(found[i][0].meta)
+                found[i][0].replace_all_uses_with(item)
+        graph.erase_node(found[0][0])
+        graph.erase_node(found[1][0])
         count += 1
     return count
 
 
-def _match_half(node: fx.Node) -> tuple[tuple, fx.Node] | None:
-    """``mul(mul(a, 0.5), mul(q, b))`` with ``q = divide(R, mul(a, b), eps)``: ``((z, R, eps), a)``."""
+def _match_half(node: fx.Node) -> tuple[tuple, int, Any, Any] | None:
+    """``mul(mul(a, 0.5), mul(q, b))`` with ``q = divide(R, mul(a, b), eps)``: ``((z, R, eps), i, a', b')``
+    for the half of ``z``'s ``i``-th factor, with ``a'``, ``b'`` the factors in ``z``'s order as this half
+    reads them: a factor the relevance pass rebuilds (:func:`lrpc.memory.rematerialize`) is a copy of the
+    node ``z`` reads."""
     for half, grad in _commuted(node, aten.mul.Tensor):
         if not (_is(half, aten.mul.Tensor) and _binary(half) is not None and _scalar(half.args[1]) == 0.5):
             continue
@@ -322,13 +325,33 @@ def _match_half(node: fx.Node) -> tuple[tuple, fx.Node] | None:
             R, z, eps = found
             if not (_is(z, aten.mul.Tensor) and _binary(z) is not None) or z.args[0] is z.args[1]:
                 continue
-            if {z.args[0], z.args[1]} != {a, b}:
+            first, second = z.args
+            if _same_value(first, a) and _same_value(second, b):
+                factor, factors = 0, (a, b)
+            elif _same_value(first, b) and _same_value(second, a):
+                factor, factors = 1, (b, a)
+            else:
                 continue
             vals = _tensors(a, b, R, z, node)
             if vals is None or not all(_same(vals[0].shape, v.shape) for v in vals[1:]):
                 continue
-            return (z, R, eps), a
+            return (z, R, eps), factor, *factors
     return None
+
+
+def _same_value(node: Any, other: Any, depth: int = 32) -> bool:
+    """``node`` is ``other``, or both are the same aten call on the same values (a rebuilt copy)."""
+    if node is other:
+        return True
+    if depth == 0 or not (isinstance(node, fx.Node) and isinstance(other, fx.Node)):
+        return False
+    if node.op != "call_function" or other.op != "call_function" or node.target is not other.target:
+        return False
+    if node.kwargs != other.kwargs or len(node.args) != len(other.args):
+        return False
+    return all(
+        _same_value(x, y, depth - 1) if isinstance(x, fx.Node) else x == y for x, y in zip(node.args, other.args)
+    )
 
 
 # --- z+ / alpha-beta / gamma regions -------------------------------------------------------------------

@@ -4,11 +4,13 @@
 keeping them. The generated program runs the forward pass, then the relevance pass, and every forward value a rule
 reads stays alive from the forward until that rule runs. Many of them are cheap to rebuild from values
 that stay alive anyway: a ReLU / GELU output from the pre-activation its layer's epsilon rule keeps, a
-batch-norm-folded weight from the parameters. Keeping both doubles the activation memory (autograd keeps
-one tensor per layer; lrpc kept the layer output and its activation) and holds a second copy of every
-folded convolution's weights across the whole pass. :func:`rematerialize` moves such values into the
-relevance pass: a copy of their pointwise / view computation is inserted before their first use there, and
-the forward value dies at its last forward use.
+batch-norm-folded weight from the parameters, an attention layer's scaled and masked scores and their
+softmax from the product ``q @ kᵀ`` its product rule keeps. Keeping both doubles the activation memory
+(autograd keeps one tensor per layer; lrpc kept the layer output and its activation, and five tensors the
+size of the scores per attention layer) and holds a second copy of every folded convolution's weights
+across the whole pass. :func:`rematerialize` moves such values into the relevance pass: a copy of their
+pointwise / view / softmax computation is inserted before their first use there, and the forward value
+dies at its last forward use.
 
 A value is rebuilt only from values that are alive at that point anyway (placeholders, i.e. inputs and
 parameters, and forward values the relevance pass reads later), so no other value lives longer and the
@@ -54,17 +56,19 @@ def rematerialize(graph: fx.Graph) -> fx.Graph:
     last_use = {n: max(position[u] for u in n.users) for n in carried}
     rebuildable: set[fx.Node] = set()
 
-    def free(n: fx.Node, at: int, budget: list[int]) -> bool:
+    def free(n: fx.Node, at: int, rebuilt: set[fx.Node]) -> bool:
         """``n`` is available at position ``at`` without keeping anything alive longer, rebuilding at most
-        ``budget[0]`` nodes (a long pointwise chain, an unrolled scan, is kept rather than recomputed)."""
+        ``MAX_REBUILT`` nodes (a long pointwise chain, an unrolled scan, is kept rather than recomputed).
+        ``rebuilt``: the nodes this check rebuilds so far; one reached twice (a mask read by two ops) is
+        rebuilt once."""
         if n.op == "placeholder" or not isinstance(n.meta.get("val"), torch.Tensor):
             return True
-        if n in carried and last_use[n] >= at:
+        if (n in carried and last_use[n] >= at) or n in rebuilt:
             return True
-        budget[0] -= 1
-        if budget[0] < 0 or position[n] >= boundary or not cheap(n):
+        rebuilt.add(n)
+        if len(rebuilt) > MAX_REBUILT or position[n] >= boundary or not cheap(n):
             return False
-        return all(free(i, at, budget) for i in n.all_input_nodes)
+        return all(free(i, at, rebuilt) for i in n.all_input_nodes)
 
     copies: dict[fx.Node, fx.Node] = {}  # rebuilt carried values, read by their late users
 
@@ -87,8 +91,8 @@ def rematerialize(graph: fx.Graph) -> fx.Graph:
     for n in nodes[:boundary]:
         if n in carried and n not in returned and cheap(n):
             first = position[late_uses(n)[0]]
-            budget = [MAX_REBUILT]
-            if all(free(i, first, budget) for i in n.all_input_nodes):
+            rebuilt: set[fx.Node] = set()
+            if all(free(i, first, rebuilt) for i in n.all_input_nodes):
                 rebuildable.add(n)
     for n in sorted(rebuildable, key=lambda n: position[late_uses(n)[0]]):
         uses = late_uses(n)
@@ -99,17 +103,38 @@ def rematerialize(graph: fx.Graph) -> fx.Graph:
 
 
 def cheap(node: fx.Node) -> bool:
-    """A pointwise op or a view: rebuilding it costs one pass over its output, no more arithmetic than keeping."""
+    """A pointwise op, a dtype conversion, a constant filled in from its arguments, or a view: rebuilding it
+    costs one pass over its output, no more arithmetic than keeping."""
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or target is operator.getitem:
         return False
     schema = target._schema
     if schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags:
         return False
-    if torch.Tag.pointwise in target.tags:
+    if torch.Tag.pointwise in target.tags or target in _FILLS or target in _ROW_OPS:
         return True
+    if target is torch.ops.aten._to_copy.default:  # an attention mask cast to the scores' dtype
+        source, value = node.args[0], node.meta.get("val")
+        return isinstance(source, fx.Node) and _same_device(source.meta.get("val"), value)
     returns = schema.returns
     return len(returns) == 1 and returns[0].alias_info is not None  # a view of its input
+
+
+#: Row-wise ops as memory-bound as a pointwise one: a softmax is rebuilt from its scores, which AttnLRP's
+#: rule keeps anyway, instead of keeping both (autograd keeps one).
+_ROW_OPS = {torch.ops.aten._softmax.default}
+
+#: Constants made from their arguments alone (a masked_fill's fill value is a ``scalar_tensor``).
+_FILLS = {
+    torch.ops.aten.scalar_tensor.default,
+    torch.ops.aten.full.default,
+    torch.ops.aten.zeros.default,
+    torch.ops.aten.ones.default,
+}
+
+
+def _same_device(a: object, b: object) -> bool:
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.device == b.device
 
 
 def reuse_buffers(graph: fx.Graph) -> fx.Graph:

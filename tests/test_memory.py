@@ -107,6 +107,72 @@ def test_views_of_rebuilt_values_follow_them() -> None:
     assert _late_forward_uses(graph) == {"mm"}
 
 
+def test_a_mask_read_twice_is_rebuilt_once() -> None:
+    """An attention mask cast to the scores' dtype and built up by ops that read it twice: 11 nodes, reached
+    along 32 paths. The budget counts nodes, so the masked scores are rebuilt from the kept product."""
+
+    def fn(x, w, mask):
+        z = x @ w
+        m = mask.to(torch.float32)
+        for _ in range(5):
+            m = m * 2 + m
+        s = z + m
+        return s.sum(1), s * 2, z * 3
+
+    graph = _program(fn, X, W, torch.randint(0, 2, (3, 5)))
+    assert _late_forward_uses(graph) == {"mm"}
+    assert _count(graph, aten._to_copy.default) == 2
+
+
+def test_softmax_is_rebuilt_from_its_kept_scores() -> None:
+    """AttnLRP's softmax rule reads the scores and the softmax, the next product the softmax again: only the
+    scores are kept (autograd keeps one such tensor too)."""
+
+    def fn(q, k, v, mask):
+        scores = (q @ k.transpose(-1, -2)).masked_fill(mask == 0, torch.finfo(torch.float32).min)
+        p = torch.softmax(scores, -1)
+        out = p @ v
+        return out.sum(), p * 2, scores * 3, p * 4  # the relevance pass reads p, the scores, p
+
+    q, k, v = torch.randn(2, 4, 3), torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    graph = _program(fn, q, k, v, torch.randint(0, 2, (2, 1, 4)))
+    kept = _late_forward_uses(graph)
+    assert kept == {"masked_fill"}
+    assert _count(graph, aten._softmax.default) == 2
+
+
+def test_attention_keeps_one_score_sized_tensor_per_layer(monkeypatch) -> None:
+    """A BERT layer kept five tensors the size of its attention scores for the relevance pass (the product,
+    its scaled, mask-added and masked copies, the softmax); it now keeps one, as autograd does. Same
+    relevance. (At 512 tokens BERT-base's compiled program peaked at 1.65x the gradient's memory, now 1.29x.)"""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32, num_labels=2
+    )
+    model = transformers.BertForSequenceClassification(config).eval()
+    ids = torch.randint(100, 1000, (1, 24))
+    mask = torch.ones_like(ids)
+    mask[0, -4:] = 0
+
+    def kept_scores(a) -> int:
+        graph = a.graph_module(ids, attention_mask=mask).graph
+        nodes = list(graph.nodes)
+        names = _late_forward_uses(graph)
+        return sum(  # tensors with storage of their own (not views) of the scores' size
+            n.name in names and n.meta["val"].numel() == 2 * 24 * 24 and n.target._schema.returns[0].alias_info is None
+            for n in nodes
+        )
+
+    with_pass = lrpc.compile(model, rules="attnlrp", backend="eager")
+    res = with_pass(ids, attention_mask=mask)
+    monkeypatch.setattr(lrpc.codegen, "rematerialize", lambda graph: graph)
+    without = lrpc.compile(model, rules="attnlrp", backend="eager")
+    # layer 0 in full; layer 1 computes only what the pooler reads ([CLS]'s row of the scores)
+    assert (kept_scores(with_pass), kept_scores(without)) == (1, 5)
+    assert torch.equal(res.relevance, without(ids, attention_mask=mask).relevance)
+
+
 class ConvNet(nn.Module):
     """Conv + batch norm + ReLU blocks, a residual add, max pooling and a GELU head: every kind of value
     the pass rebuilds (activations, folded weights and biases, views) next to ones it must keep."""

@@ -1,0 +1,82 @@
+"""Peak memory of one call on the CPU, counted from the allocator's events rather than read from the
+process: lrpc against gradient x input on the same model, batch and sequence length.
+
+``bench/speed.py`` reads a CPU call's peak from the process's resident memory, which moves between runs
+and hides differences of a few tens of MB. Here torch.profiler records every allocation and free of one
+call (after a warm-up call), and the peak is the largest running sum of those bytes: the same number on
+every run. The models are bench/speed.py's (random weights, seeded), their inputs too.
+
+    python bench/peak_memory.py                                   # bert, gpt2, llama at 1 x 512 tokens
+    python bench/peak_memory.py --models bert --seq 256 --backends eager,inductor
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from speed_worker import build_inputs, build_model, gradient_x_input, lrpc_method
+
+PRESET = {"bert": "attnlrp", "gpt2": "attnlrp", "llama": "attnlrp", "vit_b_16": "cp-lrp"}
+
+
+def peak_mb(call: Callable[[], object]) -> float:
+    """The most bytes allocated at once during one ``call()``, above what was allocated before it."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        call()
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
+    current = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+def median_ms(call: Callable[[], object], reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="bert,gpt2,llama", help=f"comma-separated, from {','.join(PRESET)}")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--backends", default="inductor")
+    parser.add_argument("--reps", type=int, default=3, help="timed calls per method (the median is printed)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print("| model (input) | method | peak MB in a call | vs gradient x input | median ms |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for name in args.models.split(","):
+        model = build_model(name)
+        inputs, target = build_inputs(name, {"batch": args.batch, "seq": args.seq, "image": 224}, model)
+        label = f"{name} ({args.batch} x {args.seq})" if name != "vit_b_16" else f"{name} ({args.batch} x 224x224)"
+        methods = {"gradient x input": gradient_x_input(name, model, inputs, target)}
+        for backend in args.backends.split(","):
+            methods[f"lrpc {PRESET[name]} [{backend}]"] = lrpc_method(
+                name, model, inputs, target, PRESET[name], backend
+            )
+        floor = None
+        for method, call in methods.items():
+            call()  # the first call compiles; the second warms the allocator
+            call()
+            peak = peak_mb(call)
+            floor = floor or peak
+            print(f"| {label} | {method} | {peak:.0f} | {peak / floor:.2f}x | {median_ms(call, args.reps):.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
