@@ -47,14 +47,14 @@ def main() -> None:
     reference = run(model.double(), x.double(), "eager")
     model.float()
     backends = [b for b in args.backends.split(",") if b != "triton" or device.type == "cuda"]
-    results = {b: run(model, x, b) for b in backends}
     print(f"{args.model}, {args.rules}, batch {args.batch}, {device}: max |a - ref| / max |ref| against float64 eager")
-    print("| relevance at | " + " | ".join(backends) + " |")
-    print("| --- |" + " ---: |" * len(backends))
-    for name in [*reversed(blocks), "input"]:
-        cells = [f"{relative(results[b][name], reference[name]):.1e}" for b in backends]
-        print(f"| {name} | " + " | ".join(cells) + " |")
-
+    print("(the relevance pass runs from the last block down)\n", flush=True)
+    for backend in backends:  # one table per backend, printed as soon as it ran: a run cut short keeps them
+        result = run(model, x, backend)
+        print(f"| relevance at | {backend} |\n| --- | ---: |")
+        for name in [*reversed(blocks), "input"]:
+            print(f"| {name} | {relative(result[name], reference[name]):.1e} |")
+        print(flush=True)
 
 if __name__ == "__main__":
     main()
