@@ -36,6 +36,8 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from lrpc.memory import impure, written_in_place
+
 from . import ops
 from ._common import DTYPES
 
@@ -283,8 +285,9 @@ def _match_softmax(node: fx.Node) -> tuple | None:
 # --- uniform product -----------------------------------------------------------------------------------
 def _fuse_uniform_product(graph: fx.Graph) -> int:
     halves: dict[tuple, dict[int, tuple[fx.Node, Any, Any]]] = {}
+    written = written_in_place(graph)
     for node in list(graph.nodes):
-        found = _match_half(node)
+        found = _match_half(node, written)
         if found is not None:
             key, factor, a, b = found
             halves.setdefault(key, {})[factor] = (node, a, b)
@@ -293,8 +296,7 @@ def _fuse_uniform_product(graph: fx.Graph) -> int:
     for (_, R, eps), found in halves.items():
         if len(found) != 2:
             continue
-        first = min(found[0][0], found[1][0], key=order.__getitem__)
-        _, a, b = found[0]  # z's factors as the relevance pass reads them (rebuilt copies, maybe)
+        first, a, b = min(found.values(), key=lambda half: order[half[0]])  # its operands exist there
         with graph.inserting_before(first):
             call = graph.call_function(ops.UNIFORM_PRODUCT, (a, b, R, eps))
             call.meta = dict(first.meta)
@@ -309,11 +311,11 @@ def _fuse_uniform_product(graph: fx.Graph) -> int:
     return count
 
 
-def _match_half(node: fx.Node) -> tuple[tuple, int, Any, Any] | None:
+def _match_half(node: fx.Node, written: set[fx.Node]) -> tuple[tuple, int, Any, Any] | None:
     """``mul(mul(a, 0.5), mul(q, b))`` with ``q = divide(R, mul(a, b), eps)``: ``((z, R, eps), i, a', b')``
     for the half of ``z``'s ``i``-th factor, with ``a'``, ``b'`` the factors in ``z``'s order as this half
     reads them: a factor the relevance pass rebuilds (:func:`lrpc.memory.rematerialize`) is a copy of the
-    node ``z`` reads."""
+    node ``z`` reads (``written``: values an in-place op writes, never taken for a copy)."""
     for half, grad in _commuted(node, aten.mul.Tensor):
         if not (_is(half, aten.mul.Tensor) and _binary(half) is not None and _scalar(half.args[1]) == 0.5):
             continue
@@ -326,9 +328,9 @@ def _match_half(node: fx.Node) -> tuple[tuple, int, Any, Any] | None:
             if not (_is(z, aten.mul.Tensor) and _binary(z) is not None) or z.args[0] is z.args[1]:
                 continue
             first, second = z.args
-            if _same_value(first, a) and _same_value(second, b):
+            if _same_value(first, a, written) and _same_value(second, b, written):
                 factor, factors = 0, (a, b)
-            elif _same_value(first, b) and _same_value(second, a):
+            elif _same_value(first, b, written) and _same_value(second, a, written):
                 factor, factors = 1, (b, a)
             else:
                 continue
@@ -339,18 +341,22 @@ def _match_half(node: fx.Node) -> tuple[tuple, int, Any, Any] | None:
     return None
 
 
-def _same_value(node: Any, other: Any, depth: int = 32) -> bool:
-    """``node`` is ``other``, or both are the same aten call on the same values (a rebuilt copy)."""
+def _same_value(node: Any, other: Any, written: set[fx.Node], depth: int = 32) -> bool:
+    """``node`` is ``other``, or both are the same pure aten call on the same values (a rebuilt copy). Random
+    draws and values written in place are only themselves."""
     if node is other:
         return True
     if depth == 0 or not (isinstance(node, fx.Node) and isinstance(other, fx.Node)):
         return False
     if node.op != "call_function" or other.op != "call_function" or node.target is not other.target:
         return False
+    if impure(node) or node in written or other in written:
+        return False
     if node.kwargs != other.kwargs or len(node.args) != len(other.args):
         return False
     return all(
-        _same_value(x, y, depth - 1) if isinstance(x, fx.Node) else x == y for x, y in zip(node.args, other.args)
+        _same_value(x, y, written, depth - 1) if isinstance(x, fx.Node) else x == y
+        for x, y in zip(node.args, other.args)
     )
 
 

@@ -25,7 +25,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from .canonize import ACTIVATION_META, is_float
 from .errors import LRPCError, RuleError
 from .input_gradients import merge_input_gradients
-from .memory import rematerialize
+from .memory import impure, rematerialize, written_in_place
 from .ops import SIDE_EFFECT_OPS, lookup
 from .planning import Plan, Step, bind
 from .rules import Operation
@@ -330,10 +330,10 @@ def eliminate_common_subexpressions(graph: fx.Graph) -> fx.Graph:
     computes ``(self - other) / dist`` for each input and masks each copy in place) are not merged: each
     copy is written on its own.
     """
-    written = _written_in_place(graph)
+    written = written_in_place(graph)
     seen: dict[Any, fx.Node] = {}
     for node in list(graph.nodes):
-        if node.op != "call_function" or _impure(node) or node in written:
+        if node.op != "call_function" or impure(node) or node in written:
             continue
         try:
             key = (node.target, _freeze(node.args), _freeze(node.kwargs))
@@ -346,45 +346,6 @@ def eliminate_common_subexpressions(graph: fx.Graph) -> fx.Graph:
         else:
             seen[key] = node
     return graph
-
-
-def _written_in_place(graph: fx.Graph) -> set[fx.Node]:
-    """The nodes whose storage an in-place op writes: the written argument and the values it is a view of."""
-    written: set[fx.Node] = set()
-    for node in graph.nodes:
-        target = node.target
-        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
-            continue
-        if not target._schema.is_mutable:
-            continue
-        for argument, value in zip(target._schema.arguments, node.args):
-            if argument.alias_info is None or not argument.alias_info.is_write:
-                continue
-            while isinstance(value, fx.Node) and value not in written:
-                written.add(value)
-                value = _view_base(value)
-    return written
-
-
-def _view_base(node: fx.Node) -> fx.Node | None:
-    """The value ``node`` is a view of (its first argument; a list's item: the list), or ``None`` if it owns
-    its storage."""
-    target = node.target
-    if node.op != "call_function" or not node.args or not isinstance(base := node.args[0], fx.Node):
-        return None
-    if target is operator.getitem:
-        return base
-    if not isinstance(target, torch._ops.OpOverload):
-        return None
-    returns = target._schema.returns
-    return base if len(returns) == 1 and returns[0].alias_info is not None else None
-
-
-def _impure(node: fx.Node) -> bool:
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return target._schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags
-    return target is not operator.getitem and not getattr(target, "__module__", "").startswith("_operator")
 
 
 def _freeze(value: Any) -> Any:

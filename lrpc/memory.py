@@ -14,7 +14,9 @@ dies at its last forward use.
 
 A value is rebuilt only from values that are alive at that point anyway (placeholders, i.e. inputs and
 parameters, and forward values the relevance pass reads later), so no other value lives longer and the
-live set at every point of the program can only shrink. The result is exactly the same arithmetic.
+set of kept values at every point of the program can only shrink (a rebuild's own temporaries aside). A
+value an in-place op writes is never rebuilt: the copy would miss the write. The result is exactly the same
+arithmetic.
 
 :func:`reuse_buffers` (the eager backend; Inductor plans its own buffers): a pointwise op whose operand
 dies at it writes its result into that operand (``mul`` -> ``mul_``), as Inductor does in the code it
@@ -52,6 +54,7 @@ def rematerialize(graph: fx.Graph) -> fx.Graph:
         return sorted((u for u in n.users if position[u] >= boundary), key=position.__getitem__)
 
     returned = set(output.all_input_nodes)  # alive to the end anyway
+    written = written_in_place(graph)  # a copy would miss the write
     carried = {n for n in nodes[:boundary] if n.op == "call_function" and late_uses(n)}
     last_use = {n: max(position[u] for u in n.users) for n in carried}
     rebuildable: set[fx.Node] = set()
@@ -66,7 +69,7 @@ def rematerialize(graph: fx.Graph) -> fx.Graph:
         if (n in carried and last_use[n] >= at) or n in rebuilt:
             return True
         rebuilt.add(n)
-        if len(rebuilt) > MAX_REBUILT or position[n] >= boundary or not cheap(n):
+        if len(rebuilt) > MAX_REBUILT or position[n] >= boundary or n in written or not cheap(n):
             return False
         return all(free(i, at, rebuilt) for i in n.all_input_nodes)
 
@@ -89,7 +92,7 @@ def rematerialize(graph: fx.Graph) -> fx.Graph:
         return local[n]
 
     for n in nodes[:boundary]:
-        if n in carried and n not in returned and cheap(n):
+        if n in carried and n not in returned and n not in written and cheap(n):
             first = position[late_uses(n)[0]]
             rebuilt: set[fx.Node] = set()
             if all(free(i, first, rebuilt) for i in n.all_input_nodes):
@@ -190,3 +193,44 @@ def _reusable(operand: object, node: fx.Node) -> bool:
     if not isinstance(have, torch.Tensor) or not isinstance(want, torch.Tensor):
         return False
     return have.dtype == want.dtype and str(have.shape) == str(want.shape) and str(have.stride()) == str(want.stride())
+
+
+def written_in_place(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes whose storage an in-place op writes: the written argument and the values it is a view of."""
+    written: set[fx.Node] = set()
+    for node in graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        if not target._schema.is_mutable:
+            continue
+        for argument, value in zip(target._schema.arguments, node.args):
+            if argument.alias_info is None or not argument.alias_info.is_write:
+                continue
+            while isinstance(value, fx.Node) and value not in written:
+                written.add(value)
+                value = view_base(value)
+    return written
+
+
+def view_base(node: fx.Node) -> fx.Node | None:
+    """The value ``node`` is a view of (its first argument; a list's item: the list), or ``None`` if it owns
+    its storage."""
+    target = node.target
+    if node.op != "call_function" or not node.args or not isinstance(base := node.args[0], fx.Node):
+        return None
+    if target is operator.getitem:
+        return base
+    if not isinstance(target, torch._ops.OpOverload):
+        return None
+    returns = target._schema.returns
+    return base if len(returns) == 1 and returns[0].alias_info is not None else None
+
+
+def impure(node: fx.Node) -> bool:
+    """A call whose result is not a function of its arguments alone: it writes in place, or draws random
+    numbers. Two such calls on the same arguments are not the same value."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags
+    return target is not operator.getitem and not getattr(target, "__module__", "").startswith("_operator")

@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import lrpc
 from lrpc import presets, rules
@@ -576,6 +577,39 @@ def test_fuse_softmax_and_product(device: str) -> None:
     assert sum(n.target is torch.ops.aten._softmax.default for n in gm.graph.nodes) > 1
     assert fusion.fused_counts(fused) == {"linear_epsilon": 3, "softmax_relevance": 1, "uniform_product": 1}
     assert_same_outputs(gm, fused, args)
+
+
+def _product_halves(factor, first: str):
+    """A uniform product's two halves as :class:`lrpc.rules.UniformProduct` traces them, reading copies of
+    ``z``'s first factor made by ``factor`` (a rebuilt copy of a pure op is the same value; a second random
+    draw is not), the half of factor ``first`` (``"a"`` or ``"b"``) first in the graph."""
+
+    def fn(x, y, R):
+        a = factor(x)
+        z = a * y
+        q = rules.divide(R, z, 0.1)
+        halves = {}
+        for which in (first, "b" if first == "a" else "a"):
+            copy = factor(x)
+            halves[which] = (copy * 0.5) * (q * y) if which == "a" else (y * 0.5) * (q * copy)
+        return z.sum(), halves["a"], halves["b"]
+
+    return fn
+
+
+@pytest.mark.parametrize("first", ["a", "b"])
+def test_fuse_product_of_rebuilt_factors(first: str, device: str) -> None:
+    x, y, R = torch.randn(3, 4, 6, device=device)
+    gm = make_fx(_product_halves(torch.exp, first))(x, y, R)
+    fused = fusion.fuse(gm, patterns=["uniform_product"])
+    fused.graph.lint()  # the fused call's operands are defined before it
+    assert fusion.fused_counts(fused) == {"uniform_product": 1}
+    assert_same_outputs(gm, fused, [x, y, R])
+
+
+def test_fuse_product_does_not_take_another_random_draw_for_a_factor() -> None:
+    gm = make_fx(_product_halves(lambda x: x + torch.randn_like(x), "a"))(*torch.randn(3, 4, 6))
+    assert fusion.fused_counts(fusion.fuse(gm, patterns=["uniform_product"])) == {}
 
 
 def test_fuse_patterns_argument(device: str) -> None:

@@ -141,6 +141,42 @@ def test_softmax_is_rebuilt_from_its_kept_scores() -> None:
     assert _count(graph, aten._softmax.default) == 2
 
 
+def _filled(x, w):
+    z = x @ w
+    m = torch.zeros(3, 5)
+    v = m.t()  # a view taken before the buffer is written through its base
+    m.add_(z)
+    return (v * 2).sum(), v * 3, z * 4
+
+
+def _cast(x, w, mask):
+    z = x @ w
+    m = mask.to(torch.float32)
+    v = m.t()
+    m.mul_(-1e4)
+    return (z + v.t()).sum(), v * 2, z * 3
+
+
+def _activated(x, w):
+    z = x @ w
+    a = torch.relu(z)
+    v = a.t()
+    a.mul_(2)
+    return v.sum(), v * 3, z * 4
+
+
+@pytest.mark.parametrize("fn", [_filled, _cast, _activated])
+def test_values_written_in_place_are_kept(fn) -> None:
+    """A copy rebuilt in the relevance pass would be the value as first computed, without the write."""
+    args = (X, W, torch.randint(0, 2, (3, 5))) if fn is _cast else (X, W)
+    gm = make_fx(fn)(*args)
+    expected = gm(*args)
+    rematerialize(gm.graph)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    assert all(torch.equal(got, want) for got, want in zip(gm(*args), expected))
+
+
 def test_attention_keeps_one_score_sized_tensor_per_layer(monkeypatch) -> None:
     """A BERT layer kept five tensors the size of its attention scores for the relevance pass (the product,
     its scaled, mask-added and masked copies, the softmax); it now keeps one, as autograd does. Same
