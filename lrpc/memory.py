@@ -109,18 +109,14 @@ def cheap(node: fx.Node) -> bool:
     """A pointwise op, a dtype conversion, a constant filled in from its arguments, or a view: rebuilding it
     costs one pass over its output, no more arithmetic than keeping."""
     target = node.target
-    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or target is operator.getitem:
-        return False
-    schema = target._schema
-    if schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags:
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or impure(node):
         return False
     if torch.Tag.pointwise in target.tags or target in _FILLS or target in _ROW_OPS:
         return True
     if target is torch.ops.aten._to_copy.default:  # an attention mask cast to the scores' dtype
         source, value = node.args[0], node.meta.get("val")
         return isinstance(source, fx.Node) and _same_device(source.meta.get("val"), value)
-    returns = schema.returns
-    return len(returns) == 1 and returns[0].alias_info is not None  # a view of its input
+    return view_base(node) is not None
 
 
 #: Row-wise ops as memory-bound as a pointwise one: a softmax is rebuilt from its scores, which AttnLRP's
