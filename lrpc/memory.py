@@ -1,16 +1,18 @@
 """Memory passes over the generated program: what it keeps alive, and where its results are written.
 
 :func:`rematerialize` (every backend): recompute cheap forward values in the relevance pass instead of
-keeping them. The generated program runs the forward pass, then the relevance pass, and every forward value a rule
-reads stays alive from the forward until that rule runs. Many of them are cheap to rebuild from values
-that stay alive anyway: a ReLU / GELU output from the pre-activation its layer's epsilon rule keeps, a
-batch-norm-folded weight from the parameters, an attention layer's scaled and masked scores and their
-softmax from the product ``q @ kᵀ`` its product rule keeps. Keeping both doubles the activation memory
-(autograd keeps one tensor per layer; lrpc kept the layer output and its activation, and five tensors the
-size of the scores per attention layer) and holds a second copy of every folded convolution's weights
-across the whole pass. :func:`rematerialize` moves such values into the relevance pass: a copy of their
-pointwise / view / softmax computation is inserted before their first use there, and the forward value
-dies at its last forward use.
+keeping them. The generated program runs the forward pass, then the relevance pass, and every forward
+value a rule reads stays alive from the forward until that rule runs. Many of them are cheap to rebuild
+from values that stay alive anyway: a ReLU / GELU output from the pre-activation its layer's epsilon rule
+keeps, a batch-norm-folded weight from the parameters, an attention layer's scores ``q @ kᵀ`` from the
+``q`` and ``k`` its product rule keeps, and the scaled and masked scores and their softmax from those.
+Keeping both doubles the activation memory (autograd keeps one tensor per layer; lrpc kept the layer
+output and its activation, and five tensors the size of the scores per attention layer, where autograd
+under SDPA keeps none) and holds a second copy of every folded convolution's weights across the whole
+pass. :func:`rematerialize` moves such values into the relevance pass: one copy of their pointwise /
+view / softmax / product computation is inserted before their first use there (theirs, or that of a
+rebuilt value that reads them), shared by the later ones, and the forward value dies at its last forward
+use.
 
 A value is rebuilt only from values that are alive at that point anyway (placeholders, i.e. inputs and
 parameters, and forward values the relevance pass reads later), so no other value lives longer and the
@@ -76,20 +78,27 @@ def rematerialize(graph: fx.Graph) -> fx.Graph:
     copies: dict[fx.Node, fx.Node] = {}  # rebuilt carried values, read by their late users
 
     def rebuild(n: fx.Node, before: fx.Node, local: dict[fx.Node, fx.Node]) -> fx.Node:
-        """``n`` as seen from ``before``: itself or its copy if alive there, else a copy inserted before it.
-        Intermediates are copied per rebuilt value (``local``), so that no copy outlives its reader."""
-        alive_here = n in carried and last_use[n] >= position[before]
-        if n in copies and alive_here:
-            return copies[n]
-        if n in local:
-            return local[n]
+        """``n`` as seen from ``before``: itself, or a copy inserted before it.
+
+        A rebuildable value that would still be alive at ``before`` gets one copy, made at its first need
+        (its own late user, or the copy of another rebuilt value that reads it, as a softmax reads its
+        masked scores) and shared by every later need: it lives no longer than the value it replaces.
+        Other intermediates are copied per rebuilt value (``local``), so that no copy outlives its reader."""
         if n.op == "placeholder" or not isinstance(n.meta.get("val"), torch.Tensor):
             return n
-        if alive_here and n not in rebuildable:
-            return n
-        with graph.inserting_before(before):
-            local[n] = graph.node_copy(n, lambda a: rebuild(a, before, local))
+        if n in carried and last_use[n] >= position[before]:
+            if n not in rebuildable:
+                return n
+            if n not in copies:
+                copies[n] = _copy(n, before, local)
+            return copies[n]
+        if n not in local:
+            local[n] = _copy(n, before, local)
         return local[n]
+
+    def _copy(n: fx.Node, before: fx.Node, local: dict[fx.Node, fx.Node]) -> fx.Node:
+        with graph.inserting_before(before):
+            return graph.node_copy(n, lambda a: rebuild(a, before, local))
 
     for n in nodes[:boundary]:
         if n in carried and n not in returned and n not in written and cheap(n):
@@ -99,7 +108,7 @@ def rematerialize(graph: fx.Graph) -> fx.Graph:
                 rebuildable.add(n)
     for n in sorted(rebuildable, key=lambda n: position[late_uses(n)[0]]):
         uses = late_uses(n)
-        copies[n] = rebuild(n, uses[0], {})
+        rebuild(n, uses[0], {})
         for user in uses:
             user.replace_input_with(n, copies[n])
     return graph
@@ -107,12 +116,15 @@ def rematerialize(graph: fx.Graph) -> fx.Graph:
 
 def cheap(node: fx.Node) -> bool:
     """A pointwise op, a dtype conversion, a constant filled in from its arguments, or a view: rebuilding it
-    costs one pass over its output, no more arithmetic than keeping."""
+    costs one pass over its output, no more arithmetic than keeping. Or a product that outgrows its operands
+    (:func:`_expanding_product`)."""
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or impure(node):
         return False
     if torch.Tag.pointwise in target.tags or target in _FILLS or target in _ROW_OPS:
         return True
+    if target is torch.ops.aten.bmm.default:
+        return _expanding_product(node)
     if target is torch.ops.aten._to_copy.default:  # an attention mask cast to the scores' dtype
         source, value = node.args[0], node.meta.get("val")
         return isinstance(source, fx.Node) and _same_device(source.meta.get("val"), value)
@@ -130,6 +142,35 @@ _FILLS = {
     torch.ops.aten.zeros.default,
     torch.ops.aten.ones.default,
 }
+
+
+def _expanding_product(node: fx.Node) -> bool:
+    """A batched product of two computed values whose result has more elements than both together, as an
+    attention layer's scores ``q @ kᵀ`` from 512 tokens on (heads of 64): rebuilding it from the operands
+    its product rule keeps anyway costs one forward product and frees the largest tensor of the layer
+    (autograd keeps none of the scores under SDPA). A product with a parameter (a layer's weights) is left
+    alone: its output is an activation as costly to recompute as the layer itself. Sizes are compared at
+    the traced example's (dynamic dims at their hints)."""
+    operands = node.args[:2]
+    if not all(isinstance(o, fx.Node) for o in operands) or any(storage_owner(o).op == "placeholder" for o in operands):
+        return False
+    sizes = [_hint(v.numel()) if isinstance(v := n.meta.get("val"), torch.Tensor) else None for n in (node, *operands)]
+    if any(size is None for size in sizes):
+        return False
+    out, *ins = sizes
+    return out > sum(ins)
+
+
+def storage_owner(node: fx.Node) -> fx.Node:
+    """The node that owns the storage ``node`` views."""
+    while (base := view_base(node)) is not None:
+        node = base
+    return node
+
+
+def _hint(size: int | torch.SymInt) -> int | None:
+    """A size, at the traced example's values of its dynamic dims (``None`` if it has none)."""
+    return size if isinstance(size, int) else size.node.hint
 
 
 def _same_device(a: object, b: object) -> bool:
@@ -219,6 +260,8 @@ def view_base(node: fx.Node) -> fx.Node | None:
         return base
     if not isinstance(target, torch._ops.OpOverload):
         return None
+    if target in _UNANNOTATED_VIEWS:
+        return base
     returns = target._schema.returns
     return base if len(returns) == 1 and returns[0].alias_info is not None else None
 

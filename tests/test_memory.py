@@ -14,7 +14,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import lrpc
 import lrpc.codegen
-from lrpc.memory import rematerialize, reuse_buffers
+from lrpc.memory import rematerialize, reuse_buffers, storage_owner
 
 aten = torch.ops.aten
 
@@ -34,6 +34,12 @@ def _late_forward_uses(graph: fx.Graph) -> set[str]:
         for n in nodes[:boundary]
         if n.op == "call_function" and any(position[u] >= boundary and u.op != "output" for u in n.users)
     }
+
+
+def _kept_storage(graph: fx.Graph) -> set[str]:
+    """The values whose storage the kept values are (a view's base)."""
+    kept = {n for n in graph.nodes if n.name in _late_forward_uses(graph)}
+    return {storage_owner(n).name for n in kept}
 
 
 def _count(graph: fx.Graph, target) -> int:
@@ -141,6 +147,38 @@ def test_softmax_is_rebuilt_from_its_kept_scores() -> None:
     assert _count(graph, aten._softmax.default) == 2
 
 
+def _attention(x, wq, wk):
+    q, k = x @ wq, x @ wk
+    scores = q @ k.transpose(-1, -2)
+    p = torch.softmax(scores, -1)
+    return p.sum(), p * 2, scores * 3, q * 4, k * 5  # the relevance pass reads p, the scores, q and k
+
+
+def test_attention_scores_are_rebuilt_from_q_and_k() -> None:
+    """Scores larger than q and k together (16 x 16 from 16 x 4 and 16 x 4) are recomputed from them where
+    the relevance pass first needs them, the softmax from the scores: nothing of the scores' size is kept."""
+    graph = _program(_attention, torch.randn(2, 16, 4), torch.randn(4, 4), torch.randn(4, 4))
+    assert _count(graph, aten.bmm.default) == 2
+    assert _kept_storage(graph) == {"mm", "mm_1"}
+
+
+def _attention_to_input(x, k):
+    q = x * 2
+    scores = q @ k.transpose(-1, -2)
+    p = torch.softmax(scores, -1)
+    return p.sum(), p * 2, scores * 3, q * 4
+
+
+@pytest.mark.parametrize("fn, sizes", [(_attention, (4, 4, 4)), (_attention_to_input, (16, 4))], ids=["small", "input"])
+def test_products_that_do_not_outgrow_their_operands_are_kept(fn, sizes) -> None:
+    """Scores no larger than q and k together (4 x 4 from 4 x 4 and 4 x 4) save nothing, and a product with
+    a graph input (an input, a layer's weights) may be as costly to rebuild as the layer: both are kept."""
+    args = [torch.randn(2, 4, 4), torch.randn(4, 4), torch.randn(4, 4)] if fn is _attention else [torch.randn(2, 16, 4)] * 2
+    graph = _program(fn, *args)
+    assert _count(graph, aten.bmm.default) == 1
+    assert "bmm" in _kept_storage(graph)
+
+
 def _filled(x, w):
     z = x @ w
     m = torch.zeros(3, 5)
@@ -177,10 +215,12 @@ def test_values_written_in_place_are_kept(fn) -> None:
     assert all(torch.equal(got, want) for got, want in zip(gm(*args), expected))
 
 
-def test_attention_keeps_one_score_sized_tensor_per_layer(monkeypatch) -> None:
-    """A BERT layer kept five tensors the size of its attention scores for the relevance pass (the product,
-    its scaled, mask-added and masked copies, the softmax); it now keeps one, as autograd does. Same
-    relevance. (At 512 tokens BERT-base's compiled program peaked at 1.65x the gradient's memory, now 1.29x.)"""
+def test_attention_keeps_no_score_sized_tensor(monkeypatch) -> None:
+    """A BERT layer kept five tensors the size of its attention scores for the relevance pass (the product
+    ``q @ kᵀ``, its scaled, mask-added and masked copies, the softmax); it now keeps none (autograd under
+    SDPA keeps none either): the relevance pass rebuilds the product from the ``q`` and ``k`` its rule
+    reads, then the rest from the product, each once. Same relevance. (At 512 tokens BERT-base's compiled
+    program peaked at 1.65x the gradient's memory with all five.)"""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.BertConfig(
@@ -191,22 +231,29 @@ def test_attention_keeps_one_score_sized_tensor_per_layer(monkeypatch) -> None:
     mask = torch.ones_like(ids)
     mask[0, -4:] = 0
 
-    def kept_scores(a) -> int:
-        graph = a.graph_module(ids, attention_mask=mask).graph
-        nodes = list(graph.nodes)
+    def kept_scores(graph: fx.Graph) -> int:
         names = _late_forward_uses(graph)
         return sum(  # tensors with storage of their own (not views) of the scores' size
             n.name in names and n.meta["val"].numel() == 2 * 24 * 24 and n.target._schema.returns[0].alias_info is None
-            for n in nodes
+            for n in graph.nodes
         )
 
     with_pass = lrpc.compile(model, rules="attnlrp", backend="eager")
     res = with_pass(ids, attention_mask=mask)
+    graph = with_pass.graph_module(ids, attention_mask=mask).graph
     monkeypatch.setattr(lrpc.codegen, "rematerialize", lambda graph: graph)
     without = lrpc.compile(model, rules="attnlrp", backend="eager")
-    # layer 0 in full; layer 1 computes only what the pooler reads ([CLS]'s row of the scores)
-    assert (kept_scores(with_pass), kept_scores(without)) == (1, 5)
-    assert torch.equal(res.relevance, without(ids, attention_mask=mask).relevance)
+    ref = without(ids, attention_mask=mask)
+    graph_without = without.graph_module(ids, attention_mask=mask).graph
+    assert (kept_scores(graph), kept_scores(graph_without)) == (0, 5)
+    # each softmax is rebuilt once, though three rules read it or its masked scores; layer 0's product once
+    # (layer 1 computes only what the pooler reads, [CLS]'s row of the scores: smaller than q and k, kept)
+    assert (_count(graph_without, aten._softmax.default), _count(graph, aten._softmax.default)) == (2, 4)
+    def products(graph: fx.Graph) -> int:
+        return sum(n.target is aten.bmm.default and n.meta["val"].numel() == 2 * 24 * 24 for n in graph.nodes)
+
+    assert products(graph) == products(graph_without) + 1
+    assert torch.equal(res.relevance, ref.relevance)
 
 
 class ConvNet(nn.Module):
