@@ -72,6 +72,7 @@ def relevance_function(plan: Plan, target: TargetSpec) -> tuple[Callable[..., tu
                 env[node] = node.target(*call_args, **call_kwargs)
         output = env[explained]
         seed, used_index = seed_relevance(output, target, index)
+        seed_total = seed.sum()  # now, so that the seed (as large as the output) dies at the first rule
 
         relevance: dict[fx.Node, Any] = {explained: seed}
         layers: dict[str, Tensor] = {}
@@ -104,7 +105,7 @@ def relevance_function(plan: Plan, target: TargetSpec) -> tuple[Callable[..., tu
             for (_, inp), res in zip(tensor_inputs, results):
                 if res is not None and inp.name in step.receivers:
                     _accumulate(relevance, inp, res)
-        outs: list[Any] = [output, used_index, seed.sum()]
+        outs: list[Any] = [output, used_index, seed_total]
         for name in plan.explained:
             outs.append(relevance.get(input_nodes[name]))
         for path, name in plan.layers.items():  # a layer no relevance reached (a gate cp-lrp holds) has 0

@@ -29,6 +29,7 @@ place saves an allocation and a pass of fresh memory per op.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -60,20 +61,31 @@ def rematerialize(graph: fx.Graph) -> fx.Graph:
     carried = {n for n in nodes[:boundary] if n.op == "call_function" and late_uses(n)}
     last_use = {n: max(position[u] for u in n.users) for n in carried}
     rebuildable: set[fx.Node] = set()
+    held: set[fx.Node] = set()  # small forward values kept past their last forward read, to rebuild from
 
-    def free(n: fx.Node, at: int, rebuilt: set[fx.Node]) -> bool:
-        """``n`` is available at position ``at`` without keeping anything alive longer, rebuilding at most
-        ``MAX_REBUILT`` nodes (a long pointwise chain, an unrolled scan, is kept rather than recomputed).
-        ``rebuilt``: the nodes this check rebuilds so far; one reached twice (a mask read by two ops) is
-        rebuilt once."""
+    def free(n: fx.Node, at: int, plan: _Plan) -> bool:
+        """``n`` is available at position ``at``: a placeholder, a forward value alive there anyway, or
+        rebuilt from such values (``plan.rebuilt``: at most ``MAX_REBUILT`` nodes, counted once however
+        many paths reach them; a long pointwise chain, an unrolled scan, is kept rather than recomputed).
+        What cannot be rebuilt may be held (``plan.held``): kept alive until ``at`` although its forward
+        reads end earlier, if all that is held for one value takes at most a quarter of its bytes (a causal
+        mask built by a copy, a twelfth of the scores it lets the relevance pass rebuild)."""
         if n.op == "placeholder" or not isinstance(n.meta.get("val"), torch.Tensor):
             return True
-        if (n in carried and last_use[n] >= at) or n in rebuilt:
+        if (n in carried and last_use[n] >= at) or n in plan.rebuilt or n in plan.held:
             return True
-        rebuilt.add(n)
-        if len(rebuilt) > MAX_REBUILT or position[n] >= boundary or n in written or not cheap(n):
+        if n in plan.failed or position[n] >= boundary or n in written:
             return False
-        return all(free(i, at, rebuilt) for i in n.all_input_nodes)
+        trial = _Plan(plan.rebuilt | {n}, set(plan.held), plan.failed, plan.room)
+        if len(trial.rebuilt) <= MAX_REBUILT and cheap(n) and all(free(i, at, trial) for i in n.all_input_nodes):
+            plan.rebuilt, plan.held = trial.rebuilt, trial.held
+            return True
+        size = _bytes(n)
+        if size is not None and size <= plan.room - sum(_bytes(h) or 0 for h in plan.held):
+            plan.held.add(n)
+            return True
+        plan.failed.add(n)
+        return False
 
     copies: dict[fx.Node, fx.Node] = {}  # rebuilt carried values, read by their late users
 
@@ -84,7 +96,7 @@ def rematerialize(graph: fx.Graph) -> fx.Graph:
         (its own late user, or the copy of another rebuilt value that reads it, as a softmax reads its
         masked scores) and shared by every later need: it lives no longer than the value it replaces.
         Other intermediates are copied per rebuilt value (``local``), so that no copy outlives its reader."""
-        if n.op == "placeholder" or not isinstance(n.meta.get("val"), torch.Tensor):
+        if n.op == "placeholder" or not isinstance(n.meta.get("val"), torch.Tensor) or n in held:
             return n
         if n in carried and last_use[n] >= position[before]:
             if n not in rebuildable:
@@ -103,15 +115,27 @@ def rematerialize(graph: fx.Graph) -> fx.Graph:
     for n in nodes[:boundary]:
         if n in carried and n not in returned and n not in written and cheap(n):
             first = position[late_uses(n)[0]]
-            rebuilt: set[fx.Node] = set()
-            if all(free(i, first, rebuilt) for i in n.all_input_nodes):
+            plan = _Plan(set(), set(), set(), (_bytes(n) or 0) // 4)
+            if all(free(i, first, plan) for i in n.all_input_nodes):
                 rebuildable.add(n)
+                held.update(plan.held)
     for n in sorted(rebuildable, key=lambda n: position[late_uses(n)[0]]):
         uses = late_uses(n)
         rebuild(n, uses[0], {})
         for user in uses:
             user.replace_input_with(n, copies[n])
     return graph
+
+
+@dataclass
+class _Plan:
+    """How one value is rebuilt: the nodes it recomputes, the ones it holds, the ones that can be neither,
+    and the bytes it may hold."""
+
+    rebuilt: set[fx.Node]
+    held: set[fx.Node]
+    failed: set[fx.Node]
+    room: int
 
 
 def cheap(node: fx.Node) -> bool:
@@ -166,6 +190,14 @@ def storage_owner(node: fx.Node) -> fx.Node:
     while (base := view_base(node)) is not None:
         node = base
     return node
+
+
+def _bytes(node: fx.Node) -> int | None:
+    """The bytes of ``node``'s value at the traced example's sizes (``None`` if unknown)."""
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor) or (numel := _hint(value.numel())) is None:
+        return None
+    return numel * value.element_size()
 
 
 def _hint(size: int | torch.SymInt) -> int | None:

@@ -94,9 +94,10 @@ def seed_relevance(output: Tensor, spec: TargetSpec, index: Tensor | None) -> tu
     if index is None:
         index = scores.argmax(-1)
     classes = torch.arange(scores.shape[-1], device=output.device)
-    mask = (classes == index.unsqueeze(-1)).to(output.dtype)
+    hit = classes == index.unsqueeze(-1)
     if output.dim() == 3:
         positions = torch.arange(output.shape[1], device=output.device)
-        mask = mask.unsqueeze(1) * (positions == output.shape[1] - 1).to(output.dtype).unsqueeze(-1)
-    seed = mask * output if spec.seed == "logit" else mask
+        hit = hit.unsqueeze(1) & (positions == output.shape[1] - 1).unsqueeze(-1)
+    # one output-sized tensor (a mask times the output was two: a language model's logits are the largest)
+    seed = torch.where(hit, output, 0.0) if spec.seed == "logit" else hit.to(output.dtype)
     return seed, index

@@ -169,14 +169,36 @@ def _attention_to_input(x, k):
     return p.sum(), p * 2, scores * 3, q * 4
 
 
-@pytest.mark.parametrize("fn, sizes", [(_attention, (4, 4, 4)), (_attention_to_input, (16, 4))], ids=["small", "input"])
-def test_products_that_do_not_outgrow_their_operands_are_kept(fn, sizes) -> None:
+@pytest.mark.parametrize("fn", [_attention, _attention_to_input], ids=["small", "input"])
+def test_products_that_do_not_outgrow_their_operands_are_kept(fn) -> None:
     """Scores no larger than q and k together (4 x 4 from 4 x 4 and 4 x 4) save nothing, and a product with
     a graph input (an input, a layer's weights) may be as costly to rebuild as the layer: both are kept."""
     args = [torch.randn(2, 4, 4), torch.randn(4, 4), torch.randn(4, 4)] if fn is _attention else [torch.randn(2, 16, 4)] * 2
     graph = _program(fn, *args)
     assert _count(graph, aten.bmm.default) == 1
     assert "bmm" in _kept_storage(graph)
+
+
+def _causal(x, wq, wk, m):
+    q, k = x @ wq, x @ wk
+    scores = q @ k.transpose(-1, -2) + torch.tril(m)  # tril: not cheap to rebuild
+    p = torch.softmax(scores, -1)
+    return p.sum(), p * 2, scores * 3, q * 4, k * 5
+
+
+@pytest.mark.parametrize("heads", [8, 2])
+def test_a_small_mask_is_held_to_rebuild_the_masked_scores(heads: int) -> None:
+    """A mask that cannot be rebuilt (Llama's causal mask is built by a copy) is kept alive instead, when it
+    is at most a quarter of the masked scores (one 16 x 16 mask for 8 heads): then the masked scores are
+    rebuilt from it and the product. For 2 heads it would be half of them: they are kept."""
+    w = torch.randn(4, 4)
+    graph = _program(_causal, torch.randn(heads, 16, 4), w, w, torch.randn(16, 16))
+    if heads == 8:
+        assert _kept_storage(graph) == {"mm", "mm_1", "tril"}
+        assert _count(graph, aten.add.Tensor) == 2
+    else:
+        assert _kept_storage(graph) == {"mm", "mm_1", "add"}
+        assert _count(graph, aten.add.Tensor) == 1
 
 
 def _filled(x, w):
@@ -491,3 +513,40 @@ def test_eager_backend_writes_in_place_and_gets_the_same_relevance(rules: str, m
     ref = lrpc.compile(model, rules=preset, backend="eager")(x, target=1)
     assert torch.equal(res.relevance, ref.relevance)
     assert torch.equal(res.output, ref.output)
+
+
+class TinyLM(nn.Module):
+    """Token embedding, one hidden layer, a vocabulary-sized head: the logits are the largest value."""
+
+    def __init__(self, vocab: int = 1000) -> None:
+        super().__init__()
+        self.embed, self.hidden, self.head = nn.Embedding(vocab, 8), nn.Linear(8, 8), nn.Linear(8, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.hidden(self.embed(ids))))
+
+
+@pytest.mark.parametrize("seed", ["logit", "one"])
+def test_the_seed_is_one_output_sized_tensor_that_dies_at_the_head(seed: str) -> None:
+    """A language model's seed (the next token's logit at the last position, zero elsewhere) is as large as
+    its logits: it is made as one tensor (not a mask, then the mask times the logits), and dies once the
+    head's rule and the seed's total have read it, rather than at the end of the program."""
+    torch.manual_seed(0)
+    model, ids = TinyLM().eval(), torch.randint(0, 1000, (2, 16))
+    attributor = lrpc.compile(model, rules="epsilon", seed=seed, backend="eager")
+    res = attributor(ids)
+    graph = attributor.graph_module(ids).graph
+    nodes = list(graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    explained = nodes[-1].args[0][0]
+    size = explained.meta["val"].numel()
+    made = [n for n in nodes[position[explained] + 1 :] if isinstance(v := n.meta.get("val"), torch.Tensor)
+            and v.numel() == size and v.dtype.is_floating_point and storage_owner(n) is n]
+    assert len(made) == 1
+    first_product = next(n for n in nodes[position[explained] :] if n.target in (aten.mm.default, aten.bmm.default))
+    assert max(position[u] for u in made[0].users) < position[first_product]
+    # the seed's total is still the explained logit summed over samples (one per sample for seed="one")
+    with torch.no_grad():
+        expected = model(ids)[:, -1].max(-1).values.sum().item() if seed == "logit" else 2.0
+    assert attributor.report().seed_total == pytest.approx(expected, rel=1e-6)
+    assert res.relevance.shape == ids.shape
