@@ -16,7 +16,10 @@ use.
 
 A value is rebuilt only from values that are alive at that point anyway (placeholders, i.e. inputs and
 parameters, and forward values the relevance pass reads later), so no other value lives longer and the
-set of kept values at every point of the program can only shrink (a rebuild's own temporaries aside). A
+set of kept values at every point of the program can only shrink (a rebuild's own temporaries aside). The
+one exception trades a little for a lot: a value that cannot be rebuilt itself may be held for a rebuild
+if it takes at most a quarter of the bytes of the value rebuilt from it (a causal mask, one per sequence,
+held so that every layer's masked scores, one per head, are rebuilt). A
 value an in-place op writes is never rebuilt: the copy would miss the write. The result is exactly the same
 arithmetic.
 
