@@ -75,9 +75,11 @@ def rematerialize(graph: fx.Graph) -> fx.Graph:
         mask built by a copy, a twelfth of the scores it lets the relevance pass rebuild)."""
         if n.op == "placeholder" or not isinstance(n.meta.get("val"), torch.Tensor):
             return True
+        if n in written:  # it may be written before ``at``: the copy would read the new value
+            return False
         if (n in carried and last_use[n] >= at) or n in plan.rebuilt or n in plan.held:
             return True
-        if n in plan.failed or position[n] >= boundary or n in written:
+        if n in plan.failed or position[n] >= boundary:
             return False
         trial = _Plan(plan.rebuilt | {n}, set(plan.held), plan.failed, plan.room)
         if len(trial.rebuilt) <= MAX_REBUILT and cheap(n) and all(free(i, at, trial) for i in n.all_input_nodes):

@@ -225,7 +225,15 @@ def _activated(x, w):
     return v.sum(), v * 3, z * 4
 
 
-@pytest.mark.parametrize("fn", [_filled, _cast, _activated])
+def _negated(x, w):
+    z = x @ w
+    a = torch.relu(z)
+    out = a.sum(1)
+    z.view(-1).mul_(-1)  # the relevance pass writes the pre-activation before it reads the activation
+    return out, a * 2, z * 3
+
+
+@pytest.mark.parametrize("fn", [_filled, _cast, _activated, _negated])
 def test_values_written_in_place_are_kept(fn) -> None:
     """A copy rebuilt in the relevance pass would be the value as first computed, without the write."""
     args = (X, W, torch.randint(0, 2, (3, 5))) if fn is _cast else (X, W)
