@@ -19,8 +19,8 @@ parameters, and forward values the relevance pass reads later), so no other valu
 set of kept values at every point of the program can only shrink (a rebuild's own temporaries aside). The
 one exception trades a little for a lot: a value that cannot be rebuilt itself may be held for a rebuild
 if it takes at most a quarter of the bytes of the value rebuilt from it (a causal mask, one per sequence,
-held so that every layer's masked scores, one per head, are rebuilt). A
-value an in-place op writes is never rebuilt: the copy would miss the write. The result is exactly the same
+held so that every layer's masked scores, one per head, are rebuilt). A value an in-place op writes is
+never rebuilt, nor rebuilt from: the copy would miss the write, or see it. The result is exactly the same
 arithmetic.
 
 :func:`reuse_buffers` (the eager backend; Inductor plans its own buffers): a pointwise op whose operand
