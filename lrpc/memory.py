@@ -10,14 +10,22 @@ Keeping both doubles the activation memory (autograd keeps one tensor per layer;
 output and its activation, and five tensors the size of the scores per attention layer, where autograd
 under SDPA keeps none) and holds a second copy of every folded convolution's weights across the whole
 pass. :func:`rematerialize` moves such values into the relevance pass: one copy of their pointwise /
-view / softmax / product computation is inserted before their first use there (theirs, or that of a
-rebuilt value that reads them), shared by the later ones, and the forward value dies at its last forward
-use.
+view / softmax / product computation is inserted before their first use there, shared by the later ones,
+and the forward value dies at its last forward use.
+
+A rebuilt value may be needed before its own first use, by the copy of another rebuilt value that reads
+it: a softmax reads its masked scores before the softmax rule does, a residual stream's sum reads the
+block before it, a layer before that block's rules. There the copy is made early and shared on, unless
+living that much longer would raise the program's peak (its live bytes at each point, modeled at the
+traced sizes) while recomputing the value for that reader takes only pointwise ops and views: then the
+reader recomputes it (a residual stream, at the start of the relevance pass, where every kept value is
+alive; a product or a softmax costs as much memory to recompute as it saves, and the time).
 
 A value is rebuilt only from values that are alive at that point anyway (placeholders, i.e. inputs and
-parameters, and forward values the relevance pass reads later), so no other value lives longer and the
-set of kept values at every point of the program can only shrink (a rebuild's own temporaries aside). The
-one exception trades a little for a lot: a value that cannot be rebuilt itself may be held for a rebuild
+parameters, forward values the relevance pass reads later, and the copies it made), so no value lives
+longer than it did (a copy lives within the forward value's span) and the set of kept values at every
+point of the program can only shrink (a rebuild's own temporaries aside). The one exception trades a
+little for a lot: a value that cannot be rebuilt itself may be held for a rebuild
 if it takes at most a quarter of the bytes of the value rebuilt from it (a causal mask, one per sequence,
 held so that every layer's masked scores, one per head, are rebuilt). A value an in-place op writes is
 never rebuilt, nor rebuilt from: the copy would miss the write, or see it. The result is exactly the same
@@ -31,6 +39,7 @@ place saves an allocation and a pass of fresh memory per op.
 
 from __future__ import annotations
 
+import itertools
 import operator
 from dataclasses import dataclass
 
@@ -40,6 +49,10 @@ from torch import fx
 #: The most nodes one kept value may be rebuilt from (besides itself): a ReLU is one, a batch-norm-folded
 #: weight about five, GELU written out about eight.
 MAX_REBUILT = 16
+
+#: The most nodes a rebuilt value's reader recomputes rather than share a copy that would raise the peak (a
+#: residual stream, one add per block of a 32-layer transformer, at its first read); past it, the copy is shared.
+MAX_RECOMPUTED = 64
 
 
 def rematerialize(graph: fx.Graph) -> fx.Graph:
@@ -64,15 +77,16 @@ def rematerialize(graph: fx.Graph) -> fx.Graph:
     carried = {n for n in nodes[:boundary] if n.op == "call_function" and late_uses(n)}
     last_use = {n: max(position[u] for u in n.users) for n in carried}
     rebuildable: set[fx.Node] = set()
-    held: set[fx.Node] = set()  # small forward values kept past their last forward read, to rebuild from
+    first: dict[fx.Node, int] = {}  # where a rebuilt value's shared copy is made: its first read, or earlier
+    held: dict[fx.Node, int] = {}  # small forward values kept past their last forward read (to where), to rebuild from
 
     def free(n: fx.Node, at: int, plan: _Plan) -> bool:
-        """``n`` is available at position ``at``: a placeholder, a forward value alive there anyway, or
-        rebuilt from such values (``plan.rebuilt``: at most ``MAX_REBUILT`` nodes, counted once however
-        many paths reach them; a long pointwise chain, an unrolled scan, is kept rather than recomputed).
-        What cannot be rebuilt may be held (``plan.held``): kept alive until ``at`` although its forward
-        reads end earlier, if all that is held for one value takes at most a quarter of its bytes (a causal
-        mask built by a copy, a twelfth of the scores it lets the relevance pass rebuild)."""
+        """``n`` is available at position ``at``: a placeholder, a value alive there anyway, or rebuilt
+        from such values (``plan.rebuilt``: at most ``MAX_REBUILT`` nodes, counted once however many paths
+        reach them; a long pointwise chain, an unrolled scan, is kept rather than recomputed). What cannot
+        be rebuilt may be held (``plan.held``): kept alive until ``at`` although its forward reads end
+        earlier, if all that is held for one value takes at most a quarter of its bytes (a causal mask built
+        by a copy, a twelfth of the scores it lets the relevance pass rebuild)."""
         if n.op == "placeholder" or not isinstance(n.meta.get("val"), torch.Tensor):
             return True
         if n in written:  # it may be written before ``at``: the copy would read the new value
@@ -92,23 +106,66 @@ def rematerialize(graph: fx.Graph) -> fx.Graph:
         plan.failed.add(n)
         return False
 
+    for n in nodes[:boundary]:
+        if n in carried and n not in returned and n not in written and cheap(n):
+            at = position[late_uses(n)[0]]
+            plan = _Plan(set(), set(), set(), (_bytes(n) or 0) // 4)
+            if all(free(i, at, plan) for i in n.all_input_nodes):
+                rebuildable.add(n)
+                first[n] = at
+                for h in plan.held:
+                    held[h] = max(held.get(h, at), at)
+    rebuildable -= held.keys()  # kept whole: it is alive where it is read
+
+    live = _live_bytes(nodes, boundary, rebuildable, first, held)
+    peak = max(live, default=0)
     copies: dict[fx.Node, fx.Node] = {}  # rebuilt carried values, read by their late users
+
+    def share_early(n: fx.Node, at: int) -> bool:
+        """Make ``n``'s shared copy at ``at``, before its own first read, unless the copy living that much
+        longer would raise the program's peak and recomputing ``n`` at ``at`` instead takes pointwise ops
+        and views only (a residual stream, layer by layer; recomputing a product or a softmax costs as much
+        memory as it saves, and the time)."""
+        size = _bytes(n) or 0
+        if max(live[at : first[n]]) + size > peak:
+            again = recomputed(n, at)
+            if all(_duplicable(m) for m in again) and sum(view_base(m) is None for m in again) <= MAX_RECOMPUTED:
+                return False
+        live[at : first[n]] = [b + size for b in live[at : first[n]]]
+        first[n] = at
+        return True
+
+    def recomputed(n: fx.Node, at: int) -> set[fx.Node]:
+        """The nodes a copy of ``n`` made at position ``at`` recomputes: back to the values alive there."""
+        seen: set[fx.Node] = set()
+        stack = [n]
+        while stack:
+            m = stack.pop()
+            if m in seen or m.op == "placeholder" or not isinstance(m.meta.get("val"), torch.Tensor) or m in held:
+                continue
+            if m is not n and m in carried and last_use[m] >= at and (m not in rebuildable or m in copies):
+                continue
+            seen.add(m)
+            stack.extend(m.all_input_nodes)
+        return seen
 
     def rebuild(n: fx.Node, before: fx.Node, local: dict[fx.Node, fx.Node]) -> fx.Node:
         """``n`` as seen from ``before``: itself, or a copy inserted before it.
 
-        A rebuildable value that would still be alive at ``before`` gets one copy, made at its first need
-        (its own late user, or the copy of another rebuilt value that reads it, as a softmax reads its
-        masked scores) and shared by every later need: it lives no longer than the value it replaces.
-        Other intermediates are copied per rebuilt value (``local``), so that no copy outlives its reader."""
+        A rebuilt carried value gets one copy, shared by all its reads: made at its own first read, or at
+        an earlier need (the copy of another rebuilt value that reads it, as a softmax reads its masked
+        scores) where :func:`share_early` allows. Other intermediates are copied per rebuilt value
+        (``local``), so that no copy outlives its reader."""
         if n.op == "placeholder" or not isinstance(n.meta.get("val"), torch.Tensor) or n in held:
             return n
-        if n in carried and last_use[n] >= position[before]:
+        at = position[before]
+        if n in carried and last_use[n] >= at:
             if n not in rebuildable:
                 return n
-            if n not in copies:
+            if n not in copies and (first[n] <= at or share_early(n, at)):
                 copies[n] = _copy(n, before, local)
-            return copies[n]
+            if n in copies:
+                return copies[n]
         if n not in local:
             local[n] = _copy(n, before, local)
         return local[n]
@@ -117,19 +174,39 @@ def rematerialize(graph: fx.Graph) -> fx.Graph:
         with graph.inserting_before(before):
             return graph.node_copy(n, lambda a: rebuild(a, before, local))
 
-    for n in nodes[:boundary]:
-        if n in carried and n not in returned and n not in written and cheap(n):
-            first = position[late_uses(n)[0]]
-            plan = _Plan(set(), set(), set(), (_bytes(n) or 0) // 4)
-            if all(free(i, first, plan) for i in n.all_input_nodes):
-                rebuildable.add(n)
-                held.update(plan.held)
-    for n in sorted(rebuildable, key=lambda n: position[late_uses(n)[0]]):
+    for n in sorted(rebuildable, key=first.__getitem__):
         uses = late_uses(n)
         rebuild(n, uses[0], {})
         for user in uses:
             user.replace_input_with(n, copies[n])
     return graph
+
+
+def _live_bytes(
+    nodes: list[fx.Node], boundary: int, rebuilt: set[fx.Node], first: dict[fx.Node, int], held: dict[fx.Node, int]
+) -> list[int]:
+    """The bytes of intermediate values alive at each position of the program once the ``rebuilt`` values
+    are copied at ``first`` and the ``held`` ones kept until the position given, each storage freed after
+    its last read (at the traced example's sizes; placeholders and a rebuild's own temporaries left out)."""
+    position = {n: i for i, n in enumerate(nodes)}
+    reads: dict[fx.Node, list[int]] = {}
+    for n in nodes:
+        for i in n.all_input_nodes:
+            reads.setdefault(storage_owner(i), []).append(position[n])
+    change = [0] * (len(nodes) + 1)  # bytes allocated at each position, minus those freed after the one before
+    for n, at in reads.items():
+        if n.op != "call_function" or view_base(n) is not None:
+            continue
+        values = n.meta.get("val")
+        size = sum(_bytes_of(v) or 0 for v in (values if isinstance(values, (list, tuple)) else [values]))
+        if n in rebuilt:  # the forward value until its last forward read, its copy from ``first`` on
+            spans = [(position[n], max((r for r in at if r < boundary), default=position[n])), (first[n], max(at))]
+        else:
+            spans = [(position[n], max(*at, held.get(n, 0)))]
+        for start, end in spans:
+            change[start] += size
+            change[end + 1] -= size
+    return list(itertools.accumulate(change[:-1]))
 
 
 @dataclass
@@ -158,6 +235,11 @@ def cheap(node: fx.Node) -> bool:
         source, value = node.args[0], node.meta.get("val")
         return isinstance(source, fx.Node) and _same_device(source.meta.get("val"), value)
     return view_base(node) is not None
+
+
+def _duplicable(node: fx.Node) -> bool:
+    """Cheap to compute twice: pointwise, a view, a cast, a fill; not a product or a softmax."""
+    return node.target is not torch.ops.aten.bmm.default and node.target not in _ROW_OPS
 
 
 #: Row-wise ops as memory-bound as a pointwise one: a softmax is rebuilt from its scores, which AttnLRP's
@@ -199,7 +281,10 @@ def storage_owner(node: fx.Node) -> fx.Node:
 
 def _bytes(node: fx.Node) -> int | None:
     """The bytes of ``node``'s value at the traced example's sizes (``None`` if unknown)."""
-    value = node.meta.get("val")
+    return _bytes_of(node.meta.get("val"))
+
+
+def _bytes_of(value: object) -> int | None:
     if not isinstance(value, torch.Tensor) or (numel := _hint(value.numel())) is None:
         return None
     return numel * value.element_size()
