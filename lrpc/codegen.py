@@ -29,7 +29,7 @@ from .memory import impure, rematerialize, written_in_place
 from .ops import SIDE_EFFECT_OPS, lookup
 from .planning import Plan, Step, bind
 from .rules import Operation
-from .targets import TargetSpec, seed_relevance
+from .targets import TargetSpec, at_class, class_index, class_seed, seed_relevance
 from .tracing import belongs_to
 
 RULE_META = "lrpc_rule"  # node.meta["custom"][RULE_META] on relevance nodes: "<Rule> at <forward node>"
@@ -71,7 +71,12 @@ def relevance_function(plan: Plan, target: TargetSpec) -> tuple[Callable[..., tu
             with fx_traceback.set_current_meta(node):
                 env[node] = node.target(*call_args, **call_kwargs)
         output = env[explained]
-        seed, used_index = seed_relevance(output, target, index)
+        used_index = class_index(output, target, index)
+        cut, step = None, steps.get(explained.name)
+        if step is not None and explained.name not in layer_paths:  # a layer's relevance there is the whole seed
+            with fx_traceback.set_current_meta(explained), _annotate(step):
+                cut = _one_class(explained, env, step, used_index)
+        seed = seed_relevance(output, target, used_index) if cut is None else class_seed(output, target, used_index)
         seed_total = seed.sum()  # now, so that the seed (as large as the output) dies at the first rule
 
         relevance: dict[fx.Node, Any] = {explained: seed}
@@ -89,8 +94,7 @@ def relevance_function(plan: Plan, target: TargetSpec) -> tuple[Callable[..., tu
                 continue
             step = steps[node.name]
             with fx_traceback.set_current_meta(node), _annotate(step):
-                one_class = _one_class(node, env, step, r, used_index) if node is explained else None
-                op, tensor_inputs, r = one_class or (*_operation(node, env, step), r)
+                op, tensor_inputs = cut if node is explained and cut is not None else _operation(node, env, step)
                 try:
                     results = step.rule(op, r)
                 except RuleError as e:  # the rule does not fit this op: say which op it met
@@ -239,9 +243,10 @@ def _positions(
 
 
 def _one_class(
-    node: fx.Node, env: dict[fx.Node, Any], step: Step, seed: Tensor, index: Tensor | None
-) -> tuple[Operation, list[tuple[str, fx.Node]], Tensor] | None:
-    """The explained output layer cut down to the explained class, when that gives the same relevance.
+    node: fx.Node, env: dict[fx.Node, Any], step: Step, index: Tensor | None
+) -> tuple[Operation, list[tuple[str, fx.Node]]] | None:
+    """The explained output layer cut down to the explained class, when that gives the same relevance; its
+    seed is then :func:`lrpc.targets.class_seed`.
 
     The seed of a class target is zero outside ``index`` (one class per sample, and for sequences the
     last position only). A rule that shares each output unit's relevance by that unit's row alone
@@ -259,7 +264,6 @@ def _one_class(
         return None
     if z.dim() not in (2, 3) or env[x].dim() != z.dim():
         return None
-    where = index.view(-1, *[1] * (z.dim() - 1)).expand(*z.shape[:-1], 1)
     rows = [env[weight].index_select(0, index)]
     if isinstance(bias, fx.Node):
         rows.append(env[bias].index_select(0, index))
@@ -273,7 +277,7 @@ def _one_class(
     op = Operation(
         fn=fn,
         inputs=(env[x], *rows),
-        output=z.gather(-1, where),
+        output=z.gather(-1, at_class(index, z)),
         relevant=(True, *[False] * len(rows)),
         roles=("input", "weight", "bias")[: 1 + len(rows)],
         signs=(1,) * (1 + len(rows)),
@@ -281,7 +285,7 @@ def _one_class(
         negative_outputs_dead=step.negative_outputs_dead,
     )
     receivers = [("input", x)] + [(role, t) for role, t in (("weight", weight), ("bias", bias)) if isinstance(t, fx.Node)]
-    return op, receivers, seed.gather(-1, where)
+    return op, receivers
 
 
 def _annotate(step: Step) -> Any:

@@ -43,6 +43,7 @@ import itertools
 import operator
 from dataclasses import dataclass
 
+import sympy
 import torch
 from torch import fx
 
@@ -257,15 +258,16 @@ _FILLS = {
 
 def _expanding_product(node: fx.Node) -> bool:
     """A batched product of two computed values whose result has more elements than both together, as an
-    attention layer's scores ``q @ kᵀ`` from 512 tokens on (heads of 64): rebuilding it from the operands
+    attention layer's scores ``q @ kᵀ`` past 128 tokens (heads of 64): rebuilding it from the operands
     its product rule keeps anyway costs one forward product and frees the largest tensor of the layer
     (autograd keeps none of the scores under SDPA). A product with a parameter (a layer's weights) is left
     alone: its output is an activation as costly to recompute as the layer itself. Sizes are compared at
-    the traced example's (dynamic dims at their hints)."""
+    the largest the program takes (:func:`_largest`): a program traced at 8 tokens that serves 512 rebuilds
+    its scores, and at short lengths the product it recomputes is small."""
     operands = node.args[:2]
     if not all(isinstance(o, fx.Node) for o in operands) or any(storage_owner(o).op == "placeholder" for o in operands):
         return False
-    sizes = [_hint(v.numel()) if isinstance(v := n.meta.get("val"), torch.Tensor) else None for n in (node, *operands)]
+    sizes = [_largest(v.numel()) if isinstance(v := n.meta.get("val"), torch.Tensor) else None for n in (node, *operands)]
     if any(size is None for size in sizes):
         return False
     out, *ins = sizes
@@ -288,6 +290,26 @@ def _bytes_of(value: object) -> int | None:
     if not isinstance(value, torch.Tensor) or (numel := _hint(value.numel())) is None:
         return None
     return numel * value.element_size()
+
+
+#: A dynamic dim without an upper bound, as :func:`_largest` takes it.
+LONG = 2**16
+
+
+def _largest(size: int | torch.SymInt) -> int | None:
+    """A size at the largest values of its dynamic dims: their ranges' upper bounds (a sequence's length up
+    to a model's positions), ``LONG`` where there is none (``None`` if unknown)."""
+    if isinstance(size, int):
+        return size
+    expr, shape_env = size.node.expr, size.node.shape_env
+    if shape_env is None:
+        return None
+    largest = {}
+    for symbol in expr.free_symbols:
+        upper = shape_env.var_to_range[symbol].upper if symbol in shape_env.var_to_range else None
+        largest[symbol] = int(upper) if isinstance(upper, (int, sympy.Integer)) else LONG  # not int_oo
+    value = expr.subs(largest)
+    return int(value) if value.is_number else None
 
 
 def _hint(size: int | torch.SymInt) -> int | None:

@@ -72,8 +72,21 @@ def index_tensor(target: int | Tensor, batch: int, device: torch.device) -> Tens
     return target
 
 
-def seed_relevance(output: Tensor, spec: TargetSpec, index: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """The relevance put in at the output, and the class index used per sample (``None`` if not a class)."""
+def class_index(output: Tensor, spec: TargetSpec, index: Tensor | None) -> Tensor | None:
+    """The class explained per sample: ``index`` as given, the top class if none was, or ``None`` where the
+    target picks no class (a callable; an output of one score per sample)."""
+    if spec.mode == "callable" or output.dim() <= 1:
+        return None
+    if output.dim() > 3:
+        raise LRPCError(
+            f"cannot pick a class in an output of shape {tuple(output.shape)}; pass target= a callable "
+            "that returns the seed tensor"
+        )
+    return (output[:, -1] if output.dim() == 3 else output).argmax(-1) if index is None else index
+
+
+def seed_relevance(output: Tensor, spec: TargetSpec, index: Tensor | None) -> Tensor:
+    """The relevance put in at the output, for the class :func:`class_index` gives (``None``: no class)."""
     if spec.mode == "callable":
         assert spec.fn is not None
         seed = spec.fn(output)
@@ -82,22 +95,32 @@ def seed_relevance(output: Tensor, spec: TargetSpec, index: Tensor | None) -> tu
                 f"a callable target must return a seed tensor shaped like the output {tuple(output.shape)}, "
                 f"got {getattr(seed, 'shape', type(seed).__name__)}"
             )
-        return seed.to(output.dtype), None
-    if output.dim() <= 1:  # one score per sample (or a scalar): explain it
-        return (output if spec.seed == "logit" else torch.ones_like(output)), None
-    if output.dim() > 3:
-        raise LRPCError(
-            f"cannot pick a class in an output of shape {tuple(output.shape)}; pass target= a callable "
-            "that returns the seed tensor"
-        )
-    scores = output[:, -1] if output.dim() == 3 else output  # sequences: the last position
-    if index is None:
-        index = scores.argmax(-1)
-    classes = torch.arange(scores.shape[-1], device=output.device)
-    hit = classes == index.unsqueeze(-1)
-    if output.dim() == 3:
-        positions = torch.arange(output.shape[1], device=output.device)
-        hit = hit.unsqueeze(1) & (positions == output.shape[1] - 1).unsqueeze(-1)
+        return seed.to(output.dtype)
+    if index is None:  # one score per sample (or a scalar): explain it
+        return output if spec.seed == "logit" else torch.ones_like(output)
+    hit = torch.arange(output.shape[-1], device=output.device) == index.unsqueeze(-1)
+    if output.dim() == 3:  # sequences: the last position
+        hit = hit.unsqueeze(1) & _last_position(output).unsqueeze(-1)
     # one output-sized tensor (a mask times the output was two: a language model's logits are the largest)
-    seed = torch.where(hit, output, 0.0) if spec.seed == "logit" else hit.to(output.dtype)
-    return seed, index
+    return torch.where(hit, output, 0.0) if spec.seed == "logit" else hit.to(output.dtype)
+
+
+def class_seed(output: Tensor, spec: TargetSpec, index: Tensor) -> Tensor:
+    """The seed at the explained class alone, ``(*output.shape[:-1], 1)``: :func:`seed_relevance` gathered
+    at :func:`at_class`, without making the output-sized seed (a language model's logits are the largest
+    tensor of its program), for an output layer cut down to that class."""
+    seed = output.gather(-1, at_class(index, output)) if spec.seed == "logit" else None
+    if seed is None:
+        seed = torch.ones(*output.shape[:-1], 1, dtype=output.dtype, device=output.device)
+    if output.dim() == 3:
+        seed = torch.where(_last_position(output).unsqueeze(-1), seed, 0.0)
+    return seed
+
+
+def at_class(index: Tensor, output: Tensor) -> Tensor:
+    """``index`` as a gather index into ``output``'s last dim: each sample's class, at every position."""
+    return index.view(-1, *[1] * (output.dim() - 1)).expand(*output.shape[:-1], 1)
+
+
+def _last_position(output: Tensor) -> Tensor:
+    return torch.arange(output.shape[1], device=output.device) == output.shape[1] - 1

@@ -287,6 +287,30 @@ def test_attention_keeps_no_score_sized_tensor(monkeypatch) -> None:
     assert torch.equal(res.relevance, ref.relevance)
 
 
+def test_a_dynamic_program_traced_short_rebuilds_the_scores_it_serves_long(monkeypatch) -> None:
+    """Whether a product outgrows its operands is judged at the largest sizes the program serves: traced at
+    8 tokens with heads of 8, the scores are smaller than q and k, but the program serves up to BERT's 512
+    positions, where they are 32 times larger. Kept, they would cost a scores-sized tensor per layer at every
+    long call; rebuilt, a small product at short ones. Same relevance at 300 tokens."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32, num_labels=2
+    )
+    model = transformers.BertForSequenceClassification(config).eval()
+    short, long = torch.randint(100, 1000, (1, 8)), torch.randint(100, 1000, (1, 300))
+    attributor = lrpc.compile(model, rules="attnlrp", backend="eager", dynamic=True)
+    graph = attributor.graph_module(short).graph
+    kept = _late_forward_uses(graph)
+    products = [n for n in graph.nodes if n.target is aten.bmm.default]
+    scores = [n.name for n in products if n.name in kept and str(n.meta["val"].shape[-1]) == str(n.meta["val"].shape[-2])]
+    assert len(products) > 4 and not scores, kept  # layer 0's (2, T, T) scores are rebuilt
+    relevance = attributor(long).relevance
+    assert attributor.stats["traces"] == 1  # the short trace serves the long call
+    monkeypatch.setattr(lrpc.codegen, "rematerialize", lambda graph: graph)
+    assert torch.equal(relevance, lrpc.compile(model, rules="attnlrp", backend="eager", dynamic=True)(long).relevance)
+
+
 BLOCKS = 8
 
 
@@ -583,13 +607,16 @@ class TinyLM(nn.Module):
 
 
 @pytest.mark.parametrize("seed", ["logit", "one"])
-def test_the_seed_is_one_output_sized_tensor_that_dies_at_the_head(seed: str) -> None:
-    """A language model's seed (the next token's logit at the last position, zero elsewhere) is as large as
-    its logits: it is made as one tensor (not a mask, then the mask times the logits), and dies once the
-    head's rule and the seed's total have read it, rather than at the end of the program."""
+@pytest.mark.parametrize("head_layer", [False, True])
+def test_a_language_model_seed_is_made_at_its_class(seed: str, head_layer: bool) -> None:
+    """A language model's seed (the next token's logit at the last position, zero elsewhere) would be as
+    large as its logits, the program's largest tensor. The head is cut down to the explained class, so the
+    seed is made at that class alone: no tensor of the logits' size after the forward. Where the head's own
+    relevance is asked for (``layers=["head"]``), the seed is whole, made in one op (not a mask, then
+    the mask times the logits). Same relevance."""
     torch.manual_seed(0)
     model, ids = TinyLM().eval(), torch.randint(0, 1000, (2, 16))
-    attributor = lrpc.compile(model, rules="epsilon", seed=seed, backend="eager")
+    attributor = lrpc.compile(model, rules="epsilon", seed=seed, backend="eager", layers=["head"] if head_layer else ())
     res = attributor(ids)
     graph = attributor.graph_module(ids).graph
     nodes = list(graph.nodes)
@@ -598,11 +625,13 @@ def test_the_seed_is_one_output_sized_tensor_that_dies_at_the_head(seed: str) ->
     size = explained.meta["val"].numel()
     made = [n for n in nodes[position[explained] + 1 :] if isinstance(v := n.meta.get("val"), torch.Tensor)
             and v.numel() == size and v.dtype.is_floating_point and storage_owner(n) is n]
-    assert len(made) == 1
-    first_product = next(n for n in nodes[position[explained] :] if n.target in (aten.mm.default, aten.bmm.default))
-    assert max(position[u] for u in made[0].users) < position[first_product]
+    if head_layer:  # the first is the seed, made in one op (the head's rule makes the others)
+        assert made and made[0].target is (aten.where.self if seed == "logit" else aten._to_copy.default)
+    else:
+        assert not made
     # the seed's total is still the explained logit summed over samples (one per sample for seed="one")
     with torch.no_grad():
         expected = model(ids)[:, -1].max(-1).values.sum().item() if seed == "logit" else 2.0
     assert attributor.report().seed_total == pytest.approx(expected, rel=1e-6)
-    assert res.relevance.shape == ids.shape
+    whole = lrpc.compile(model, rules="epsilon", seed=seed, backend="eager", layers=["head"])(ids)
+    assert torch.equal(res.relevance, whole.relevance)
