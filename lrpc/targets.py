@@ -109,9 +109,10 @@ def class_seed(output: Tensor, spec: TargetSpec, index: Tensor) -> Tensor:
     """The seed at the explained class alone, ``(*output.shape[:-1], 1)``: :func:`seed_relevance` gathered
     at :func:`at_class`, without making the output-sized seed (a language model's logits are the largest
     tensor of its program), for an output layer cut down to that class."""
-    seed = output.gather(-1, at_class(index, output)) if spec.seed == "logit" else None
-    if seed is None:
-        seed = torch.ones(*output.shape[:-1], 1, dtype=output.dtype, device=output.device)
+    if spec.seed == "logit":
+        seed = output.gather(-1, at_class(index, output))
+    else:
+        seed = output.new_ones(*output.shape[:-1], 1)
     if output.dim() == 3:
         seed = torch.where(_last_position(output).unsqueeze(-1), seed, 0.0)
     return seed
