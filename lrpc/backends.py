@@ -16,6 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from .channel_scales import unfold_weight_scales
+from .dynamic_convolutions import opaque_input_gradients
 from .errors import LRPCError
 from .memory import reuse_buffers
 
@@ -205,8 +206,9 @@ def _compiled(gm: fx.GraphModule) -> Callable[..., tuple]:
     # into that layout on every call: measured on 2 CPU cores it cost ResNet-50 epsilon 1.40x -> 1.03x
     # gradient x input with it off, VGG16 1.04x -> 1.00x, and a third of the compile time.
     options = {} if "cuda" in devices(gm) else {"layout_optimization": False}
-    # batch-norm-folded weights: Inductor fuses the per-channel scale into the neighbouring pointwise kernels
-    gm = _rewritten(gm, unfold_weight_scales)
+    # batch-norm-folded weights: Inductor fuses the per-channel scale into the neighbouring pointwise kernels;
+    # convolutions' input gradients at dynamic image sizes: Inductor's lowering would fix the sizes
+    gm = _rewritten(gm, lambda graph: opaque_input_gradients(unfold_weight_scales(graph)))
     if not _symbolic(gm):
         return _StaticInductor(gm, options)
     # the bound forward, not the module: the module's __call__ adds a few microseconds to every call

@@ -60,6 +60,8 @@ def unfold_weight_scales(graph: fx.Graph) -> fx.Graph:
                 out = graph.call_function(
                     aten.add.Tensor, (out, graph.call_function(aten.view.default, (bias, [1, -1, *spatial])))
                 )
+        if "val" in node.meta:  # the same value: later passes read its sizes (lrpc.dynamic_convolutions)
+            out.meta["val"] = node.meta["val"]
         node.replace_all_uses_with(out)
         graph.erase_node(node)
     graph.eliminate_dead_code()
