@@ -8,6 +8,7 @@ every run. The models are bench/speed.py's (random weights, seeded), their input
 
     python bench/peak_memory.py                                   # bert, gpt2, llama at 1 x 512 tokens
     python bench/peak_memory.py --models bert --seq 256 --backends eager,inductor
+    python bench/peak_memory.py --models resnet50,vgg16,vit_b_16 --backends eager,inductor   # 224x224
 """
 
 from __future__ import annotations
@@ -18,9 +19,16 @@ import time
 from collections.abc import Callable
 
 import torch
-from speed_worker import build_inputs, build_model, gradient_x_input, lrpc_method
+from speed_worker import HF, build_inputs, build_model, gradient_x_input, lrpc_method
 
-PRESET = {"bert": "attnlrp", "gpt2": "attnlrp", "llama": "attnlrp", "vit_b_16": "cp-lrp"}
+PRESET = {
+    "bert": "attnlrp",
+    "gpt2": "attnlrp",
+    "llama": "attnlrp",
+    "vit_b_16": "cp-lrp",
+    "resnet50": "epsilon",
+    "vgg16": "epsilon-gamma-box",
+}
 
 
 def peak_mb(call: Callable[[], object]) -> float:
@@ -63,7 +71,7 @@ def main() -> None:
     for name in args.models.split(","):
         model = build_model(name)
         inputs, target = build_inputs(name, {"batch": args.batch, "seq": args.seq, "image": 224}, model)
-        label = f"{name} ({args.batch} x {args.seq})" if name != "vit_b_16" else f"{name} ({args.batch} x 224x224)"
+        label = f"{name} ({args.batch} x {args.seq})" if name in HF else f"{name} ({args.batch} x 224x224)"
         methods = {"gradient x input": gradient_x_input(name, model, inputs, target)}
         for backend in args.backends.split(","):
             methods[f"lrpc {PRESET[name]} [{backend}]"] = lrpc_method(

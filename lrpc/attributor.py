@@ -423,7 +423,8 @@ class Attributor:
             examples.append(_index_example(graph, the_plan))
         shape_env = _shape_env(examples)
         before = _symbol_state(shape_env)
-        gm, signature = generate(the_plan, spec, examples)
+        backend = backends.choose(self.backend)
+        gm, signature = generate(the_plan, spec, examples, recompute=backends.recomputes(backend))
         after = _symbol_state(shape_env)
         # A symbol replaced by a value: the program only fits the traced shapes. A narrowed range (a guard
         # like the convolution's backend choice, batch < 16): the program fits that range.
@@ -431,7 +432,6 @@ class Attributor:
         if after != before and not static:
             _narrow_ranges(traced, shape_env)
         generated = time.perf_counter()
-        backend = backends.choose(self.backend)
         if backend == backends.INTERPRET:
             run, _ = relevance_function(the_plan, spec)
         else:

@@ -22,6 +22,9 @@ from .memory import reuse_buffers
 
 Backend = Callable[[fx.GraphModule], Callable[..., tuple]]
 _BACKENDS: dict[str, Backend] = {}
+#: Backends registered with ``recompute=False``: they lay out the program's buffers themselves, and
+#: ``rematerialize`` shares a rebuilt value's copy rather than recompute it per reader for them.
+_SHARES_COPIES: set[str] = set()
 
 class _CompileLock:
     """Dynamo's own compile lock (``torch._dynamo.convert_frame.compile_lock``, an ``RLock``), fetched on first
@@ -60,9 +63,18 @@ AUTO = "auto"
 INTERPRET = "interpret"
 
 
-def register_backend(name: str, backend: Backend) -> None:
-    """Make ``backend`` available as ``lrpc.compile(..., backend=name)``."""
+def register_backend(name: str, backend: Backend, *, recompute: bool = True) -> None:
+    """Make ``backend`` available as ``lrpc.compile(..., backend=name)``.
+
+    ``recompute``: whether its programs may recompute a rebuilt forward value per reader
+    (:func:`lrpc.memory.rematerialize`), which saves memory where tensors live as long as the program
+    holds them (an eager run); a compiler that plans its own buffers (Inductor) peaked higher with it.
+    """
     _BACKENDS[name] = backend
+    if recompute:
+        _SHARES_COPIES.discard(name)
+    else:
+        _SHARES_COPIES.add(name)
 
 
 def names() -> list[str]:
@@ -84,6 +96,14 @@ def choose(name: str) -> str:
     0.97-1.24x). Its first call compiles (about 40 s for ResNet-50 or BERT-base on 2 cores): for a handful
     of calls ``"eager"`` is quicker in total."""
     return "inductor" if name == AUTO else name
+
+
+def recomputes(name: str) -> bool:
+    """Whether programs for backend ``name`` may recompute a rebuilt value per reader
+    (:func:`lrpc.memory.rematerialize`'s ``recompute``, :func:`register_backend`'s): not under Inductor.
+    A compiled backend's program that falls back to eager (``backend="auto"``) keeps its choice: the same
+    values, a little more memory than the eager backend's own program."""
+    return name not in _SHARES_COPIES
 
 
 def build(name: str, gm: fx.GraphModule, *, fallback: bool) -> Callable[..., tuple]:
@@ -339,7 +359,7 @@ def dynamic_dims_marked(compiled: Callable[..., tuple], gm: fx.GraphModule) -> C
 
 
 register_backend("eager", _eager)
-register_backend("inductor", _inductor)
+register_backend("inductor", _inductor, recompute=False)
 
 
 #: The fusion patterns the "triton" backend swaps in. Not the sign-split linear kernels (z⁺, αβ, γ): on an
@@ -373,4 +393,4 @@ def _triton(gm: fx.GraphModule) -> Callable[..., tuple]:
     return dynamic_dims_marked(_compiled(fused), gm)
 
 
-register_backend("triton", _triton)
+register_backend("triton", _triton, recompute=False)

@@ -110,3 +110,13 @@ def test_a_dynamic_cnn_program_serves_every_image_size_from_one_inductor_compile
     assert a.stats["traces"] == 2
     # the first size's program is compiled by Inductor directly; the dynamic one through Dynamo, once
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_module_reloaded_reuses_the_registered_op() -> None:
+    import importlib
+
+    from lrpc import dynamic_convolutions
+
+    op = torch.ops.lrpc.conv_input_grad
+    importlib.reload(dynamic_convolutions)  # a second registration would raise in torch.library
+    assert torch.ops.lrpc.conv_input_grad is op
