@@ -543,13 +543,16 @@ def versions() -> str:
 
 def checkout() -> str:
     """`` (git <commit>)`` of the lrpc source the workers import (``+changes`` when its tracked files differ
-    from the commit, BENCHMARKS.md aside), or ``""`` outside a git checkout: the version alone does not say
-    which code was timed."""
+    from the commit, BENCHMARKS.md aside); where they import an installed copy rather than this checkout's
+    source (``pip install .``, not ``-e``), says so: the version alone does not say which code was timed."""
     import lrpc
 
-    root = str(Path(lrpc.__file__).resolve().parent.parent)
+    root = HERE.parent
+    package = Path(lrpc.__file__).resolve().parent
+    if package != root / "lrpc":
+        return f" (an installed copy at {package}, not this checkout's source)"
     try:
-        git = ["git", "-C", root]
+        git = ["git", "-C", str(root)]
         head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         changes = subprocess.run(
             [*git, "status", "--porcelain", "--untracked-files=no", "--", ".", ":!BENCHMARKS.md"],
@@ -671,6 +674,9 @@ def main() -> None:
         ","
     )
     sizes = SIZES["quick" if args.quick else args.device]
+    copy = checkout()
+    if "installed copy" in copy:  # a developer's edits would not be what is timed
+        print(f"note: lrpc is{copy.rstrip(')').replace(' (', ' ')}; `pip install -e .` times the source here")
 
     command = "python bench/speed.py " + " ".join(a for a in sys.argv[1:] if a != "--write")
     started = time.time()
