@@ -318,6 +318,7 @@ class ZPlus(Rule):
     """LRP-z⁺ (Zennit's ``ZPlus``, alpha=1 beta=0 with negative inputs allowed):
     ``R_x = x⁺ ⊙ W⁺ᵀ(R ⊘ s) + x⁻ ⊙ W⁻ᵀ(R ⊘ s)`` with ``s = stab(W⁺x⁺ + b⁺ + W⁻x⁻)``."""
 
+    reads: ClassVar[frozenset[str]] = frozenset({"inputs"})  # z with the rule's own weights
     unit_wise: ClassVar[bool] = True
     zero_where_input_zero: ClassVar[bool] = True
 
@@ -342,6 +343,7 @@ class AlphaBeta(Rule):
     ``R_x = α (x⁺⊙W⁺ᵀg⁺ + x⁻⊙W⁻ᵀg⁺) − β (x⁺⊙W⁻ᵀg⁻ + x⁻⊙W⁺ᵀg⁻)`` with
     ``g⁺ = R ⊘ stab(W⁺x⁺ + b⁺ + W⁻x⁻)``, ``g⁻ = R ⊘ stab(W⁻x⁺ + b⁻ + W⁺x⁻)``; requires α − β = 1."""
 
+    reads: ClassVar[frozenset[str]] = frozenset({"inputs"})  # z with the rule's own weights
     unit_wise: ClassVar[bool] = True
     zero_where_input_zero: ClassVar[bool] = True
 
@@ -428,6 +430,7 @@ class Flat(Rule):
     """LRP-flat (Zennit's ``Flat``): inputs and weights taken as 1, bias 0:
     ``R_x = 1ᵀ(R ⊘ stab(1·1))``: relevance spread uniformly over each receptive field."""
 
+    reads: ClassVar[frozenset[str]] = frozenset({"inputs"})  # x's shape only; z from ones
     stabilizer: float = 1e-6
     unit_wise: ClassVar[bool] = True
     serves: ClassVar[frozenset[str] | None] = LAYERS
@@ -442,6 +445,7 @@ class Flat(Rule):
 class WSquare(Rule):
     """LRP-w² (Zennit's ``WSquare``): ``R_x = (W²)ᵀ(R ⊘ stab(W²·1 + b²))``."""
 
+    reads: ClassVar[frozenset[str]] = frozenset({"inputs"})  # x's shape only; z from W²
     stabilizer: float = 1e-6
     unit_wise: ClassVar[bool] = True
     serves: ClassVar[frozenset[str] | None] = LAYERS
@@ -458,6 +462,7 @@ class ZBox(Rule):
     broadcast against one sample, e.g. per channel ``(3, 1, 1)``):
     ``R_x = x⊙Wᵀg − l⊙W⁺ᵀg − h⊙W⁻ᵀg`` with ``g = R ⊘ stab(Wx + b − (W⁺l + b⁺) − (W⁻h + b⁻))``."""
 
+    reads: ClassVar[frozenset[str]] = frozenset({"inputs"})  # z with the rule's own weights and bounds
     low: Any = None
     high: Any = None
     stabilizer: float = 1e-6
@@ -564,6 +569,7 @@ class AbsProportional(Rule):
     ``R_i = |x_i| ⊙ |J_i|ᵀ (R ⊘ stab(Σ_j |J_j| |x_j|))``: for ``a + b`` (or ``a - b``),
     ``R_a = |a| / (|a| + |b|) ⊙ R``; for ``sum(x)``, ``R_i = |x_i| / Σ|x| ⊙ R``. Constants absorb their share."""
 
+    reads: ClassVar[frozenset[str]] = frozenset({"inputs"})  # the total from |x|
     eps: float = 1e-11
     serves: ClassVar[frozenset[str] | None] = frozenset({"sum", "scale"})
 

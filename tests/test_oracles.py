@@ -1141,6 +1141,35 @@ def test_nonnegative_inputs_skip_only_zero_terms(monkeypatch, rule) -> None:
     assert convs < full.program(x).code().count("aten.convolution")  # the point: less work
 
 
+_EVERY_RULE = [
+    lrpc.rules.Epsilon(1e-6), lrpc.rules.Norm(), lrpc.rules.ZPlus(), lrpc.rules.AlphaBeta(2, 1),
+    lrpc.rules.Gamma(0.25), lrpc.rules.Flat(), lrpc.rules.WSquare(), lrpc.rules.ZBox(-3.0, 3.0),
+    lrpc.rules.Pass(), lrpc.rules.Route(), lrpc.rules.Gradient(), lrpc.rules.UniformProduct(),
+    lrpc.rules.AbsProportional(),
+]
+
+
+@pytest.mark.parametrize("rule", _EVERY_RULE, ids=lambda r: type(r).__name__)
+def test_rules_read_the_output_exactly_when_they_say(rule) -> None:
+    """``Rule.reads`` is what the plan lists as kept for the relevance pass: a rule that reads the forward
+    output must say so, and one that recomputes its own ``z`` (z⁺, αβ, γ's ``z₁``, flat, w², z^B) must not
+    claim it. Swapping the output for another tensor shows which rules read it."""
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g, dtype=DTYPE) for s in ((4, 5), (3, 5), (3,)))
+    R = torch.randn(4, 3, generator=g, dtype=DTYPE)
+
+    def op(output: torch.Tensor) -> lrpc.rules.Operation:
+        return lrpc.rules.Operation(
+            fn=F.linear, inputs=(x, w, b), output=output, relevant=(True, False, False),
+            roles=("input", "weight", "bias"), signs=(1, 1, 1), nonnegative=(False, False, False),
+        )
+
+    clean = rule(op(F.linear(x, w, b)), R)[0]
+    swapped = rule(op(torch.randn(4, 3, generator=g, dtype=DTYPE)), R)[0]
+    assert clean.isfinite().all() and clean.abs().max() > 0
+    assert torch.equal(clean, swapped) != ("output" in rule.reads), (rule, rule.reads)
+
+
 class _Branchy(nn.Module):
     """conv "a" feeds a ReLU and, unrectified, a residual add: its relevance at z < 0 is not zero."""
 
