@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from speed_worker import HF, build_inputs, build_model, gradient_x_input, lrpc_method
+from speed_worker import HF, allocated_peak_mb, build_inputs, build_model, gradient_x_input, lrpc_method
 
 PRESET = {
     "bert": "attnlrp",
@@ -29,23 +29,6 @@ PRESET = {
     "resnet50": "epsilon",
     "vgg16": "epsilon-gamma-box",
 }
-
-
-def peak_mb(call: Callable[[], object]) -> float:
-    """The most bytes allocated at once during one ``call()``, above what was allocated before it."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
-        call()
-    events = [
-        e
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
-    ]
-    current = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        current += e.nbytes()
-        peak = max(peak, current)
-    return peak / 2**20
 
 
 def median_ms(call: Callable[[], object], reps: int) -> float:
@@ -81,7 +64,7 @@ def main() -> None:
         for method, call in methods.items():
             call()  # the first call compiles; the second warms the allocator
             call()
-            peak = peak_mb(call)
+            peak = allocated_peak_mb(call)
             floor = floor or peak
             print(f"| {label} | {method} | {peak:.0f} | {peak / floor:.2f}x | {median_ms(call, args.reps):.0f} |", flush=True)
 

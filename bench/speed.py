@@ -142,7 +142,6 @@ class Row:
     first_s: float | None = None
     peak_mb: float | None = None
     held_mb: float | None = None
-    peak_reset: bool = True
     error: str | None = None
     rel_path: str | None = None
     diff: float | None = None
@@ -340,7 +339,7 @@ def run_model(model: str, rows: list[Row], size: dict, args: argparse.Namespace,
                 row.error = msg["error"]
             else:
                 row.peak_mb, row.held_mb = msg["peak_mb"], msg["held_mb"]
-                row.peak_reset, row.rel_path = msg["peak_reset"], str(path)
+                row.rel_path = str(path)
         worker.close()
         if row.median is not None:
             print(
@@ -424,8 +423,6 @@ def table(rows: list[Row], size: dict) -> list[str]:
                 vs_peer = f"{med / best.median:.2f}x {best.label.split()[0]}"
         spread = f"{(max(row.times) - min(row.times)) / med:.0%}" if med and len(row.times) > 1 else "-"
         peak = f"{row.peak_mb:.0f}" if row.peak_mb is not None else "-"
-        if row.peak_mb is not None and not row.peak_reset:
-            peak += " (incl. first call)"
         if row.peak_mb is not None and gxi and gxi.peak_mb and row is not gxi:
             peak += f" ({row.peak_mb / gxi.peak_mb:.2f}x)"
         held = f"{row.held_mb:.0f}" if row.held_mb is not None else "-"

@@ -15,13 +15,13 @@ method its own memory readings, two of them:
 - held: what the method keeps between calls, the memory after the warm-up calls minus the memory before
   the first call (its program and caches; on CPU also the libraries and compiled code the first call
   loaded, e.g. Inductor's);
-- peak: what one call needs on top of that, the peak of a call minus the memory right before it. On CUDA
-  ``torch.cuda.max_memory_allocated`` over the timed calls. On CPU the kernel's peak RSS (``VmHWM``, reset
-  through ``/proc/self/clear_refs``) during one more call after the timed ones: glibc keeps freed memory
-  and, after large frees, serves later tensors from its heap, so the RSS of the timed calls says more
-  about the allocator's history than about the method. For that call (and for the reading before the
-  first call) the heap is trimmed and every allocation of 64 KiB or more gets its own mapping, returned
-  when the tensor is freed.
+- peak: what one call needs on top of that, counted from the allocator. On CUDA
+  ``torch.cuda.max_memory_allocated`` over the timed calls, above the memory allocated before them. On CPU
+  the largest running sum of the allocations and frees torch.profiler records during one more call after
+  the timed ones (:func:`allocated_peak_mb`): the same number on every run, where the process's peak RSS
+  moved by tens of MB between runs (glibc keeps freed memory and serves later tensors from its heap).
+  Memory that libraries allocate outside torch's allocator (oneDNN's scratch buffers) is not counted,
+  for any method.
 
     python bench/speed_worker.py '{"model": "resnet50", "method": "lrpc", "rules": "epsilon", ...}'
 """
@@ -311,31 +311,36 @@ def _glibc() -> Any:
 
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim, libc.mallopt  # noqa: B018 - glibc only
+        libc.malloc_trim  # noqa: B018 - glibc only
     except (OSError, AttributeError):
         return None
     return libc
 
 
-def _release_freed_memory(exact: bool) -> None:
-    """Give freed heap memory back to the kernel; with ``exact``, from now on map every allocation of
-    64 KiB or more on its own (glibc's ``M_MMAP_THRESHOLD``), so that freeing a tensor lowers the RSS."""
+def _release_freed_memory() -> None:
+    """Give freed heap memory back to the kernel, so that the RSS reads what is held."""
     gc.collect()
     libc = _glibc()
-    if libc is None:
-        return
-    if exact:
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD; fixing it also stops glibc from raising it
-    libc.malloc_trim(0)
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+def allocated_peak_mb(call: Callable[[], object]) -> float:
+    """The most bytes allocated at once during one ``call()`` on the CPU, above what was allocated before it:
+    the largest running sum of the allocations and frees torch.profiler records."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        call()
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
+    current = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak / 2**20
 
 
 class Meter:
@@ -346,7 +351,6 @@ class Meter:
         self.cuda = device.type == "cuda"
         self.baseline = 0.0
         self.before_calls = 0.0
-        self.reset_ok = True
 
     def sync(self) -> None:
         if self.cuda:
@@ -359,7 +363,7 @@ class Meter:
         """Before the first call."""
         gc.collect()
         if not self.cuda:
-            _release_freed_memory(exact=False)
+            _release_freed_memory()
         self.baseline = self._now()
 
     def reset_peak(self) -> None:
@@ -368,8 +372,6 @@ class Meter:
         if self.cuda:
             self.before_calls = self._now()
             torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.reset_ok = _reset_peak_rss()
 
     def peak(self, call: Callable[[], Any]) -> tuple[float, float]:
         """(peak, held): the peak of the timed calls (CUDA) or of one more call (CPU) above the memory held
@@ -378,13 +380,9 @@ class Meter:
             return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.before_calls, (
                 self.before_calls - self.baseline
             )
-        _release_freed_memory(exact=True)
+        _release_freed_memory()
         before = self._now()
-        self.reset_ok = _reset_peak_rss()
-        result = call()
-        peak = _status_mb("VmHWM")
-        del result
-        return peak - before, before - self.baseline
+        return allocated_peak_mb(call), before - self.baseline
 
 
 def overhead(model, inputs, target, calls: int) -> dict[str, float]:
@@ -525,7 +523,7 @@ def main() -> None:
                     if spec["method"] == "zennit":
                         rel = rel * zennit_method.scale
                     torch.save(rel.double().cpu(), msg["save"])
-                reply(peak_mb=peak, held_mb=held, peak_reset=meter.reset_ok)
+                reply(peak_mb=peak, held_mb=held)
                 return
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
