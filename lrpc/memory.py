@@ -5,12 +5,13 @@ keeping them. The generated program runs the forward pass, then the relevance pa
 value a rule reads stays alive from the forward until that rule runs. Many of them are cheap to rebuild
 from values that stay alive anyway: a ReLU / GELU output from the pre-activation its layer's epsilon rule
 keeps, a batch-norm-folded weight from the parameters, an attention layer's scores ``q @ kᵀ`` from the
-``q`` and ``k`` its product rule keeps, and the scaled and masked scores and their softmax from those.
+``q`` and ``k`` its product rule keeps, the scaled and masked scores and their softmax from those, and a
+max pooling's output and indices from the pre-activation of the layer before.
 Keeping both doubles the activation memory (autograd keeps one tensor per layer; lrpc kept the layer
 output and its activation, and five tensors the size of the scores per attention layer, where autograd
 under SDPA keeps none) and holds a second copy of every folded convolution's weights across the whole
 pass. :func:`rematerialize` moves such values into the relevance pass: one copy of their pointwise /
-view / softmax / product computation is inserted before their first use there, shared by the later ones,
+view / softmax / product / pooling computation is inserted before their first use there, shared by the later ones,
 and the forward value dies at its last forward use.
 
 A rebuilt value may be needed before its own first use, by the copy of another rebuilt value that reads
@@ -96,7 +97,7 @@ def rematerialize(graph: fx.Graph, *, recompute: bool = True) -> fx.Graph:
         be rebuilt may be held (``plan.held``): kept alive until ``at`` although its forward reads end
         earlier, if all that is held for one value takes at most a quarter of its bytes (a causal mask built
         by a copy, a twelfth of the scores it lets the relevance pass rebuild)."""
-        if n.op == "placeholder" or not isinstance(n.meta.get("val"), torch.Tensor):
+        if n.op == "placeholder" or not _tensors(n):
             return True
         if n in written:  # it may be written before ``at``: the copy would read the new value
             return False
@@ -150,7 +151,7 @@ def rematerialize(graph: fx.Graph, *, recompute: bool = True) -> fx.Graph:
         stack = [n]
         while stack:
             m = stack.pop()
-            if m in seen or m.op == "placeholder" or not isinstance(m.meta.get("val"), torch.Tensor) or m in held:
+            if m in seen or m.op == "placeholder" or not _tensors(m) or m in held:
                 continue
             if m is not n and m in carried and last_use[m] >= at and (m not in rebuildable or m in copies):
                 continue
@@ -165,7 +166,7 @@ def rematerialize(graph: fx.Graph, *, recompute: bool = True) -> fx.Graph:
         an earlier need (the copy of another rebuilt value that reads it, as a softmax reads its masked
         scores) where :func:`share_early` allows. Other intermediates are copied per rebuilt value
         (``local``), so that no copy outlives its reader."""
-        if n.op == "placeholder" or not isinstance(n.meta.get("val"), torch.Tensor) or n in held:
+        if n.op == "placeholder" or not _tensors(n) or n in held:
             return n
         at = position[before]
         if n in carried and last_use[n] >= at:
@@ -175,6 +176,10 @@ def rematerialize(graph: fx.Graph, *, recompute: bool = True) -> fx.Graph:
                 copies[n] = _copy(n, before, local)
             if n in copies:
                 return copies[n]
+        if isinstance(n.meta.get("val"), (tuple, list)):  # max pooling: one copy for its output and indices
+            if n not in copies:
+                copies[n] = _copy(n, before, local)
+            return copies[n]
         if n not in local:
             local[n] = _copy(n, before, local)
         return local[n]
@@ -230,13 +235,15 @@ class _Plan:
 
 
 def cheap(node: fx.Node) -> bool:
-    """A pointwise op, a dtype conversion, a constant filled in from its arguments, or a view: rebuilding it
-    costs one pass over its output, no more arithmetic than keeping. Or a product that outgrows its operands
-    (:func:`_expanding_product`)."""
+    """A pointwise op, a dtype conversion, a constant filled in from its arguments, a view, or max pooling
+    (and one of its outputs): rebuilding it costs one pass over its input, no more arithmetic than keeping.
+    Or a product that outgrows its operands (:func:`_expanding_product`)."""
     target = node.target
+    if target is operator.getitem and isinstance(base := node.args[0], fx.Node):  # one output of a cheap op
+        return cheap(base)
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or impure(node):
         return False
-    if torch.Tag.pointwise in target.tags or target in _FILLS or target in _ROW_OPS:
+    if torch.Tag.pointwise in target.tags or target in _FILLS or target in _ROW_OPS or target in _WINDOW_OPS:
         return True
     if target is torch.ops.aten.bmm.default:
         return _expanding_product(node)
@@ -254,6 +261,14 @@ def _duplicable(node: fx.Node) -> bool:
 #: Row-wise ops as memory-bound as a pointwise one: a softmax is rebuilt from its scores, which AttnLRP's
 #: rule keeps anyway, instead of keeping both (autograd keeps one).
 _ROW_OPS = {torch.ops.aten._softmax.default}
+
+#: Max pooling, as memory-bound as a pointwise op (reads its input once, writes a fraction of it): its
+#: output and indices are rebuilt from the activation that its own rule and the layer before keep, instead
+#: of keeping them too (autograd keeps both; the indices are int64, twice a float32 output's bytes).
+_WINDOW_OPS = {
+    torch.ops.aten.max_pool2d_with_indices.default,
+    torch.ops.aten.max_pool3d_with_indices.default,
+}
 
 #: Constants made from their arguments alone (a masked_fill's fill value is a ``scalar_tensor``).
 _FILLS = {
@@ -280,6 +295,13 @@ def _expanding_product(node: fx.Node) -> bool:
         return False
     out, *ins = sizes
     return out > sum(ins)
+
+
+def _tensors(node: fx.Node) -> bool:
+    """Whether ``node`` computes tensors (one, or several: max pooling's output and indices), not sizes."""
+    value = node.meta.get("val")
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    return bool(values) and all(isinstance(v, torch.Tensor) for v in values)
 
 
 def storage_owner(node: fx.Node) -> fx.Node:

@@ -62,6 +62,29 @@ def test_activation_is_rebuilt_from_the_kept_pre_activation() -> None:
     assert _count(graph, aten.relu.default) == 2
 
 
+def test_max_pooling_is_rebuilt_from_the_kept_pre_activation() -> None:
+    """A VGG block: the relevance pass reads the pooled output (the next layer's input), the pooling's
+    input and its indices (its own rule), and the pre-activation (the layer's rule). Only the
+    pre-activation is kept; the ReLU and the pooling (output and int64 indices) are recomputed from it."""
+    pool = aten.max_pool2d_with_indices.default
+
+    def fn(x, w):
+        z = torch.nn.functional.conv2d(x, w, padding=1)
+        a = torch.relu(z)
+        p, idx = pool(a, [2, 2], [2, 2])
+        back = aten.max_pool2d_with_indices_backward.default(p * 3, a, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
+        return p.sum(), p * 2, back, z * 3
+
+    x, w = torch.randn(1, 2, 8, 8), torch.randn(3, 2, 3, 3)
+    graph = _program(fn, x, w)
+    assert _late_forward_uses(graph) == {"convolution"}
+    assert _count(graph, pool) == 2  # the forward's, and one in the relevance pass for output and indices
+    module = fx.GraphModule(torch.nn.Module(), graph)
+    expected = fn(x, w)
+    for a, b in zip(module(x, w), expected):
+        assert torch.equal(a, b)
+
+
 def test_activation_alone_is_kept() -> None:
     """Rebuilding relu(z) would keep z alive instead: no gain."""
 
