@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, fx, nn
+from torch._prims_common import compute_elementwise_output_logical_to_physical_perm
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
@@ -85,11 +86,16 @@ def scaled_dot_product_attention(
 
 
 def _like_query(out: Tensor, query: Tensor) -> Tensor:
-    """The output in the memory layout torch's SDPA gives it, that of the query: models ``view`` it after
-    a transpose (DistilBERT, Qwen2-MoE) or directly (GPT-2), and a view needs the right strides."""
-    if query.dim() == 4 and not query.is_contiguous() and query.transpose(1, 2).is_contiguous():
-        return out.transpose(1, 2).contiguous().transpose(1, 2)  # (B, L, H, E) in memory
-    return out.contiguous()
+    """The output in the memory layout torch's SDPA gives it, that of the query (its fake kernel is an
+    ``empty_like(query)``, whatever order the query's dims lie in memory): models ``view`` it after a
+    transpose (DistilBERT, Qwen2-MoE), a permute (``nn.MultiheadAttention``: sequence first in memory)
+    or directly (GPT-2), and the exported graph holds no copy before that view where the query's layout
+    made one unnecessary. Torch 2.14's export re-inserts the copy where a view fails; 2.11's does not."""
+    # the dims from outermost to innermost in memory, judged as torch's elementwise ops do (sizes of 1 and
+    # symbolic strides included)
+    order, _ = compute_elementwise_output_logical_to_physical_perm(query)
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return out.permute(order).contiguous().permute(inverse)
 
 
 _EMBEDDING_BAG_MEAN, _EMBEDDING_BAG_MAX = 1, 2  # aten's modes (0: sum)
@@ -305,7 +311,7 @@ def trace(
             "(dropout off, batch norm running statistics). The model's own mode is left unchanged.",
             stacklevel=5,  # the user's call: trace <- _compile <- _program <- __call__ / program()
         )
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad(), _without_torchs_own_deprecations():
         errors = []
         for shapes in ([_dynamic_shapes(tensors, grown)] if dynamic else []) + [None]:
             try:
@@ -324,6 +330,15 @@ def trace(
             raise TraceError(f"decomposing the exported graph of {type(model).__name__} failed: {e}") from e
     program.example_inputs = None  # the program is cached: it must not keep the first call's inputs alive
     return _traced(program, wrapper, tensor_names, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _without_torchs_own_deprecations() -> Iterator[None]:
+    """Torch 2.11's export deep-copies its own ``LeafSpec``, which warns of that class's deprecation: a
+    FutureWarning no user can act on (and an error where warnings are errors)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+        yield
 
 
 #: torch.nn modules that compute otherwise in training mode.

@@ -386,6 +386,21 @@ def test_sdpa_decomposition_computes_what_torch_computes(case: str) -> None:
     torch.testing.assert_close(scaled_dot_product_attention(q, k, v, **kwargs), expected)
 
 
+@pytest.mark.parametrize("memory", ["BHLE", "BLHE", "LBHE"])
+def test_sdpa_decomposition_lays_out_its_output_as_torchs_fake_kernel(memory: str) -> None:
+    """Export records SDPA's output with the query's strides and leaves out a ``contiguous()`` that was a
+    no-op for them; the model then views it (``nn.MultiheadAttention``: query in (L, B, H, E) memory). The
+    decomposition must return the same strides, or that view fails (torch 2.11: ViT did not trace)."""
+    from lrpc.tracing import scaled_dot_product_attention
+
+    B, H, L, E = 2, 3, 5, 4
+    q, k, v = (torch.randn(*(dict(B=B, H=H, L=L, E=E)[d] for d in memory)).permute(
+        *(memory.index(d) for d in "BHLE")) for _ in range(3))
+    out = scaled_dot_product_attention(q, k, v)
+    assert out.stride() == torch.empty_like(q).stride() == q.stride()
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+
+
 class NewGELU(nn.Module):
     """GPT-2's activation, written with primitive ops as Hugging Face does."""
 
