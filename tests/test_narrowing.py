@@ -597,3 +597,32 @@ def test_a_rule_per_position_keeps_only_its_own_layers_whole(given: str, monkeyp
     assert rel_err(result.relevance, reference.relevance) < 1e-10
     expected = {"first=": ["linear_1"], "register_rule for linear": [], "register_rule for convolution": ["linear", "linear_1"]}
     assert narrowed == expected[given]
+
+
+def test_inserting_a_node_leaves_the_dynamic_sizes_dynamic() -> None:
+    """A pass computes a new node's fake value in the exported program's shape environment. On torch 2.11,
+    a linear layer on a narrowed (sliced) activation made its decomposition guard on the batch size, which
+    specialized it to the traced value for the whole program: BERT's dynamic program then failed on any
+    other batch. The new node must add no guard and leave every size symbolic."""
+    from lrpc.tracing import insert_call, trace
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x * 2)
+
+    graph = trace(Scaled().eval(), (torch.randn(3, 5, 8),), {}, dynamic=True).graph
+    mul = next(n for n in graph.nodes if n.target == torch.ops.aten.mul.Tensor)
+    linear = next(n for n in graph.nodes if n.target == torch.ops.aten.linear.default)
+    env = mul.meta["val"].fake_mode.shape_env
+    guards, replacements = len(env.guards), dict(env.replacements)
+    with graph.inserting_after(mul):
+        first = insert_call(graph, torch.ops.aten.slice.Tensor, (mul, 1, 0, 1), like=mul)
+    with graph.inserting_after(first):
+        narrowed = insert_call(graph, torch.ops.aten.linear.default, (first, *linear.args[1:]), like=linear)
+    batch = narrowed.meta["val"].shape[0]
+    assert isinstance(batch, torch.SymInt) and not batch.node.expr.is_number, batch
+    assert len(env.guards) == guards and env.replacements == replacements
