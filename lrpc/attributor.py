@@ -213,10 +213,12 @@ class Attributor:
         except (LRPCError, torch.OutOfMemoryError):
             raise
         except Exception as e:  # name the node: a compiled program's own error does not say where
-            # the model's own error first, where export traced a call the model cannot run (torch 2.11 traces
-            # a float64 input into a float32 model)
-            check_model_runs(self.model, args, kwargs, self.output)
             message = _run_failure(self.model, program, arguments, e)
+            try:  # the model's own error first: export may trace a call the model cannot run (torch 2.11
+                # traces a float64 input into a float32 model)
+                check_model_runs(self.model, args, kwargs, self.output)
+            except LRPCError as own:
+                raise LRPCError(f"{own}\n{message or ''}".rstrip()) from e
             if message is None:  # the program runs node by node: the backend failed, say so as it did
                 raise
             raise LRPCError(message) from e

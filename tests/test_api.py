@@ -1452,13 +1452,15 @@ class FailsOnRealValues(nn.Module):
 
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
 def test_a_program_failing_at_run_time_names_the_node(backend: str) -> None:
-    """The error names the node, its op and module and the model's source line, on a compiled backend too."""
+    """The error names the node, its op and module and the model's source line, on a compiled backend too;
+    and, since this model fails eagerly too, says so first."""
     with pytest.raises(
         lrpc.LRPCError,
         match=r"FailsOnRealValues's relevance program failed at run time at node 'full' \(aten\.full\.default, "
         r"module '', File .*test_api\.py\", line \d+, in forward\): RuntimeError: value cannot be converted",
-    ):
+    ) as info:
         lrpc.compile(FailsOnRealValues().eval(), backend=backend)(torch.randn(2, 4))
+    assert str(info.value).startswith("FailsOnRealValues fails on the given inputs (x (2, 4) float32): RuntimeError")
 
 
 # --- backends ----------------------------------------------------------------------------------------------
