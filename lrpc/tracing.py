@@ -503,10 +503,14 @@ def insert_call(
     for v in pytree.tree_leaves(vals):
         mode = mode or getattr(v, "fake_mode", None)
     env = getattr(mode, "shape_env", None)
-    # Decisions on sizes a decomposition takes here (is this view contiguous?) must not become guards: the
-    # exported program's shape environment is final, and torch 2.11 would settle an undecided one by
-    # specializing a dynamic size to its traced value, for the whole program
-    with mode if mode is not None else contextlib.nullcontext(), env.suppress_guards() if env else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        if mode is not None:
+            stack.enter_context(mode)
+        if env is not None:
+            # Decisions on sizes a decomposition takes here (is this view contiguous?) must not become
+            # guards: the exported program's shape environment is final, and torch 2.11 would settle an
+            # undecided one by specializing a dynamic size to its traced value, for the whole program
+            stack.enter_context(env.suppress_guards())
         val = target(*vals[0], **vals[1])
     node = graph.create_node("call_function", target, args, kwargs, name=name)
     node.meta.update({k: v for k, v in like.meta.items() if k not in ("val", "tensor_meta")})

@@ -233,17 +233,19 @@ def test_lrp0_equals_gradient_times_input_with_biases() -> None:
     """LRP-0 equals gradient x input on ReLU networks with biases too: if R_k = z_k dF/dz_k at a layer's
     output, its rule gives R_j = a_j sum_k w_jk R_k / z_k = a_j dF/da_j (the bias's share is simply not
     passed on), and a ReLU keeps z dF/dz. So a torchvision ResNet-18, with batch norm folded into its
-    convolutions, residual sums and max pooling, matches autograd in float64. In float32 the two differ by
-    up to 1e-2 of the largest value on random ResNets: a pre-activation within 1e-6 of zero rounds to the
-    other side of its ReLU in one of them (ResNet-50 in bench/speed.py: one unit), and float32 autograd is
-    as far from the float64 result as lrpc is."""
+    convolutions, residual sums and max pooling, matches autograd in float64. In float32 the two can differ
+    by 1e-3 of the largest value on random ResNets: a pre-activation within 1e-6 of zero rounds to the other
+    side of its ReLU in one computation and not the other (ResNet-50 in bench/speed.py: one unit; there
+    float32 autograd was 3e-3 from the float64 result, lrpc's eager program 1e-6)."""
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None, num_classes=10)
     for m in model.modules():  # statistics and affine terms away from their identity defaults
         if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5), m.bias.data.normal_(0, 0.1)
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.1)
     model = model.eval().to(DTYPE)
     x = torch.randn(2, 3, 64, 64, dtype=DTYPE)
     target = torch.tensor([3, 7])
