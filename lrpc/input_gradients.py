@@ -18,13 +18,13 @@ The arithmetic is the same, per channel.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import operator
 from collections import defaultdict
 
 import torch
 from torch import fx
+
+from .tracing import insert_call
 
 aten = torch.ops.aten
 
@@ -79,17 +79,8 @@ def _sibling_key(node: fx.Node) -> tuple | None:
 
 
 def _merge(graph: fx.Graph, group: list[fx.Node], first: fx.Node) -> None:
-    # the fake tensors' mode: a factory call (``empty``) has no fake argument to find it by
-    mode = getattr(first.args[1].meta["val"], "fake_mode", None) or contextlib.nullcontext()
-
     def call(target: object, args: tuple, kwargs: dict | None = None) -> fx.Node:
-        node = graph.call_function(target, args, kwargs)  # type: ignore[arg-type]
-        # the rule's label and source line, as the calls it replaces
-        node.meta = {k: copy.copy(v) for k, v in first.meta.items() if k != "val"}
-        fake = fx.node.map_arg((args, kwargs or {}), lambda n: n.meta["val"])
-        with mode:
-            node.meta["val"] = target(*fake[0], **fake[1])  # type: ignore[operator]
-        return node
+        return insert_call(graph, target, args, kwargs, like=first)  # the rule's label and source line
 
     args = list(first.args)
     with graph.inserting_before(first):

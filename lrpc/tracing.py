@@ -499,8 +499,8 @@ def insert_call(
     stack, source line) and its own ``meta["val"]``, computed on the arguments' fake values. If that
     computation raises, nothing is inserted."""
     vals = fx.node.map_arg((args, kwargs or {}), lambda n: n.meta["val"])
-    mode = getattr(like.meta.get("val"), "fake_mode", None)
-    for v in pytree.tree_leaves(vals):
+    mode = None  # a factory call (``empty``) has no fake argument: ``like``'s value gives the mode then
+    for v in pytree.tree_leaves((like.meta.get("val"), vals)):
         mode = mode or getattr(v, "fake_mode", None)
     env = getattr(mode, "shape_env", None)
     with contextlib.ExitStack() as stack:
