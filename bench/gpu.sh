@@ -12,8 +12,9 @@
 # The peers must be importable: Zennit, Captum, LXT 2.1 and the transformers 4.51 that LXT 2.1 needs (a
 # GPU image may hold transformers 5). On a machine without an index, bring them in a folder .whl of the
 # checkout (wheels of transformers 4.51.3, tokenizers 0.21.x, huggingface_hub 0.x, zennit 0.5.1, captum; LXT 2.1
-# as its package folder and dist-info under .whl/pkgs): this script installs them into /tmp/site, first on PYTHONPATH,
-# and installs lrpc itself so that lrpc.kernels resolves.
+# as its package folder and dist-info under .whl/pkgs; `bash bench/gpu-wheels.sh` gathers them here, 15 MB, and
+# the device tool's carry=[".whl"] takes them along): this script installs them into /tmp/site, first on
+# PYTHONPATH, and installs lrpc itself so that lrpc.kernels resolves.
 # Measured on an H200 (2026-11-27): set-up 10 s, tests ~55 s, kernels ~40 s in float32 alone (~140 s with the
 # sweep and bfloat16), speed ~150 s per CNN and ~100 s per transformer with --parallel-first: 550 s covered
 # the tests, the float32 kernels and the four transformers.
