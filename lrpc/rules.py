@@ -61,7 +61,9 @@ class Operation:
     relevant: tuple[bool, ...]
     dim: int | None = None
     linear_map: Callable[[Tensor], Tensor] | None = None
-    roles: tuple[str, ...] = ()  # per input: "input" (relevant), "weight", "bias" or "other"
+    # per input: "input" (relevant), "weight", "bias", "frozen" (a parameter of the op that is never part
+    # of what it sums or multiplies: a sampling grid, a divisor, a mask) or "other"
+    roles: tuple[str, ...] = ()
     signs: tuple[int, ...] = ()  # per input: -1 where it enters the output negated (sub's subtrahend)
     nonnegative: tuple[bool, ...] = ()  # per input: >= 0 by construction (a ReLU output): no x⁻ terms
     negative_outputs_dead: bool = False  # R is 0 wherever the output is < 0 (it feeds a ReLU): Gamma's g₂ = 0
@@ -575,7 +577,11 @@ class AbsProportional(Rule):
 
     def __call__(self, op: Operation, R: Any) -> Relevances:
         signs = op.signs or (1,) * len(op.inputs)
-        magnitudes = tuple(x.abs() * s if x.is_floating_point() else x for x, s in zip(op.inputs, signs))
+        roles = op.roles or ("other",) * len(op.inputs)
+        magnitudes = tuple(
+            x.abs() * s if x.is_floating_point() and role != "frozen" else x
+            for x, s, role in zip(op.inputs, signs, roles)
+        )
         out = op.fn(*magnitudes)
         total = out[0] if isinstance(out, (tuple, list)) else out
         grads = op.vjp(divide(_main(R), total, self.eps), inputs=magnitudes)

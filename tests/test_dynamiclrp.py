@@ -64,6 +64,26 @@ def test_reduction_splits_by_absolute_value() -> None:
     assert rel_err(res.relevance, expected) < 1e-12
 
 
+
+def test_a_sampling_grid_is_not_a_summand() -> None:
+    """grid_sample sums its input's pixels with bilinear weights: the split takes their magnitudes, not
+    the grid's (|grid| would sample mirrored coordinates). A flip written as a grid moves relevance back
+    exactly where the flip moved the pixels."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 1, 4, 5, dtype=D, generator=g)
+    seed = torch.randn(2, 1, 4, 5, dtype=D, generator=g)
+    theta = torch.tensor([[[-1.0, 0, 0], [0, 1.0, 0]]], dtype=D).expand(2, 2, 3)
+
+    class Flip(nn.Module):
+        def forward(self, x):
+            grid = F.affine_grid(theta, list(x.shape), align_corners=True)
+            return F.grid_sample(x, grid, align_corners=True)
+
+    assert torch.allclose(Flip()(x), x.flip(-1))
+    res = explain(Flip(), x, seed=seed)
+    # each output pixel samples one input pixel (weights 1 and 0 up to rounding): its relevance lands there
+    assert rel_err(res.relevance, seed.flip(-1)) < 1e-9
+
 def test_elementwise_product_splits_by_magnitude() -> None:
     g = torch.Generator().manual_seed(2)
     a, b = torch.randn(2, 6, dtype=D, generator=g), torch.randn(2, 6, dtype=D, generator=g)
