@@ -1,96 +1,69 @@
-"""Watching a model for changes that make its traced programs stale: a replaced submodule, parameter or
-buffer (``model.head = nn.Linear(...)``, ``load_state_dict(..., assign=True)``), a cast or a move.
+"""Watching a model for changes that make its traced programs stale: a replaced, removed or added submodule,
+parameter or buffer (``model.head = nn.Linear(...)``, ``del model.head``, ``layer.bias = None``,
+``load_state_dict(..., assign=True)``), a cast or a move.
 
 Programs read the parameter objects they were traced with, so in-place updates (an optimizer step) are
-seen, but a replaced object is not. Checking every member on every call would cost a large model tens of
-microseconds; instead PyTorch's global registration hooks bump a counter whenever any module anywhere gets
-a member assigned, and only then are the model's members compared with those seen before. A cast or move
-changes no object: one floating-point member's dtype and device go into the cache key.
+seen, but a replaced object is not. Every call compares the values of every module's submodule, parameter
+and buffer dicts, by identity, with those seen at the last call: 34 µs for ResNet-50's 453 dicts (its
+call takes milliseconds), 1.5 µs for a three-layer MLP. PyTorch's global registration hooks, which an
+earlier version relied on, do not fire when a member is deleted or a parameter set to ``None``. A cast or move changes no
+object: one floating-point member's dtype and device go into the cache key.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
+import operator
 from collections.abc import Callable, Iterator
+from itertools import chain
 from typing import Any
 
 from torch import Tensor, nn
 
-_STRUCTURE_VERSION = [0]  # bumped whenever any module anywhere gets a submodule, parameter or buffer assigned
-_VERSION_HOOKS: list[Any] = []
-_HOOKS_LOCK = threading.Lock()
-_TRACING = threading.local()  # set on a thread while lrpc traces: export swaps parameters in and out
 _IN_TRACE: set[int] = set()  # ids of the models being traced, whose members are fakes meanwhile
-
-
-def _bump(*_: Any) -> None:
-    if not getattr(_TRACING, "active", False):
-        _STRUCTURE_VERSION[0] += 1
 
 
 @contextlib.contextmanager
 def being_traced(model: nn.Module) -> Iterator[None]:
-    """Assignments made by lrpc's own trace of ``model`` on this thread (export swaps the parameters for fake
-    ones and back) leave the version alone, and the model's members are not compared meanwhile: another
-    thread would see the fakes and drop its programs."""
-    _TRACING.active = True
+    """While lrpc traces ``model`` (export swaps its parameters for fake ones and back), its members are not
+    compared: a call on another thread would see the fakes and drop its programs."""
     _IN_TRACE.add(id(model))
     try:
         yield
     finally:
         _IN_TRACE.discard(id(model))
-        _TRACING.active = False
 
 
 class ModelState:
-    """Notices a model whose parameters, buffers or submodules were replaced (``model.head = nn.Linear(...)``,
-    ``load_state_dict(..., assign=True)``), or which was cast or moved, after programs were traced from it:
-    they compute with what the trace saw, so they are dropped. Per call this costs a counter and one
-    tensor's dtype and device: PyTorch's global registration hooks bump the counter on any assignment, and
-    only then are the model's modules and tensors compared with those seen before."""
+    """Notices a model whose parameters, buffers or submodules were replaced, removed or added, or which was
+    cast or moved, after programs were traced from it: they compute with what the trace saw, so they are
+    dropped (``on_change``). Per call this costs one identity comparison of the model's members and one
+    tensor's dtype and device."""
 
     def __init__(self, model: nn.Module, on_change: Callable[[], None]) -> None:
-        with _HOOKS_LOCK:  # installed once per process
-            if not _VERSION_HOOKS:
-                from torch.nn.modules import module as m
-
-                _VERSION_HOOKS.extend(
-                    register(_bump)
-                    for register in (
-                        m.register_module_module_registration_hook,
-                        m.register_module_parameter_registration_hook,
-                        m.register_module_buffer_registration_hook,
-                    )
-                )
         self.model, self.on_change = model, on_change
-        self.version = -1
-        self.members: tuple[Any, ...] = ()
-        self.probe = _probe(_members(model)[1])
+        self._snapshot()
 
     def dtype_and_device(self) -> tuple[Any, Any] | None:
-        """The probe's dtype and device (in the cache key); calls ``on_change`` first if members were replaced."""
-        if self.version != _STRUCTURE_VERSION[0]:
-            self._refresh()
+        """The probe's dtype and device (in the cache key); calls ``on_change`` first if members changed."""
+        if id(self.model) not in _IN_TRACE and not self._unchanged():
+            self.on_change()
+            self._snapshot()
         probe = self.probe
         return None if probe is None else (probe.dtype, probe.device)
 
-    def _refresh(self) -> None:
-        if id(self.model) in _IN_TRACE:  # mid-trace on another thread: compare when it is done
-            return
-        version = _STRUCTURE_VERSION[0]
-        members, tensors = _members(self.model)
-        same = len(members) == len(self.members) and all(a is b for a, b in zip(members, self.members))
-        if not same and self.members:
-            self.on_change()
-        self.members, self.version, self.probe = members, version, _probe(tensors)
+    def _unchanged(self) -> bool:
+        members = list(chain.from_iterable(map(dict.values, self.dicts)))
+        return len(members) == len(self.members) and all(map(operator.is_, members, self.members))
 
-
-def _members(model: nn.Module) -> tuple[tuple[Any, ...], list[Tensor | None]]:
-    """Every submodule, parameter and buffer of ``model`` (what a program may have traced), and the tensors."""
-    modules = [m for _, m in model.named_modules(remove_duplicate=False)]
-    tensors = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values())]
-    return (*modules, *tensors), tensors
+    def _snapshot(self) -> None:
+        modules = [m for _, m in self.model.named_modules(remove_duplicate=False)]
+        # a TorchScript module's members are mappings of its own (not dicts), which lrpc does not trace into
+        dicts = (d for m in modules for d in (m._modules, m._parameters, m._buffers))
+        self.dicts: list[dict] = [d for d in dicts if isinstance(d, dict)]
+        self.members: list[Any] = list(chain.from_iterable(map(dict.values, self.dicts)))
+        tensors = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values())]
+        self.probe = _probe(tensors)
 
 
 def _probe(tensors: list[Tensor | None]) -> Tensor | None:

@@ -1692,24 +1692,34 @@ def test_a_model_cast_after_compiling_is_traced_again(backend: str) -> None:
     torch.testing.assert_close(res.relevance, nonzero(compile_eager(model, rules="lrp0")(ids).relevance))
 
 
-@pytest.mark.parametrize("change", ["submodule", "parameter", "load_state_dict(assign=True)", "unrelated"])
+@pytest.mark.parametrize(
+    "change",
+    ["submodule", "parameter", "load_state_dict(assign=True)", "deleted submodule", "bias = None", "unrelated"],
+)
 def test_replaced_members_drop_the_cached_programs(change: str) -> None:
     """Programs read the parameter objects they were traced with: a replaced submodule or parameter was
-    silently explained as it was (outputs 0.5-0.8 off). A module created elsewhere changes nothing."""
+    silently explained as it was (outputs 0.5-0.8 off), and so were a deleted submodule and a bias set to
+    None, which fire none of PyTorch's registration hooks. A module created elsewhere changes nothing."""
     torch.manual_seed(0)
     model, x = relu_net(bias=True), torch.randn(3, 6)
     a = compile_eager(model)
     a(x)
-    fresh = relu_net(bias=True)
-    with torch.no_grad():  # other weights, the same shapes
-        for p in fresh.parameters():
-            p.mul_(-1.5)
-    if change == "submodule":
-        model[2] = fresh[2]
-    elif change == "parameter":
-        model[0].weight = fresh[0].weight
-    elif change == "load_state_dict(assign=True)":
-        model.load_state_dict(fresh.state_dict(), assign=True)
+    a(x)  # the first call's own module creations (its program's) are behind it
+    if change == "deleted submodule":
+        del model[1]  # the first ReLU
+    elif change == "bias = None":
+        model[0].bias = None
+    else:  # a module created here, after the removals (its registration once hid them from an older check)
+        fresh = relu_net(bias=True)
+        with torch.no_grad():  # other weights, the same shapes
+            for p in fresh.parameters():
+                p.mul_(-1.5)
+        if change == "submodule":
+            model[2] = fresh[2]
+        elif change == "parameter":
+            model[0].weight = fresh[0].weight
+        elif change == "load_state_dict(assign=True)":
+            model.load_state_dict(fresh.state_dict(), assign=True)
     res = a(x)
     torch.testing.assert_close(res.output, model(x).detach(), rtol=0, atol=0)
     assert a.stats["traces"] == (1 if change == "unrelated" else 2)
