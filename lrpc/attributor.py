@@ -200,7 +200,7 @@ class Attributor:
         if spec.mode == "index":
             _check_has_classes(program, index)
             extra.append(index_tensor(index, _batch(program, sizes), tensors[0].device))
-            _check_classes(index if isinstance(index, int) else extra[-1], program)
+            _check_classes(index if isinstance(index, int) else extra[-1], program, sizes)
         start = time.perf_counter()
         arguments = (*program.traced.state, *tensors, *extra)
         try:
@@ -532,10 +532,12 @@ def _without_autocast() -> Iterator[None]:
 
 def _batch(program: Program, sizes: dict[str, int]) -> int:
     """The explained output's batch size for a call whose dynamic dims take ``sizes``."""
-    out = program.output_example
-    if out.dim() == 0:
-        return 1
-    size = out.shape[0]
+    return 1 if program.output_example.dim() == 0 else _output_size(program, 0, sizes)
+
+
+def _output_size(program: Program, dim: int, sizes: dict[str, int]) -> int:
+    """The explained output's size along ``dim`` for a call whose dynamic dims take ``sizes``."""
+    size = program.output_example.shape[dim]
     if isinstance(size, int):
         return size
     return int(sympy.sympify(str(size.node.expr)).subs(sizes))
@@ -554,12 +556,13 @@ def _check_has_classes(program: Program, index: Any) -> None:
         )
 
 
-def _check_classes(index: int | Tensor, program: Program) -> None:
+def _check_classes(index: int | Tensor, program: Program, sizes: dict[str, int]) -> None:
     """A class index outside the output's class dimension selects nothing: say so before running."""
     out = program.output_example
-    classes = out.shape[-1] if out.dim() >= 2 else None
-    if not isinstance(classes, int):
+    if out.dim() < 2:
         return
+    shape = tuple(_output_size(program, d, sizes) for d in range(out.dim()))  # this call's, dynamic dims too
+    classes = shape[-1]
     if isinstance(index, int):
         bad = [index] if not 0 <= index < classes else []
     elif index.numel() and (int(index.min()) < 0 or int(index.max()) >= classes):
@@ -567,7 +570,7 @@ def _check_classes(index: int | Tensor, program: Program) -> None:
     else:
         bad = []
     if bad:
-        raise LRPCError(f"target index out of range: {bad}; the output {tuple(out.shape)} has {classes} classes")
+        raise LRPCError(f"target index out of range: {bad}; the output {shape} has {classes} classes")
 
 
 def _index_example(graph: fx.Graph, the_plan: Plan) -> Tensor:

@@ -1140,6 +1140,30 @@ def test_bad_target_is_a_clear_error(lrp0, target, match: str) -> None:
         a(x, target=target)
 
 
+@pytest.mark.parametrize("target", [7, -1, torch.tensor([0, 9])])
+def test_a_target_out_of_a_dynamic_class_dimension_is_a_clear_error(target) -> None:
+    """Per-token scores (a question-answering head's span starts): the class dimension is the sequence, which
+    a second length makes dynamic. An index past this call's length selected nothing (zero relevance, no
+    error) where the static program refused it."""
+
+    class StartScores(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.score = nn.Embedding(10, 4), nn.Linear(4, 1)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.score(self.emb(ids)).squeeze(-1)
+
+    torch.manual_seed(0)
+    a = compile_eager(StartScores().eval())
+    a(torch.randint(0, 10, (2, 5)), target=1)
+    a(torch.randint(0, 10, (2, 6)), target=1)  # another length: the dynamic program
+    assert a.stats["traces"] == 2
+    with pytest.raises(lrpc.LRPCError, match=r"out of range.*the output \(2, 4\) has 4 classes"):
+        a(torch.randint(0, 10, (2, 4)), target=target)
+    assert a(torch.randint(0, 10, (2, 4)), target=3).relevance.abs().sum() > 0
+
+
 @pytest.mark.parametrize("reduce", ["per-sample", "scalar"])
 def test_a_class_target_on_an_output_without_classes_is_refused(reduce: str) -> None:
     """One score per sample ``(B,)`` or a scalar: ``target=3`` was silently ignored (the score explained,
