@@ -203,10 +203,11 @@ class _Explained(nn.Module):
 
 def select_output(out: Any, select: OutputSelector) -> Tensor:
     """The output to explain: ``select(out)`` for a callable, ``out[select]`` for an int or str, else
-    the first tensor in ``out`` (Hugging Face outputs: the first field that is set, e.g. ``logits``) other
-    than a loss, which a call with ``labels=`` puts first: the predictions are explained, not the loss
-    (``output="loss"`` or ``output=0`` picks it). A loss is a ``loss`` entry, or, in a tuple
-    (``return_dict=False``), a scalar followed by tensors that are not scalars."""
+    the first floating-point tensor in ``out`` (Hugging Face outputs: the first field that is set, e.g.
+    ``logits``; a model returning ``(predicted ids, logits)``: the logits) other than a loss, which a call
+    with ``labels=`` puts first: the predictions are explained, not the loss (``output="loss"`` or
+    ``output=0`` picks it). A loss is a ``loss`` entry, or, in a tuple (``return_dict=False``), a scalar
+    followed by tensors that are not scalars. An integer or boolean output has no relevance to explain."""
     if select is None:
         if isinstance(out, Mapping) and "loss" in out and len(out) > 1:
             out = {k: v for k, v in out.items() if k != "loss"}
@@ -217,8 +218,14 @@ def select_output(out: Any, select: OutputSelector) -> Tensor:
                 "does not look into); pick the output to explain with output= (an attribute name, an index or "
                 "a callable)"
             )
-        batched = [x for x in leaves if x.dim() > 0]
-        return batched[0] if isinstance(out, (tuple, list)) and leaves[0].dim() == 0 and batched else leaves[0]
+        scores = [x for x in leaves if x.is_floating_point()]
+        if not scores:
+            raise TraceError(
+                f"the model returned only integer or boolean tensors ({', '.join(_describe(x) for x in leaves[:4])}): "
+                "lrpc explains a floating-point score, such as the logits; return one, or pick it with output="
+            )
+        batched = [x for x in scores if x.dim() > 0]
+        return batched[0] if isinstance(out, (tuple, list)) and scores[0].dim() == 0 and batched else scores[0]
     try:
         if callable(select):
             picked = select(out)
@@ -233,12 +240,17 @@ def select_output(out: Any, select: OutputSelector) -> Tensor:
         ) from e
     if not isinstance(picked, Tensor):
         raise TraceError(f"output={select!r} picked a {type(picked).__name__} ({_describe(picked)}), not a tensor")
+    if not picked.is_floating_point():
+        raise TraceError(
+            f"output={select!r} picked {_describe(picked)}: lrpc explains a floating-point "
+            "score (the logits, not the predicted class ids)"
+        )
     return picked
 
 
 def _describe(value: Any) -> str:
     if isinstance(value, Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
+        return f"a tensor of shape {tuple(value.shape)}" + ("" if value.is_floating_point() else f" ({value.dtype})")
     if isinstance(value, Mapping):
         return f"a {type(value).__name__} with keys {list(value)[:8]}"
     if isinstance(value, (tuple, list)):
