@@ -33,6 +33,32 @@ class TargetSpec:
     fn: Callable[[Tensor], Tensor] | None = None
 
 
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+@dataclass(frozen=True, eq=False)
+class _ByIdentity:
+    """An unhashable callable target (an instance of a ``@dataclass`` with ``__call__``) keyed in the program
+    cache by identity, as a function is: the same object on every call reuses its program. The key holds
+    the object, so its ``id`` is not reused while the program is cached."""
+
+    fn: Callable[[Tensor], Tensor]
+
+    def __call__(self, output: Tensor) -> Tensor:
+        return self.fn(output)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ByIdentity) and other.fn is self.fn
+
+    def __hash__(self) -> int:
+        return id(self.fn)
+
+
 def parse(target: Any, seed: str) -> tuple[TargetSpec, Any]:
     """Split a user's ``target`` into what the program is compiled for and the per-call value."""
     if seed not in SEEDS:
@@ -40,7 +66,7 @@ def parse(target: Any, seed: str) -> tuple[TargetSpec, Any]:
     if target is None:
         return TargetSpec("argmax", seed), None
     if callable(target) and not isinstance(target, Tensor):
-        return TargetSpec("callable", seed, target), None
+        return TargetSpec("callable", seed, target if _hashable(target) else _ByIdentity(target)), None
     if isinstance(target, numbers.Integral) and not isinstance(target, bool):  # NumPy's integers too
         return TargetSpec("index", seed), int(target)
     if not isinstance(target, Tensor) and (isinstance(target, (list, tuple)) or hasattr(target, "__array__")):

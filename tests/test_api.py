@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -1076,6 +1077,29 @@ def test_target_callable_is_the_seed(lrp0) -> None:
     torch.testing.assert_close(res2.relevance, expected)
 
 
+@dataclass
+class Unit:
+    """A callable target that is unhashable (a dataclass with ``eq``): a hidden unit, here an output class."""
+
+    k: int
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        seed = torch.zeros_like(output)
+        seed[:, self.k] = output[:, self.k]
+        return seed
+
+
+def test_an_unhashable_callable_target_is_cached_by_identity(lrp0) -> None:
+    """It failed with ``TypeError: unhashable type`` from the program cache's key."""
+    _model, x, a, _out = lrp0
+    unit = Unit(2)
+    torch.testing.assert_close(a(x, target=unit).relevance, nonzero(a(x, target=2).relevance))
+    traces = a.stats["traces"]
+    a(x, target=unit)
+    assert a.stats["traces"] == traces  # the same object reuses its program
+    torch.testing.assert_close(a(x, target=Unit(1)).relevance, a(x, target=1).relevance)
+
+
 @pytest.mark.parametrize("seed", ["logit", "one"])
 def test_seed_logit_and_one(lrp0, seed: str) -> None:
     model, x, _, out = lrp0
@@ -1242,6 +1266,36 @@ def test_errors_name_what_is_wrong_not_the_model(capfd) -> None:
     with pytest.raises(lrpc.RuleError, match=r"ZBox: a bound of shape \(3, 5, 5\) does not fit .*\(3, 8, 8\) per sample"):
         compile_eager(model.eval(), rules=box)(torch.rand(2, 3, 8, 8))
     assert "fake_tensor" not in capfd.readouterr().err
+
+
+class PredictionAndLogits(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.fc(x)
+        return logits.argmax(-1), logits
+
+
+class Predictions(PredictionAndLogits):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x)[0]
+
+
+def test_integer_outputs_are_not_explained() -> None:
+    """A model returning ``(predicted ids, logits)``: the default picks the logits (it picked the ids, and
+    the error blamed the inputs: "does not depend on any floating-point input"); picking the ids, or a
+    model with no float output, says that an integer tensor has no score to explain."""
+    torch.manual_seed(0)
+    model, x = PredictionAndLogits().eval(), torch.randn(3, 6)
+    res = compile_eager(model)(x)
+    torch.testing.assert_close(res.output, model(x)[1].detach())
+    torch.testing.assert_close(res.relevance, compile_eager(model, output=1)(x).relevance, rtol=0, atol=0)
+    with pytest.raises(lrpc.TraceError, match=r"output=0 picked a tensor of shape \(3,\) \(torch.int64\)"):
+        compile_eager(model, output=0)(x)
+    with pytest.raises(lrpc.TraceError, match=r"only integer or boolean tensors \(a tensor of shape \(3,\) \(torch"):
+        compile_eager(Predictions().eval())(x)
 
 
 def test_bad_options_are_clear_errors() -> None:
