@@ -42,28 +42,30 @@ class ModelState:
 
     def __init__(self, model: nn.Module, on_change: Callable[[], None]) -> None:
         self.model, self.on_change = model, on_change
-        self._snapshot()
+        self.seen = self._snapshot()
 
     def dtype_and_device(self) -> tuple[Any, Any] | None:
         """The probe's dtype and device (in the cache key); calls ``on_change`` first if members changed."""
-        if id(self.model) not in _IN_TRACE and not self._unchanged():
+        dicts, members, probe = self.seen  # one read: another thread may replace it meanwhile
+        if id(self.model) not in _IN_TRACE and not _same(dicts, members):
             self.on_change()
-            self._snapshot()
-        probe = self.probe
+            self.seen = self._snapshot()
+            probe = self.seen[2]
         return None if probe is None else (probe.dtype, probe.device)
 
-    def _unchanged(self) -> bool:
-        members = list(chain.from_iterable(map(dict.values, self.dicts)))
-        return len(members) == len(self.members) and all(map(operator.is_, members, self.members))
-
-    def _snapshot(self) -> None:
+    def _snapshot(self) -> tuple[list[dict], list[Any], Tensor | None]:
+        """The model's member dicts, their values, and the probe."""
         modules = [m for _, m in self.model.named_modules(remove_duplicate=False)]
         # a TorchScript module's members are mappings of its own (not dicts), which lrpc does not trace into
-        dicts = (d for m in modules for d in (m._modules, m._parameters, m._buffers))
-        self.dicts: list[dict] = [d for d in dicts if isinstance(d, dict)]
-        self.members: list[Any] = list(chain.from_iterable(map(dict.values, self.dicts)))
+        dicts = [d for m in modules for d in (m._modules, m._parameters, m._buffers) if isinstance(d, dict)]
         tensors = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values())]
-        self.probe = _probe(tensors)
+        return dicts, list(chain.from_iterable(map(dict.values, dicts))), _probe(tensors)
+
+
+def _same(dicts: list[dict], members: list[Any]) -> bool:
+    """Whether ``dicts`` still hold exactly ``members``, object for object."""
+    now = list(chain.from_iterable(map(dict.values, dicts)))
+    return len(now) == len(members) and all(map(operator.is_, now, members))
 
 
 def _probe(tensors: list[Tensor | None]) -> Tensor | None:
