@@ -208,13 +208,17 @@ def explain(args: argparse.Namespace) -> int:
     if loaded.fixed_batch is not None and loaded.fixed_batch != args.batch_size:
         print(f"lrpc: {args.model} was exported for batch size {loaded.fixed_batch}: using it", file=sys.stderr)
         args.batch_size = loaded.fixed_batch
+    # texts one at a time: padded to a common length, a text whose output is per position (a language
+    # model's) would be explained at a padding token, and some tokenizers have none
+    size = 1 if any(item.text is not None for item in items) else args.batch_size
     results: list[tuple[Item, Tensor, int | None, float | None]] = []
     start = time.perf_counter()
-    for first in range(0, len(items), args.batch_size):
-        batch = items[first : first + args.batch_size]
-        # the last, shorter batch is padded with repeats: a batch size the program has not seen would
-        # compile another (and size 1 is never dynamic)
-        padded = batch + batch[-1:] * (args.batch_size - len(batch)) if first else batch
+    for first in range(0, len(items), size):
+        batch = items[first : first + size]
+        # a shorter batch is padded with repeats: a batch size the program has not seen would compile
+        # another (and size 1 is never dynamic); an exported program takes only its own
+        fill = first or loaded.fixed_batch is not None
+        padded = batch + batch[-1:] * (size - len(batch)) if fill else batch
         call_args, call_kwargs, mask = _batch_call(padded, loaded)
         res = attributor(*call_args, target=args.target, **call_kwargs)
         relevance = next(iter(res.inputs.values()))
@@ -250,19 +254,42 @@ def explain(args: argparse.Namespace) -> int:
 
 
 def _batch_call(batch: list[Item], loaded: LoadedModel) -> tuple[tuple, dict, Tensor | None]:
-    """The model call for a batch of items, and the attention mask of tokenized text (else ``None``)."""
-    example_args = loaded.args
+    """The model call for a batch of items (one text, or tensors of one shape), and the attention mask of
+    tokenized text (else ``None``)."""
     if batch[0].text is not None:
-        enc = loaded.tokenizer([item.text for item in batch], padding=True, return_tensors="pt")
+        enc = loaded.tokenizer([batch[0].text], truncation=True, return_tensors="pt")
         return (), dict(enc), enc["attention_mask"]
     shapes = {tuple(item.tensor.shape) for item in batch}
     if len(shapes) > 1:
         raise LRPCError(f"inputs in one batch have different shapes {sorted(shapes)}: use --batch-size 1")
-    x = torch.stack([item.tensor for item in batch]).to(loaded.example.dtype)
-    if example_args:
-        return (x, *example_args[1:]), loaded.kwargs, None
+    example = loaded.example
+    dtype = _floating_dtype(loaded.model) if example.is_floating_point() else None
+    x = torch.stack([item.tensor for item in batch]).to(dtype or example.dtype)
+    fitted = {k: _fitted(k, v, x, example) for k, v in loaded.kwargs.items()}
+    if loaded.args:
+        return (x, *(_fitted("", v, x, example) for v in loaded.args[1:])), fitted, None
     first = next(k for k, v in loaded.kwargs.items() if isinstance(v, Tensor))
-    return (), {**loaded.kwargs, first: x}, None
+    return (), {**fitted, first: x}, None
+
+
+def _fitted(name: str, value: Any, x: Tensor, example: Tensor) -> Any:
+    """Another tensor of the example call, fitted to a batch ``x`` of the user's inputs: an attention mask
+    or token types over the example's tokens (or patches) made for ``x``'s (all attended, type 0); another
+    batched tensor (a decoder's start tokens) repeated from its first sample to ``x``'s batch."""
+    if not isinstance(value, Tensor) or value is example or value.dim() == 0:
+        return value
+    if name in ("attention_mask", "token_type_ids") and value.shape == example.shape[: value.dim()]:
+        fill = torch.ones if name == "attention_mask" else torch.zeros
+        return fill(x.shape[: value.dim()], dtype=value.dtype)
+    if value.shape[0] == example.shape[0] and example.dim() > 0:
+        return value[:1].expand(x.shape[0], *value.shape[1:]).contiguous()
+    return value
+
+
+def _floating_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter or buffer (a float64 model takes float64)."""
+    tensors = (*model.parameters(), *model.buffers())
+    return next((t.dtype for t in tensors if t.is_floating_point()), None)
 
 
 def _scores(res: Any) -> Tensor | None:
@@ -331,6 +358,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {value}")
+    return value
+
+
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:40]
 
@@ -359,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=_positive, default=10, help="timed repetitions after the first call")
     p.add_argument(
         "--threads",
-        type=int,
+        type=_non_negative,
         default=1,
         help="torch CPU threads: 1 (default) is fastest and steadiest for these small batches; 0: torch's",
     )

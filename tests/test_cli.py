@@ -216,6 +216,73 @@ def test_explain_text_with_a_local_hugging_face_folder(capsys, tmp_path) -> None
     assert saved["score"][1] == pytest.approx(float(logits.max()), rel=1e-5)
 
 
+def test_texts_are_explained_as_if_alone(capsys, tmp_path) -> None:
+    """A masked language model's output is per position, explained at the last one. Texts batched with right
+    padding were explained at a padding token when a longer text shared their batch (another target and
+    relevance); token ids from a ``.pt`` next to a text crashed in the tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "a", "dog"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words))
+    tokenizer = transformers.BertTokenizer(str(tmp_path / "vocab.txt"))
+    config = transformers.BertConfig(
+        vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(config).eval().save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    torch.save(tokenizer("a dog", return_tensors="pt")["input_ids"][0], tmp_path / "ids.pt")
+    saved = []
+    for texts in (["a dog"], ["a dog", "the cat sat on the mat", str(tmp_path / "ids.pt")]):
+        out = tmp_path / f"out{len(saved)}"
+        code, _stdout, err = run(
+            capsys, "explain", f"hf:{tmp_path / 'model'}", *texts, "--backend", "eager", "--out", str(out)
+        )
+        assert code == 0, err
+        saved.append(torch.load(out / "relevance.pt"))
+    alone, batched = saved
+    assert [r.shape[0] for r in batched["relevance"]] == [4, 8, 4]
+    assert alone["relevance"][0].abs().sum() > 0
+    for i in (0, 2):  # "a dog" next to a longer text, and as token ids
+        assert batched["target"][i] == alone["target"][0]
+        torch.testing.assert_close(batched["relevance"][i], alone["relevance"][0])
+
+
+def test_explain_token_ids_with_a_zoo_model_whose_example_has_a_mask(capsys, tmp_path) -> None:
+    """zoo:bert's example call is a padded batch of two with its attention mask: one sequence of ids was
+    paired with that (2, 8) mask and failed, blaming the input. Its mask is made for the ids given."""
+    import lrpc
+    from lrpc import zoo
+
+    ids = torch.randint(5, 50, (8,))
+    torch.save(ids, tmp_path / "ids.pt")
+    code, _, err = run(capsys, "explain", "zoo:bert", str(tmp_path / "ids.pt"), "--backend", "eager", "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    saved = torch.load(tmp_path / "out" / "relevance.pt")
+    model, _, _ = zoo.build("bert")
+    expected = lrpc.compile(model, backend="eager")(input_ids=ids[None], attention_mask=torch.ones(1, 8, dtype=torch.long))
+    torch.testing.assert_close(saved["relevance"][0], expected.relevance[0])
+
+
+def test_explain_a_float64_module(capsys, tmp_path) -> None:
+    """The inputs were cast to the float32 of the shape-built example, and the float64 model failed."""
+    import lrpc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double().eval()
+    torch.save(model, tmp_path / "model.pt")
+    x = torch.randn(2, 4, dtype=torch.float64)
+    torch.save(x, tmp_path / "x.pt")
+    code, _, err = run(
+        capsys, "explain", str(tmp_path / "model.pt"), str(tmp_path / "x.pt"), "--input", "1", "4",
+        "--backend", "eager", "--out", str(tmp_path / "out"),
+    )
+    assert code == 0, err
+    relevance = torch.stack(torch.load(tmp_path / "out" / "relevance.pt")["relevance"])
+    assert relevance.dtype == torch.float64
+    torch.testing.assert_close(relevance, lrpc.compile(model, backend="eager")(x).relevance)
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".pt2"])
 def test_explain_saved_module(capsys, tmp_path, suffix) -> None:
     import lrpc
@@ -264,6 +331,25 @@ def test_explain_a_program_exported_for_one_batch_size(capsys, tmp_path) -> None
     torch.testing.assert_close(torch.stack(saved["relevance"]), lrpc.compile(model, backend="eager")(x).relevance)
 
 
+def test_a_program_exported_for_a_larger_batch_than_the_inputs(capsys, tmp_path) -> None:
+    """Two inputs for a ``.pt2`` exported at batch 4: only later batches were padded, the first failed with
+    ``Guard failed: input.size()[0] == 4``."""
+    import lrpc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    torch.export.save(torch.export.export(model, (torch.randn(4, 4),)), tmp_path / "model.pt2")
+    x = torch.randn(2, 4)
+    torch.save(x, tmp_path / "inputs.pt")
+    code, _, err = run(
+        capsys, "explain", str(tmp_path / "model.pt2"), str(tmp_path / "inputs.pt"), "--input", "1", "4",
+        "--backend", "eager", "--out", str(tmp_path / "out"),
+    )
+    assert code == 0, err
+    saved = torch.stack(torch.load(tmp_path / "out" / "relevance.pt")["relevance"])
+    torch.testing.assert_close(saved, lrpc.compile(model, backend="eager")(x).relevance)
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
@@ -271,6 +357,7 @@ def test_explain_a_program_exported_for_one_batch_size(capsys, tmp_path) -> None
         (["coverage", "torchvision:resnet18", "--input", "1", "3", "8", "-8"], "--input: must be a positive integer"),
         (["explain", "os:getcwd", "x.pt", "--input", "1", "3"], "returned str, not an nn.Module or"),
         (["explain", "digits", "{digit}", "--out", "{file}"], "cannot write to --out .*: File exists"),
+        (["demo", "--threads", "-1"], "--threads: must be 0 or a positive integer, got -1"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(capsys, tmp_path, digit_files, argv, message) -> None:
