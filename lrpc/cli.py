@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from . import backends, viz
 from .attributor import compile as lrpc_compile
 from .errors import LRPCError
-from .loading import SPECS, Item, LoadedModel, load_inputs, load_model
+from .loading import SPECS, Item, LoadedModel, floating_dtype, load_inputs, load_model
 from .models import digits_cnn, digits_examples, minilm_similarity
 
 
@@ -263,7 +263,7 @@ def _batch_call(batch: list[Item], loaded: LoadedModel) -> tuple[tuple, dict, Te
     if len(shapes) > 1:
         raise LRPCError(f"inputs in one batch have different shapes {sorted(shapes)}: use --batch-size 1")
     example = loaded.example
-    dtype = _floating_dtype(loaded.model) if example.is_floating_point() else None
+    dtype = floating_dtype(loaded.model) if example.is_floating_point() else None
     x = torch.stack([item.tensor for item in batch]).to(dtype or example.dtype)
     fitted = {k: _fitted(k, v, x, example) for k, v in loaded.kwargs.items()}
     if loaded.args:
@@ -284,12 +284,6 @@ def _fitted(name: str, value: Any, x: Tensor, example: Tensor) -> Any:
     if value.shape[0] == example.shape[0] and example.dim() > 0:
         return value[:1].expand(x.shape[0], *value.shape[1:]).contiguous()
     return value
-
-
-def _floating_dtype(model: nn.Module) -> torch.dtype | None:
-    """The dtype of the model's first floating-point parameter or buffer (a float64 model takes float64)."""
-    tensors = (*model.parameters(), *model.buffers())
-    return next((t.dtype for t in tensors if t.is_floating_point()), None)
 
 
 def _scores(res: Any) -> Tensor | None:

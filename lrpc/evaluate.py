@@ -62,7 +62,6 @@ Features:
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -398,13 +397,16 @@ def quantus_explain_func(
 
     Quantus calls ``explain_func(model=..., inputs=..., targets=..., **explain_func_kwargs)`` with numpy
     (or torch) inputs and class indices; the returned function compiles ``model`` with ``rules`` on first
-    use (one :class:`lrpc.Attributor` per model object, kept while the model lives: Quantus' randomised
-    copies get their own), explains ``targets`` and returns the input relevance as a float numpy array of
-    the inputs' shape, or summed over ``reduce_axes`` with the axes kept (``reduce_axes=(1,)``: one
-    channel, the ``(B, 1, H, W)`` shape several Quantus metrics expect). ``device=`` in the call's
-    keyword arguments moves the inputs there (default: the model's parameters' device); other keyword
-    arguments Quantus passes along are ignored. Quantus itself is not needed to build or call it.
-    ``explain_func.attributors`` maps each model seen to its attributor.
+    use, explains ``targets`` and returns the input relevance as a float numpy array of the inputs' shape,
+    or summed over ``reduce_axes`` with the axes kept (``reduce_axes=(1,)``: one channel, the
+    ``(B, 1, H, W)`` shape several Quantus metrics expect). ``device=`` in the call's keyword arguments
+    moves the inputs there (default: the model's parameters' device); other keyword arguments Quantus
+    passes along are ignored. Quantus itself is not needed to build or call it.
+
+    Calls on the same model object reuse its :class:`lrpc.Attributor`; a call on another model (one of
+    Quantus' randomised copies) compiles one for it and drops the previous one, so that only the latest
+    model is kept alive (an attributor holds its model). ``explain_func.attributors`` maps the latest
+    model to its attributor.
 
     >>> import numpy as np, torch
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
@@ -416,13 +418,16 @@ def quantus_explain_func(
     """
     from .attributor import compile as lrpc_compile
 
-    cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    # only the latest model's attributor: it references its model, so a cache of every model seen (even
+    # weakly keyed) would keep them all alive, and the randomisation metrics make one per layer
+    cache: dict[nn.Module, Any] = {}
 
     def explain_func(model: nn.Module, inputs: Any, targets: Any, **kwargs: Any) -> np.ndarray:
         if not isinstance(model, nn.Module) and hasattr(model, "get_model"):
             model = model.get_model()  # a Quantus ModelInterface wrapper
         attributor = cache.get(model)
         if attributor is None:
+            cache.clear()  # before compiling, so that the previous model can be freed meanwhile
             attributor = cache[model] = lrpc_compile(model, rules=rules, backend=backend, **compile_options)
         param = next(model.parameters(), None)
         device = kwargs.get("device") or (param.device if param is not None else "cpu")
@@ -438,6 +443,6 @@ def quantus_explain_func(
             out = out.sum(axis=tuple(reduce_axes), keepdims=True)
         return out
 
-    explain_func.attributors = cache  # type: ignore[attr-defined]  # model -> Attributor, for inspection
+    explain_func.attributors = cache  # type: ignore[attr-defined]  # latest model -> Attributor, for inspection
     explain_func.__name__ = f"lrpc_{rules if isinstance(rules, str) else getattr(rules, 'name', 'preset')}"
     return explain_func

@@ -17,6 +17,8 @@ torch.Size([4, 16])
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,7 @@ from torch.export.graph_signature import InputKind
 from .errors import LRPCError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+FILE_SUFFIXES = IMAGE_SUFFIXES | {".pt", ".pth", ".txt"}  # inputs with these suffixes are files, never text
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # torchvision's input normalization
 SPECS = "zoo:NAME | torchvision:NAME | hf:PATH-OR-MODEL-TYPE | digits | FILE.pt | package.module:factory"
 
@@ -85,12 +88,16 @@ def load_model(spec: str, input_shape: Sequence[int] | None = None) -> LoadedMod
     module, _, factory = spec.rpartition(":")
     if not module:
         raise LRPCError(f"unknown model '{spec}': use {SPECS}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        # `python -m lrpc` imports from the current folder, the installed `lrpc` script does not: the same
+        # spec (a mymodels.py next to the data) works with both
+        sys.path.insert(0, os.getcwd())
     try:
         made = getattr(importlib.import_module(module), factory)()
     except (ImportError, AttributeError) as e:
         raise LRPCError(f"cannot load '{spec}': {e}") from None
     if isinstance(made, nn.Module):
-        return LoadedModel(made.eval(), (_example(spec, input_shape),), {})
+        return LoadedModel(made.eval(), (_example(spec, input_shape, made),), {})
     if not (isinstance(made, tuple) and len(made) == 3 and isinstance(made[0], nn.Module)):
         raise LRPCError(
             f"'{spec}' returned {type(made).__name__}, not an nn.Module or (model, args, kwargs)"
@@ -99,10 +106,19 @@ def load_model(spec: str, input_shape: Sequence[int] | None = None) -> LoadedMod
     return LoadedModel(model, args, kwargs)
 
 
-def _example(spec: str, input_shape: Sequence[int] | None) -> Tensor:
+def _example(spec: str, input_shape: Sequence[int] | None, model: nn.Module, batch: int | None = None) -> Tensor:
+    """A random input of ``input_shape`` in the model's floating dtype; ``batch`` replaces its first size
+    (a program exported for one batch size takes only that)."""
     if input_shape is None:
         raise LRPCError(f"'{spec}' comes without an example input: give --input SHAPE (e.g. --input 1 3 224 224)")
-    return torch.randn(*input_shape)
+    shape = (batch, *input_shape[1:]) if batch is not None and input_shape else tuple(input_shape)
+    return torch.randn(*shape, dtype=floating_dtype(model) or torch.get_default_dtype())
+
+
+def floating_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter or buffer (a float64 model takes float64)."""
+    tensors = (*model.parameters(), *model.buffers())
+    return next((t.dtype for t in tensors if t.is_floating_point()), None)
 
 
 def _torchvision(name: str, input_shape: Sequence[int] | None) -> LoadedModel:
@@ -166,7 +182,7 @@ def _saved(path: Path, input_shape: Sequence[int] | None) -> LoadedModel:
         raise LRPCError(f"'{path}' holds a {type(model).__name__}, not an nn.Module")
     if path.suffix != ".pt2":  # an exported program's module is already in eval semantics (and refuses .eval())
         model = model.eval()
-    return LoadedModel(model, (_example(str(path), input_shape),), {}, fixed_batch=fixed_batch)
+    return LoadedModel(model, (_example(str(path), input_shape, model, fixed_batch),), {}, fixed_batch=fixed_batch)
 
 
 def _static_batch(program: torch.export.ExportedProgram) -> int | None:
@@ -201,18 +217,20 @@ def load_inputs(items: Sequence[str], loaded: LoadedModel) -> list[Item]:
     out: list[Item] = []
     for raw in items:
         path = Path(raw)
-        if path.suffix.lower() in IMAGE_SUFFIXES or path.suffix in (".pt", ".pth"):
-            if not path.is_file():
-                raise LRPCError(f"no such input file '{raw}'")
-            if path.suffix in (".pt", ".pth"):
-                out.extend(_tensor_items(path, example))
-            else:
-                if text_model:
-                    raise LRPCError(f"'{raw}' is an image, but {type(loaded.model).__name__} takes token ids")
-                out.append(_image_item(path, example, loaded))
+        suffix = path.suffix.lower()
+        # a name with a suffix lrpc reads is a file, never text: a misspelled review.txt is an error, not
+        # the words "review.txt" explained
+        if suffix in FILE_SUFFIXES and not path.is_file():
+            raise LRPCError(f"no such input file '{raw}'")
+        if suffix in (".pt", ".pth"):
+            out.extend(_tensor_items(path, example))
+        elif suffix in IMAGE_SUFFIXES:
+            if text_model:
+                raise LRPCError(f"'{raw}' is an image, but {type(loaded.model).__name__} takes token ids")
+            out.append(_image_item(path, example, loaded))
         elif text_model:
-            text = path.read_text() if path.suffix == ".txt" and path.is_file() else raw
-            out.append(Item(name=path.stem if path.suffix == ".txt" else raw[:40], text=text))
+            text = path.read_text() if suffix == ".txt" else raw
+            out.append(Item(name=path.stem if suffix == ".txt" else raw[:40], text=text))
         else:
             raise LRPCError(
                 f"'{raw}' is not an image file ({', '.join(sorted(IMAGE_SUFFIXES))}) or a .pt tensor, "
@@ -247,16 +265,40 @@ def _image_item(path: Path, example: Tensor, loaded: LoadedModel) -> Item:
     if example.dim() != 4 or example.shape[1] not in (1, 3):
         raise LRPCError(f"image inputs need a model that takes (B, 1 or 3, H, W); this one takes {tuple(example.shape)}")
     channels, height, width = example.shape[1:]
+    mode = "L" if channels == 1 else "RGB"
     try:
         with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.Resampling.BILINEAR)
+            if img.mode == "I" or img.mode.startswith("I;16"):
+                x, img = _wide_grey(img, width, height)
+                x, img = x.repeat(channels, 1, 1).to(example.dtype), img.convert(mode)
+            else:
+                img = img.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
+                x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(height, width, channels)
+                x = x.permute(2, 0, 1).to(example.dtype) / 255
     except (UnidentifiedImageError, OSError) as e:
         raise LRPCError(f"cannot read image '{path}': {e}") from None
-    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(height, width, channels)
-    x = x.permute(2, 0, 1).to(example.dtype) / 255
     if loaded.invert:
         x = 1 - x
     if loaded.normalize is not None:
         mean, std = (torch.tensor(v, dtype=x.dtype).view(-1, 1, 1) for v in loaded.normalize)
         x = (x - mean) / std
     return Item(name=path.stem, tensor=x, image=img)
+
+
+def _wide_grey(img: Any, width: int, height: int) -> tuple[Tensor, Any]:
+    """A 16- or 32-bit integer grey image as ``(1, H, W)`` in [0, 1] and its 8-bit picture, resized.
+
+    Pillow's conversion to ``"L"`` clips every value above 255, which saturates such images, so they are
+    scaled by their full range instead: 65535 for ``I;16``, and for 32-bit ``I`` (which is also how Pillow
+    opens 16-bit PGM files) 65535 when every value fits in 16 bits, else 2**31 - 1, negatives clipped to 0.
+    """
+    from PIL import Image
+
+    grey = img.convert("F")  # float32: exact up to 2**24
+    low, high = grey.getextrema()
+    full = 65535 if img.mode != "I" or (low >= 0 and high <= 65535) else 2**31 - 1
+    grey = grey.resize((width, height), Image.Resampling.BILINEAR)
+    x = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.float32).view(1, height, width)
+    x = (x.double() / full).clamp(0, 1)
+    picture = Image.frombytes("L", (width, height), (x * 255).round().to(torch.uint8).numpy().tobytes())
+    return x, picture

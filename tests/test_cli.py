@@ -281,6 +281,20 @@ def test_explain_a_float64_module(capsys, tmp_path) -> None:
     relevance = torch.stack(torch.load(tmp_path / "out" / "relevance.pt")["relevance"])
     assert relevance.dtype == torch.float64
     torch.testing.assert_close(relevance, lrpc.compile(model, backend="eager")(x).relevance)
+    code, _, err = run(capsys, "coverage", str(tmp_path / "model.pt"), "--input", "1", "4")
+    assert code == 0, err
+
+
+def test_a_factory_module_in_the_current_folder(capsys, tmp_path, monkeypatch) -> None:
+    """The installed ``lrpc`` script does not put the current folder on ``sys.path`` (``python -m`` does):
+    ``mymodels:build`` next to the user's data failed with "No module named 'mymodels'"."""
+    (tmp_path / "mymodels_for_lrpc_test.py").write_text(
+        "import torch\n\ndef build():\n    return torch.nn.Sequential(torch.nn.Linear(4, 3))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    code, _, err = run(capsys, "coverage", "mymodels_for_lrpc_test:build", "--input", "1", "4")
+    assert code == 0, err
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".pt2"])
@@ -348,6 +362,8 @@ def test_a_program_exported_for_a_larger_batch_than_the_inputs(capsys, tmp_path)
     assert code == 0, err
     saved = torch.stack(torch.load(tmp_path / "out" / "relevance.pt")["relevance"])
     torch.testing.assert_close(saved, lrpc.compile(model, backend="eager")(x).relevance)
+    code, _, err = run(capsys, "coverage", str(tmp_path / "model.pt2"), "--input", "1", "4")
+    assert code == 0, err  # the example is made at the exported batch
 
 
 @pytest.mark.parametrize(

@@ -220,3 +220,25 @@ def test_quantus_adapter_returns_numpy_of_the_right_shape() -> None:
     good = perturbation_curves(model, xt, torch.as_tensor(a), target=torch.as_tensor(y), steps=9)
     rand = perturbation_curves(model, xt, torch.rand(4, 3, 6, 6), target=torch.as_tensor(y), steps=9)
     assert good.summary().mean > rand.summary().mean
+
+
+def test_quantus_adapter_keeps_only_the_latest_model_alive() -> None:
+    """Quantus' randomisation metrics explain a fresh copy per layer: the dropped copies must be freed."""
+    import copy
+    import gc
+    import weakref
+
+    base = nn.Sequential(nn.Linear(4, 3)).eval()
+    explain = quantus_explain_func("epsilon")
+    x, y = np.random.default_rng(0).random((2, 4), dtype=np.float32), np.array([0, 1])
+    refs = []
+    for _ in range(3):
+        model = copy.deepcopy(base)
+        explain(model, x, y)
+        explain(model, x, y)  # the same model: its attributor is reused
+        refs.append(weakref.ref(model))
+        del model
+    gc.collect()
+    assert [r() is not None for r in refs] == [False, False, True]
+    (attributor,) = explain.attributors.values()
+    assert attributor.stats["traces"] == 1
