@@ -229,7 +229,7 @@ def load_inputs(items: Sequence[str], loaded: LoadedModel) -> list[Item]:
                 raise LRPCError(f"'{raw}' is an image, but {type(loaded.model).__name__} takes token ids")
             out.append(_image_item(path, example, loaded))
         elif text_model:
-            text = path.read_text() if suffix == ".txt" else raw
+            text = _read_text(path) if suffix == ".txt" else raw
             out.append(Item(name=path.stem if suffix == ".txt" else raw[:40], text=text))
         else:
             raise LRPCError(
@@ -283,6 +283,13 @@ def _image_item(path: Path, example: Tensor, loaded: LoadedModel) -> Item:
         mean, std = (torch.tensor(v, dtype=x.dtype).view(-1, 1, 1) for v in loaded.normalize)
         x = (x - mean) / std
     return Item(name=path.stem, tensor=x, image=img)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LRPCError(f"cannot read text file '{path}': {e}") from None
 
 
 def _wide_grey(img: Any, width: int, height: int) -> tuple[Tensor, Any]:

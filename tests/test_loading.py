@@ -39,6 +39,13 @@ def test_a_missing_file_is_an_error_not_text(tmp_path) -> None:
         load_inputs([str(tmp_path / "no_such_review.txt")], image_model(1))
 
 
+def test_a_text_file_that_is_not_utf8_is_an_error(tmp_path) -> None:
+    """It ended in a UnicodeDecodeError traceback."""
+    (tmp_path / "latin1.txt").write_bytes("un très bon film".encode("latin-1"))
+    with pytest.raises(LRPCError, match=r"cannot read text file '.*latin1.txt': .*codec can't decode"):
+        load_inputs([str(tmp_path / "latin1.txt")], text_model())
+
+
 @pytest.mark.parametrize("mode, suffix", [("I;16", ".png"), ("I", ".tif")])  # "I": 32-bit, 16-bit data
 def test_16_bit_grey_images_are_scaled_not_clipped(tmp_path, mode, suffix) -> None:
     values = [0, 255, 1000, 30000, 60000, 65535]
