@@ -186,7 +186,9 @@ def test_explain_bad_inputs_are_clear_errors(capsys, tmp_path, digit_files, inpu
     assert code == 2 and re.search(message, err) and "Traceback" not in err, err
 
 
-def test_explain_text_with_a_local_hugging_face_folder(capsys, tmp_path) -> None:
+def tiny_bert_folder(tmp_path, head: str):
+    """A saved one-layer BERT with ``head`` (a transformers class name) and its word-level tokenizer, in
+    ``tmp_path / "model"``; returns the model and the tokenizer."""
     transformers = pytest.importorskip("transformers")
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "a", "dog"]
     (tmp_path / "vocab.txt").write_text("\n".join(words))
@@ -196,9 +198,14 @@ def test_explain_text_with_a_local_hugging_face_folder(capsys, tmp_path) -> None
         num_labels=2, initializer_range=0.2,
     )
     torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification(config).eval()
+    model = getattr(transformers, head)(config).eval()
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
+    return model, tokenizer
+
+
+def test_explain_text_with_a_local_hugging_face_folder(capsys, tmp_path) -> None:
+    model, tokenizer = tiny_bert_folder(tmp_path, "BertForSequenceClassification")
     out = tmp_path / "out"
     code, _stdout, err = run(
         capsys, "explain", f"hf:{tmp_path / 'model'}", "the cat sat on the mat", "a dog", "--rules", "attnlrp",
@@ -220,17 +227,7 @@ def test_texts_are_explained_as_if_alone(capsys, tmp_path) -> None:
     """A masked language model's output is per position, explained at the last one. Texts batched with right
     padding were explained at a padding token when a longer text shared their batch (another target and
     relevance); token ids from a ``.pt`` next to a text crashed in the tokenizer."""
-    transformers = pytest.importorskip("transformers")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "a", "dog"]
-    (tmp_path / "vocab.txt").write_text("\n".join(words))
-    tokenizer = transformers.BertTokenizer(str(tmp_path / "vocab.txt"))
-    config = transformers.BertConfig(
-        vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        initializer_range=0.2,
-    )
-    torch.manual_seed(0)
-    transformers.BertForMaskedLM(config).eval().save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+    _, tokenizer = tiny_bert_folder(tmp_path, "BertForMaskedLM")
     torch.save(tokenizer("a dog", return_tensors="pt")["input_ids"][0], tmp_path / "ids.pt")
     saved = []
     for texts in (["a dog"], ["a dog", "the cat sat on the mat", str(tmp_path / "ids.pt")]):
@@ -272,17 +269,23 @@ def test_explain_a_float64_module(capsys, tmp_path) -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double().eval()
     torch.save(model, tmp_path / "model.pt")
     x = torch.randn(2, 4, dtype=torch.float64)
-    torch.save(x, tmp_path / "x.pt")
+    relevance = explain_and_cover(capsys, tmp_path, tmp_path / "model.pt", x)
+    assert relevance.dtype == torch.float64
+    torch.testing.assert_close(relevance, lrpc.compile(model, backend="eager")(x).relevance)
+
+
+def explain_and_cover(capsys, tmp_path, model_file, x: torch.Tensor) -> torch.Tensor:
+    """``lrpc explain`` of the batch ``x`` of 4-feature inputs (the relevance it saves), and ``lrpc coverage``
+    of the model, each expected to succeed."""
+    torch.save(x, tmp_path / "inputs.pt")
     code, _, err = run(
-        capsys, "explain", str(tmp_path / "model.pt"), str(tmp_path / "x.pt"), "--input", "1", "4",
+        capsys, "explain", str(model_file), str(tmp_path / "inputs.pt"), "--input", "1", "4",
         "--backend", "eager", "--out", str(tmp_path / "out"),
     )
     assert code == 0, err
-    relevance = torch.stack(torch.load(tmp_path / "out" / "relevance.pt")["relevance"])
-    assert relevance.dtype == torch.float64
-    torch.testing.assert_close(relevance, lrpc.compile(model, backend="eager")(x).relevance)
-    code, _, err = run(capsys, "coverage", str(tmp_path / "model.pt"), "--input", "1", "4")
+    code, _, err = run(capsys, "coverage", str(model_file), "--input", "1", "4")
     assert code == 0, err
+    return torch.stack(torch.load(tmp_path / "out" / "relevance.pt")["relevance"])
 
 
 def test_a_factory_module_in_the_current_folder(capsys, tmp_path, monkeypatch) -> None:
@@ -354,16 +357,8 @@ def test_a_program_exported_for_a_larger_batch_than_the_inputs(capsys, tmp_path)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
     torch.export.save(torch.export.export(model, (torch.randn(4, 4),)), tmp_path / "model.pt2")
     x = torch.randn(2, 4)
-    torch.save(x, tmp_path / "inputs.pt")
-    code, _, err = run(
-        capsys, "explain", str(tmp_path / "model.pt2"), str(tmp_path / "inputs.pt"), "--input", "1", "4",
-        "--backend", "eager", "--out", str(tmp_path / "out"),
-    )
-    assert code == 0, err
-    saved = torch.stack(torch.load(tmp_path / "out" / "relevance.pt")["relevance"])
+    saved = explain_and_cover(capsys, tmp_path, tmp_path / "model.pt2", x)  # coverage: an example at batch 4
     torch.testing.assert_close(saved, lrpc.compile(model, backend="eager")(x).relevance)
-    code, _, err = run(capsys, "coverage", str(tmp_path / "model.pt2"), "--input", "1", "4")
-    assert code == 0, err  # the example is made at the exported batch
 
 
 @pytest.mark.parametrize(
