@@ -286,6 +286,7 @@ register_op(
     [
         "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices", "amax", "amin", "max", "min", "maximum",
         "minimum", "topk", "sort", "adaptive_max_pool2d", "adaptive_max_pool1d", "adaptive_max_pool3d", "fmax", "fmin",
+        "median", "nanmedian", "kthvalue", "mode", "cummax", "cummin",
     ],
     _spec(Family.ROUTE),
 )

@@ -229,6 +229,38 @@ def test_lrp0_equals_gradient_times_input(nets, name: str) -> None:
         assert rel_err(res.relevance[i], expected[i]) < 1e-6, i
 
 
+#: Ops that select input elements (the gradient goes to the selected one), between bias-free ReLU layers.
+SELECTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "median": lambda h: torch.cat([h.median(-1, keepdim=True).values, h], -1),
+    "nanmedian": lambda h: torch.cat([h.nanmedian(-1, keepdim=True).values, h], -1),
+    "kthvalue": lambda h: torch.cat([h.kthvalue(2, -1, keepdim=True).values, h], -1),
+    "mode": lambda h: torch.cat([h.mode(-1, keepdim=True).values, h], -1),  # distinct values: the least
+    "cummax": lambda h: h.cummax(-1).values,
+    "cummin": lambda h: h.cummin(-1).values,
+}
+
+
+@pytest.mark.parametrize("op", list(SELECTIONS))
+def test_lrp0_through_a_selection_equals_gradient_times_input(op: str) -> None:
+    """Relevance follows the gradient to the selected elements (``aten.median.dim`` and ``cummax`` had no
+    rule: coverage stopped there)."""
+
+    class Selecting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.head = nn.Linear(4, 6, bias=False), nn.LazyLinear(3, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(SELECTIONS[op](F.relu(self.a(x))))
+
+    torch.manual_seed(7)
+    model, x = Selecting().to(DTYPE).eval(), torch.randn(5, 4, dtype=DTYPE)
+    model(x)  # materialize the lazy head
+    target = torch.tensor([0, 1, 2, 0, 1])
+    res = lrpc.compile(model, rules="lrp0", backend="eager")(x, target=target)
+    assert rel_err(res.relevance, grad_x_input(model, x, target)[0]) < 1e-10
+
+
 def test_lrp0_equals_gradient_times_input_with_biases() -> None:
     """LRP-0 equals gradient x input on ReLU networks with biases too: if R_k = z_k dF/dz_k at a layer's
     output, its rule gives R_j = a_j sum_k w_jk R_k / z_k = a_j dF/da_j (the bias's share is simply not
