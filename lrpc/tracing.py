@@ -434,11 +434,19 @@ def _check_model_runs(wrapper: nn.Module, tensors: list[Tensor], names: list[str
 def _export_message(model: nn.Module, error: Exception) -> str:
     text = str(error).strip().splitlines()
     head = "\n".join(text[:12])
+    # transformers' key/value caches (Gemma2's HybridCache, Mamba's) are built in Python from sizes
+    cache = getattr(getattr(model, "config", None), "use_cache", False) is True
+    hint = (
+        " This model's config has use_cache=True: its key/value cache is Python-side state, and "
+        "model.config.use_cache = False (or use_cache=False in the call) usually makes it traceable."
+        if cache
+        else ""
+    )
     return (
         f"torch.export could not trace {type(model).__name__}:\n{head}\n"
         "lrpc needs a model that torch.export can trace (non-strict). Data-dependent Python control flow "
         "and Python-side state are the usual causes: rewrite the branch with torch.where / torch.cond, or "
-        "explain the traceable part of the model (pass output= or wrap the submodule)."
+        "explain the traceable part of the model (pass output= or wrap the submodule)." + hint
     )
 
 

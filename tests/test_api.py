@@ -512,6 +512,20 @@ class CountsThenBranches(WritesItsState):
         return h if h.sum() > 0 else -h
 
 
+def test_a_failed_trace_of_a_model_with_a_cache_says_use_cache() -> None:
+    """Gemma2 and Mamba2 with transformers' default use_cache=True fail in export (their caches are built in
+    Python from sizes); the one-word fix was not in the message. Models without the flag do not get the hint."""
+    from types import SimpleNamespace
+
+    model = CountsThenBranches().eval()
+    with pytest.raises(lrpc.TraceError, match="could not trace") as plain:
+        compile_eager(model)(torch.randn(2, 6))
+    assert "use_cache" not in str(plain.value)
+    model.config = SimpleNamespace(use_cache=True)
+    with pytest.raises(lrpc.TraceError, match=r"use_cache=True.*model.config.use_cache = False"):
+        compile_eager(model)(torch.randn(2, 6))
+
+
 def test_a_failed_trace_leaves_the_buffers_as_they_were() -> None:
     """After export fails, lrpc runs the model to tell its own errors from export's limits: that run wrote
     the model's buffers (its step counter went from 0 to 1)."""
