@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from . import backends, viz
 from .attributor import compile as lrpc_compile
 from .errors import LRPCError
-from .loading import SPECS, Item, LoadedModel, floating_dtype, load_inputs, load_model
+from .loading import SPECS, Item, LoadedModel, load_inputs, load_model
 from .models import digits_cnn, digits_examples, minilm_similarity
 
 
@@ -262,9 +262,8 @@ def _batch_call(batch: list[Item], loaded: LoadedModel) -> tuple[tuple, dict, Te
     shapes = {tuple(item.tensor.shape) for item in batch}
     if len(shapes) > 1:
         raise LRPCError(f"inputs in one batch have different shapes {sorted(shapes)}: use --batch-size 1")
-    example = loaded.example
-    dtype = floating_dtype(loaded.model) if example.is_floating_point() else None
-    x = torch.stack([item.tensor for item in batch]).to(dtype or example.dtype)
+    example = loaded.example  # in the model's floating dtype where lrpc made it (lrpc.loading)
+    x = torch.stack([item.tensor for item in batch]).to(example.dtype)
     fitted = {k: _fitted(k, v, x, example) for k, v in loaded.kwargs.items()}
     if loaded.args:
         return (x, *(_fitted("", v, x, example) for v in loaded.args[1:])), fitted, None
@@ -281,7 +280,7 @@ def _fitted(name: str, value: Any, x: Tensor, example: Tensor) -> Any:
     if name in ("attention_mask", "token_type_ids") and value.shape == example.shape[: value.dim()]:
         fill = torch.ones if name == "attention_mask" else torch.zeros
         return fill(x.shape[: value.dim()], dtype=value.dtype)
-    if value.shape[0] == example.shape[0] and example.dim() > 0:
+    if example.dim() > 0 and value.shape[0] == example.shape[0]:
         return value[:1].expand(x.shape[0], *value.shape[1:]).contiguous()
     return value
 

@@ -22,7 +22,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from .canonize import ACTIVATION_META, FROZEN_META, is_float
+from .canonize import ACTIVATION_META, is_float
 from .errors import LRPCError, RuleError
 from .input_gradients import merge_input_gradients
 from .memory import impure, rematerialize, written_in_place
@@ -179,12 +179,10 @@ def _operation(node: fx.Node, env: dict[fx.Node, Any], step: Step) -> tuple[Oper
     linear_map = None
     if op_spec is not None and op_spec.linearize is not None and step.family == "norm":
         linear_map = op_spec.linearize(bound, output)
-    frozen = (op_spec.frozen if op_spec is not None else frozenset()) | node.meta.get(FROZEN_META, frozenset())
-
     def role(name: str, t: fx.Node) -> str:
         if t.name in step.receivers:
             return "input"
-        if name in frozen:
+        if name in step.frozen:
             return "frozen"
         if op_spec is not None and name in op_spec.bias:
             return "bias"

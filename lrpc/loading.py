@@ -112,10 +112,10 @@ def _example(spec: str, input_shape: Sequence[int] | None, model: nn.Module, bat
     if input_shape is None:
         raise LRPCError(f"'{spec}' comes without an example input: give --input SHAPE (e.g. --input 1 3 224 224)")
     shape = (batch, *input_shape[1:]) if batch is not None and input_shape else tuple(input_shape)
-    return torch.randn(*shape, dtype=floating_dtype(model) or torch.get_default_dtype())
+    return torch.randn(*shape, dtype=_floating_dtype(model) or torch.get_default_dtype())
 
 
-def floating_dtype(model: nn.Module) -> torch.dtype | None:
+def _floating_dtype(model: nn.Module) -> torch.dtype | None:
     """The dtype of the model's first floating-point parameter or buffer (a float64 model takes float64)."""
     tensors = (*model.parameters(), *model.buffers())
     return next((t.dtype for t in tensors if t.is_floating_point()), None)

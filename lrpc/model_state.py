@@ -6,8 +6,8 @@ Programs read the parameter objects they were traced with, so in-place updates (
 seen, but a replaced object is not. Every call compares the values of every module's submodule, parameter
 and buffer dicts, by identity, with those seen at the last call: 34 µs for ResNet-50's 453 dicts (its
 call takes milliseconds), 1.5 µs for a three-layer MLP. PyTorch's global registration hooks, which an
-earlier version relied on, do not fire when a member is deleted or a parameter set to ``None``. A cast or move changes no
-object: one floating-point member's dtype and device go into the cache key.
+earlier version relied on, do not fire when a member is deleted or a parameter set to ``None``. A cast or
+move changes no object: one floating-point member's dtype and device go into the cache key.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ class ModelState:
         modules = [m for _, m in self.model.named_modules(remove_duplicate=False)]
         # a TorchScript module's members are mappings of its own (not dicts), which lrpc does not trace into
         dicts = [d for m in modules for d in (m._modules, m._parameters, m._buffers) if isinstance(d, dict)]
-        tensors = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values())]
-        return dicts, list(chain.from_iterable(map(dict.values, dicts))), _probe(tensors)
+        members = list(chain.from_iterable(map(dict.values, dicts)))
+        return dicts, members, _probe(members)
 
 
 def _same(dicts: list[dict], members: list[Any]) -> bool:
@@ -68,6 +68,6 @@ def _same(dicts: list[dict], members: list[Any]) -> bool:
     return len(now) == len(members) and all(map(operator.is_, now, members))
 
 
-def _probe(tensors: list[Tensor | None]) -> Tensor | None:
+def _probe(members: list[Any]) -> Tensor | None:
     """A floating-point parameter or buffer: a cast or move of the model shows on it."""
-    return next((t for t in tensors if t is not None and t.is_floating_point()), None)
+    return next((t for t in members if isinstance(t, Tensor) and t.is_floating_point()), None)

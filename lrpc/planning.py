@@ -50,6 +50,7 @@ class Step:
     fallback: bool = False
     nonnegative: tuple[str, ...] = ()  # inputs known to be >= 0 (after a ReLU): layer rules skip x⁻ terms
     negative_outputs_dead: bool = False  # relevance is 0 wherever the output is < 0 (it feeds a ReLU)
+    frozen: tuple[str, ...] = ()  # arguments held constant (a sampling grid, a divisor, a gate): no relevance
 
 
 @dataclass
@@ -321,7 +322,7 @@ class _Context:
 
 def _relevant(
     node: fx.Node, spec: OpSpec | None, carry: set[fx.Node], gates_constant: bool = False
-) -> tuple[dict[str, Any], list, list]:
+) -> tuple[dict[str, Any], list, list, frozenset[str]]:
     args, tensors = bind(node)
     frozen = frozen_args(node, spec, carry, gates_constant)
     # integers carry relevance only as data moved by routing ops and as embedding indices: an int mask
@@ -331,6 +332,7 @@ def _relevant(
         args,
         tensors,
         [(name, t) for name, t in tensors if t in carry and name not in frozen and (ints or _is_float(t))],
+        frozen,
     )
 
 
@@ -345,7 +347,7 @@ def _first_layer(graph: fx.Graph, preset: Preset, carry: set[fx.Node]) -> fx.Nod
         spec = lookup(node.target)
         if spec is None:
             continue
-        args, _, relevant = _relevant(node, spec, carry, preset.gates_constant)
+        args, _, relevant, _ = _relevant(node, spec, carry, preset.gates_constant)
         if spec.family_for({name for name, _ in relevant}, args) in preset.first_families:
             return node
     return None
@@ -369,7 +371,7 @@ def _step(node: fx.Node, ctx: _Context, reached: set[fx.Node]) -> Step:
     if ACTIVATION_META in node.meta:
         return _activation_step(node, ctx, reached)
     spec = lookup(node.target)
-    args, tensors, relevant = _relevant(node, spec, ctx.carry, ctx.preset.gates_constant)
+    args, tensors, relevant, frozen = _relevant(node, spec, ctx.carry, ctx.preset.gates_constant)
     module = module_path(node)
     fallback = False
     if spec is None:
@@ -417,6 +419,7 @@ def _step(node: fx.Node, ctx: _Context, reached: set[fx.Node]) -> Step:
         fallback=fallback,
         nonnegative=tuple(t.name for t in receivers if family in _LAYERS and nonnegative(t, ctx.signs)),
         negative_outputs_dead=family in _LAYERS and _relevance_dead(node, ctx, negative=True),
+        frozen=tuple(sorted(frozen)),
     )
 
 
