@@ -52,10 +52,23 @@ def first_layer(rule, layer: nn.Module, x: torch.Tensor, monkeypatch, path: str 
     ],
     ids=["conv2d-rgb", "conv1d-dilated", "conv2d-one-channel"],
 )
-def test_box_rule_runs_one_backward(layer, shape, monkeypatch) -> None:
+@pytest.mark.parametrize("bounds", ["numbers", "per-channel"])
+def test_box_rule_runs_one_backward(layer, shape, bounds: str, monkeypatch) -> None:
+    """Bounds that are numbers fold into one weight (``ZBox._number_bounds``): two backwards before
+    merging; per-channel bounds keep the general form's three."""
     torch.manual_seed(0)
     x = torch.randn(*shape, dtype=D)
-    assert first_layer(ZBox(-2.0, 2.0), layer, x, monkeypatch) == (1, 3)
+    rule = box_rule(bounds, shape)
+    numbers = torch.as_tensor(rule.low).numel() == 1  # one channel's bounds are numbers too
+    assert first_layer(rule, layer, x, monkeypatch) == (1, 2 if numbers else 3)
+
+
+def box_rule(bounds: str, shape: tuple[int, ...]) -> ZBox:
+    """z^B with the bounds as numbers (-2, 2), or per input channel (another box for each channel)."""
+    if bounds == "numbers":
+        return ZBox(-2.0, 2.0)
+    low = -2.0 - 0.5 * torch.arange(shape[1], dtype=D).view(-1, *(1,) * (len(shape) - 2))
+    return ZBox(low, -low)
 
 
 @pytest.mark.parametrize("batch_norm", [False, True], ids=["conv", "conv-bn"])
@@ -87,7 +100,7 @@ def test_other_layers_keep_their_backwards(layer, shape, monkeypatch) -> None:
     convolutions do not stack along the input channels."""
     torch.manual_seed(2)
     x = torch.randn(*shape, dtype=D)
-    merged, separate = first_layer(ZBox(-2.0, 2.0), layer, x, monkeypatch)
+    merged, separate = first_layer(box_rule("per-channel", shape), layer, x, monkeypatch)
     assert merged == separate == 3
 
 
