@@ -47,16 +47,21 @@ COLORMAPS: dict[str, list[tuple[float, tuple[float, float, float]]]] = {
 }
 
 MIN_SIZE = 128  # tiny images are upscaled (nearest) until their longer side reaches this
+#: The colour of NaN relevance: grey, on no diverging colormap's scale (a NaN is a fault to see, not a value)
+NAN_COLOR = (128, 128, 128)
 
 
 def colorize(values: ArrayLike, cmap: str = "bwr") -> Tensor:
     """Map values in [-1, 1] (clipped) to RGB ``uint8``, shape ``values.shape + (3,)``; 0 maps to the
-    colormap's centre. ``cmap``: ``"bwr"``, ``"seismic"`` or, with matplotlib installed, any of its names.
+    colormap's centre, NaN to :data:`NAN_COLOR`. ``cmap``: ``"bwr"``, ``"seismic"`` or, with matplotlib
+    installed, any of its names.
 
-    >>> colorize(torch.tensor([-1.0, 0.0, 1.0])).tolist()
-    [[0, 0, 255], [255, 255, 255], [255, 0, 0]]
+    >>> colorize(torch.tensor([-1.0, 0.0, 1.0, float("nan")])).tolist()
+    [[0, 0, 255], [255, 255, 255], [255, 0, 0], [128, 128, 128]]
     """
-    t = (torch.as_tensor(values, dtype=torch.float64).clamp(-1, 1) + 1) / 2
+    values = torch.as_tensor(values, dtype=torch.float64)
+    nan = values.isnan()
+    t = (values.nan_to_num(0.0).clamp(-1, 1) + 1) / 2
     if cmap in COLORMAPS:
         anchors = COLORMAPS[cmap]
         pos = torch.tensor([p for p, _ in anchors], dtype=torch.float64)
@@ -76,7 +81,9 @@ def colorize(values: ArrayLike, cmap: str = "bwr") -> Tensor:
                 f"unknown colormap {cmap!r}: neither built in {sorted(COLORMAPS)} nor matplotlib's"
             )
         out = torch.as_tensor(matplotlib.colormaps[cmap](t.numpy())[..., :3])
-    return (out * 255).round().to(torch.uint8)
+    rgb = (out * 255).round().to(torch.uint8)
+    rgb[nan] = torch.tensor(NAN_COLOR, dtype=torch.uint8)
+    return rgb
 
 
 def _pil(rgb: Tensor) -> Image.Image:
@@ -108,13 +115,15 @@ def _scale_for(h: int, w: int, scale: int | None) -> int:
 
 
 def symmetric_limit(relevance: ArrayLike, percentile: float = 100.0) -> float:
-    """The colour limit: the ``percentile`` of ``|relevance|`` (100: its maximum). Values beyond it
-    saturate; the colormap spans ``[-limit, limit]`` so that zero is its centre.
+    """The colour limit: the ``percentile`` of ``|relevance|`` (100: its maximum), over its finite values
+    (a NaN or infinity would leave no scale for the rest). Values beyond it saturate; the colormap spans
+    ``[-limit, limit]`` so that zero is its centre.
 
-    >>> symmetric_limit(torch.tensor([-4.0, 1.0, 2.0]))
+    >>> symmetric_limit(torch.tensor([-4.0, 1.0, 2.0, float("nan")]))
     4.0
     """
     a = torch.as_tensor(relevance).detach().abs().flatten().to(torch.float64)
+    a = a[a.isfinite()]
     if a.numel() == 0:
         return 0.0
     if percentile >= 100:
@@ -175,7 +184,8 @@ def heatmap(
             or a callable ``(C, H, W) -> (H, W)``.
         cmap: a diverging colormap, centred on zero (see :func:`colorize`).
         percentile, limit: the symmetric colour limit is ``limit``, or the ``percentile`` of ``|R|``
-            (default 100: the maximum, so nothing saturates). All-zero relevance is all centre colour.
+            (default 100: the maximum, so nothing saturates). All-zero relevance is all centre colour;
+            NaN is :data:`NAN_COLOR` (over an image, at opacity ``alpha``).
         alpha: the overlay's largest opacity.
         scale: integer upscaling, nearest neighbour; default: the smallest that makes the longer side at
             least 128 pixels (8x8 digits: 16x), 1 for larger images.
@@ -196,7 +206,7 @@ def heatmap(
         pixels = (
             torch.frombuffer(bytearray(base.tobytes()), dtype=torch.uint8).view(*r.shape, 3).to(torch.float64)
         )
-        opacity = (alpha * v.abs().clamp(max=1)).unsqueeze(-1)
+        opacity = (alpha * v.abs().nan_to_num(1.0).clamp(max=1)).unsqueeze(-1)
         rgb = pixels * (1 - opacity) + rgb * opacity
     img = _pil(rgb.round().to(torch.uint8))
     s = _scale_for(img.height, img.width, scale)
@@ -293,7 +303,7 @@ class TokenRelevance:
         """Per sequence: (token, relevance, background, text colour)."""
         out = []
         for toks, r in zip(self.tokens, self.relevance):
-            lim = float(r.abs().max()) if len(r) else 0.0
+            lim = symmetric_limit(r)
             colors = colorize(r / lim if lim > 0 else torch.zeros_like(r), self.cmap).tolist()
             out.append([(tok, float(v), tuple(c), _text_color(c)) for tok, v, c in zip(toks, r, colors)])
         return out

@@ -57,6 +57,20 @@ def test_limit_and_percentile_saturate() -> None:
     assert lower.getpixel((7, 7)) == RED and viz.heatmap(r, scale=1).getpixel((6, 7)) != RED
 
 
+def test_nan_is_grey_and_does_not_set_the_scale() -> None:
+    """A NaN (or an infinity) took the colour limit with it: every pixel and token came out white."""
+    grey = viz.NAN_COLOR
+    r = torch.zeros(8, 8)
+    r[0, 0], r[0, 1], r[0, 2], r[0, 3] = 2.0, -1.0, float("nan"), float("inf")
+    assert viz.symmetric_limit(r) == 2.0
+    img = viz.heatmap(r, scale=1)
+    assert [img.getpixel((i, 0)) for i in range(5)] == [RED, (128, 128, 255), grey, RED, WHITE]
+    over = viz.heatmap(r, scale=1, image=torch.zeros(1, 8, 8), alpha=1.0)
+    assert over.getpixel((2, 0)) == grey and over.getpixel((4, 0)) == (0, 0, 0)
+    spans = viz.tokens_html(["a", "b", "c"], torch.tensor([float("nan"), 1.0, -0.5])).split("<span")[1:]
+    assert "background:#808080" in spans[0] and "background:#ff0000" in spans[1] and "background:#8080ff" in spans[2]
+
+
 def test_channels_are_summed_or_averaged() -> None:
     r = torch.zeros(3, 4, 4)
     r[:, 0, 0] = torch.tensor([1.0, -1.0, 1.0])  # sum +1
