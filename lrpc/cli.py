@@ -212,6 +212,7 @@ def explain(args: argparse.Namespace) -> int:
     # model's) would be explained at a padding token, and some tokenizers have none
     size = 1 if any(item.text is not None for item in items) else args.batch_size
     results: list[tuple[Item, Tensor, int | None, float | None]] = []
+    classes = None  # of the explained output: the model's labels name targets only if they count the same
     start = time.perf_counter()
     for first in range(0, len(items), size):
         batch = items[first : first + size]
@@ -223,6 +224,7 @@ def explain(args: argparse.Namespace) -> int:
         res = attributor(*call_args, target=args.target, **call_kwargs)
         relevance = next(iter(res.inputs.values()))
         scores = _scores(res)
+        classes = res.output.shape[-1] if res.output.dim() else None
         for i, item in enumerate(batch):
             r = relevance[i] if mask is None else relevance[i][mask[i].bool()]
             target = None if res.target is None else int(res.target[i])
@@ -238,7 +240,8 @@ def explain(args: argparse.Namespace) -> int:
         f"{len(items)} input{'s' if len(items) != 1 else ''} in {elapsed:.1f} s "
         f"(coverage {report.coverage:.2%}, {attributor.stats['traces']} trace{'s' if attributor.stats['traces'] != 1 else ''})"
     )
-    body = _write_explanations(results, loaded, out)
+    labels = loaded.labels if classes == len(loaded.labels) else []  # a default config's LABEL_0/1 on hidden states
+    body = _write_explanations(results, loaded, labels, out)
     (out / "index.html").write_text(viz.html_page(f"lrpc explain: {type(loaded.model).__name__}", body))
     torch.save(
         {
@@ -295,11 +298,12 @@ def _scores(res: Any) -> Tensor | None:
     return out.gather(1, target.view(-1, 1)).squeeze(1)
 
 
-def _write_explanations(results: list, loaded: LoadedModel, out: Path) -> str:
-    """Pictures for image-like inputs, one token page for texts, a line per input on stdout; the index HTML."""
+def _write_explanations(results: list, loaded: LoadedModel, labels: list[str], out: Path) -> str:
+    """Pictures for image-like inputs, one token page for texts, a line per input on stdout; the index HTML.
+    ``labels`` name the output's classes (or are empty)."""
     body, texts = [], []
     for n, (item, r, target, score) in enumerate(results):
-        label = loaded.labels[target] if target is not None and target < len(loaded.labels) else target
+        label = labels[target] if target is not None and target < len(labels) else target
         what = "" if target is None else f"target {label}" + ("" if score is None else f" ({score:.3g})")
         print(f"  {item.name}: {what}, relevance sum {float(r.sum()):.4g}")
         if item.text is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -179,7 +181,6 @@ def test_explain_target_option(capsys, tmp_path, digit_files) -> None:
     ],
 )
 def test_explain_bad_inputs_are_clear_errors(capsys, tmp_path, digit_files, inputs, message) -> None:
-    import re
 
     folder, _ = digit_files
     code, _out, err = run(capsys, "explain", "digits", *[str(folder / i) if "." in i else i for i in inputs], "--out", str(tmp_path))
@@ -212,6 +213,7 @@ def test_explain_text_with_a_local_hugging_face_folder(capsys, tmp_path) -> None
         "--backend", "eager", "--out", str(out),
     )
     assert code == 0, err
+    assert re.search(r"target LABEL_[01] ", _stdout)  # the config's two labels name the two logits
     saved = torch.load(out / "relevance.pt")
     assert [r.shape[0] for r in saved["relevance"]] == [8, 4]  # [CLS] ... [SEP], padding dropped
     page = (out / "tokens.html").read_text()
@@ -243,6 +245,18 @@ def test_texts_are_explained_as_if_alone(capsys, tmp_path) -> None:
     for i in (0, 2):  # "a dog" next to a longer text, and as token ids
         assert batched["target"][i] == alone["target"][0]
         torch.testing.assert_close(batched["relevance"][i], alone["relevance"][0])
+
+
+def test_labels_name_targets_only_when_they_count_the_outputs(capsys, tmp_path) -> None:
+    """A config's ``id2label`` (two labels by default) named a language model's vocabulary positions: token 1
+    was reported as ``LABEL_1``."""
+    tiny_bert_folder(tmp_path, "BertForMaskedLM")
+    code, stdout, err = run(
+        capsys, "explain", f"hf:{tmp_path / 'model'}", "a dog", "--target", "1", "--backend", "eager",
+        "--out", str(tmp_path / "out"),
+    )
+    assert code == 0, err
+    assert "target 1 (" in stdout and "LABEL" not in stdout
 
 
 def test_explain_token_ids_with_a_zoo_model_whose_example_has_a_mask(capsys, tmp_path) -> None:
@@ -374,7 +388,6 @@ def test_a_program_exported_for_a_larger_batch_than_the_inputs(capsys, tmp_path)
 def test_bad_arguments_are_one_line_errors(capsys, tmp_path, digit_files, argv, message) -> None:
     """These ended in tracebacks (a zero step for range(), a negative dim, a factory's str unpacked, mkdir on
     a file), or a wrong message (a negative batch size: "report() is available after the first call")."""
-    import re
 
     folder, _ = digit_files
     (tmp_path / "afile").write_text("x")
