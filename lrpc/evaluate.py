@@ -311,7 +311,7 @@ def perturbation_curves(
             f = f.unsqueeze(cd)
         return f.expand(x.shape)
 
-    rel = pool(relevance.to(torch.float64), "sum").reshape(b, -1)
+    rel = pool(relevance.to(device=x.device, dtype=torch.float64), "sum").reshape(b, -1)  # kept on the CPU, say
     n_features = rel.shape[1]
     if mask is None:
         eligible = torch.ones(b, n_features, dtype=torch.bool, device=x.device)

@@ -1,6 +1,7 @@
 """The compiled backends on a CUDA device: static programs compiled by Inductor directly (lrpc's own
 dtype / device / stride checks instead of Dynamo's guards), the dynamic program of a second batch size,
-and merged input gradients (lrpc.input_gradients), each against the eager program on the same device.
+and merged input gradients (lrpc.input_gradients), each against the eager program on the same device;
+perturbation curves with the relevance on another device than the input.
 Skipped without a GPU; ``bench/gpu.sh`` runs them on a lent one."""
 
 from __future__ import annotations
@@ -75,3 +76,15 @@ def test_static_program_follows_the_model_to_another_dtype_on_cuda() -> None:
     res = a(ids)
     assert res.relevance.dtype == torch.float64 and a.stats["traces"] == 2
     assert_matches(res.relevance, lrpc.compile(model, rules="lrp0", backend="eager")(ids).relevance)
+
+
+def test_perturbation_curves_take_relevance_from_another_device() -> None:
+    """Relevance moved to the CPU (to keep it) for a model and input on the GPU: the ranking ran on the
+    relevance's device and failed on mixing devices."""
+    model = cnn().cuda()
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    relevance = lrpc.compile(model, rules="epsilon", backend="eager")(x, target=1).relevance
+    on_gpu = lrpc.evaluate.perturbation_curves(model, x, relevance, target=1, steps=8)
+    on_cpu = lrpc.evaluate.perturbation_curves(model, x, relevance.cpu(), target=1, steps=8)
+    torch.testing.assert_close(on_cpu.morf, on_gpu.morf)
+    torch.testing.assert_close(on_cpu.lerf, on_gpu.lerf)
