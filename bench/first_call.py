@@ -8,6 +8,11 @@ empty cache directory: the first fills it, the second reads it. Same models, inp
 
     python bench/first_call.py                          # ResNet-50 and BERT-base, backend "inductor"
     python bench/first_call.py --models vgg16,gpt2 --threads 1
+    python bench/first_call.py --models llama --layers 24 --regions on,off --cache empty   # lrpc.regions
+
+``--regions``: ``auto`` is lrpc's own choice (``lrpc.regions.split_if_worth``), ``on`` cuts every model with
+repeated blocks into regions, ``off`` compiles every program whole. ``--layers`` sets the depth of a
+Hugging Face model (random weights as always). "next calls" is the median of ``--reps`` calls after the first.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,62 +33,90 @@ sys.path.insert(0, str(HERE))
 from speed import FAMILY, LABELS, MODELS, PRESETS, SIZES
 
 
-def child(model_name: str, preset: str, backend: str, threads: int) -> None:
-    """One process: build the model, time the first and a second call, print the stages as JSON."""
+def child(options: dict) -> None:
+    """One process: build the model, time the first call and the next ones, print the stages as JSON."""
     import speed_worker as w
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
-    model = w.build_model(model_name)
-    inputs, target = w.build_inputs(model_name, SIZES["cpu"][FAMILY[model_name]], model)
-    call = w.lrpc_method(model_name, model, inputs, target, preset, backend)
+    from lrpc import regions
+
+    name = options["model"]
+    if options["threads"]:
+        torch.set_num_threads(options["threads"])
+    if options["regions"] != "auto":  # the two extremes of lrpc's choice
+        always = options["regions"] == "on"
+        regions.MIN_REPEATS, regions.MAX_DISTINCT_SHARE = (1, 1.0) if always else (10**9, 0.0)
+    if options["layers"]:
+        cls, config = w.hf_class_and_config(name)
+        config.num_hidden_layers = options["layers"]
+        torch.manual_seed(0)
+        model = cls(config).eval()
+    else:
+        model = w.build_model(name)
+    inputs, target = w.build_inputs(name, SIZES["cpu"][FAMILY[name]], model)
+    call = w.lrpc_method(name, model, inputs, target, options["preset"], options["backend"])
     start = time.perf_counter()
     call()
     first = time.perf_counter() - start
-    start = time.perf_counter()
-    call()
-    second = time.perf_counter() - start
+    times = []
+    for _ in range(options["reps"]):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
     timings = w.lrpc_method.attributor.report().timings
-    print(json.dumps({"first": first, "second": second, **timings}))
+    print(json.dumps({"first": first, "next": statistics.median(times), **timings}))
 
 
-def run(model_name: str, preset: str, backend: str, threads: int, cache: Path) -> dict[str, float]:
+def run(options: dict, cache: Path) -> dict[str, float]:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), TRITON_CACHE_DIR=str(cache / "triton"))
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, __file__, "--child", model_name, preset, backend, str(threads)]
+    if options["threads"]:
+        env["OMP_NUM_THREADS"] = str(options["threads"])
+    cmd = [sys.executable, __file__, "--child", json.dumps(options)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        raise SystemExit(f"{model_name} {preset}: the child process failed:\n{out.stderr[-3000:]}")
+        raise SystemExit(f"{options['model']} {options['preset']}: the child process failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+        child(json.loads(sys.argv[2]))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet50,bert", help=f"comma-separated, from {','.join(MODELS)}")
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (0: torch's default)")
+    parser.add_argument("--layers", type=int, default=0, help="depth of the Hugging Face models (0: their own)")
+    parser.add_argument("--regions", default="auto", help="comma-separated, from auto, on, off")
+    parser.add_argument("--cache", default="empty,warm", help="Inductor's cache: comma-separated, from empty, warm")
+    parser.add_argument("--reps", type=int, default=1, help="calls after the first (their median is shown)")
     args = parser.parse_args()
     rows = [
-        "| model | rules | cache | first call | trace | plan | codegen | compile + run | next call |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | rules | regions | cache | first call | trace | plan | codegen | compile + run | next calls |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name in args.models.split(","):
         if name not in PRESETS:
             parser.error(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
         preset = PRESETS[name][0]
-        with tempfile.TemporaryDirectory(prefix="lrpc-first-call-") as tmp:
-            for state in ("empty", "warm"):
-                t = run(name, preset, args.backend, args.threads, Path(tmp))
-                rows.append(
-                    f"| {LABELS[name]} | {preset} | {state} | {t['first']:.1f} s | {t['trace']:.1f} s | "
-                    f"{t['plan']:.1f} s | {t['codegen']:.1f} s | {t['first_call']:.1f} s | {t['second'] * 1e3:.0f} ms |"
-                )
-                print(rows[-1], flush=True)
+        label = f"{LABELS[name].split(' ~')[0]}, {args.layers} layers" if args.layers else LABELS[name]
+        for mode in args.regions.split(","):
+            options = dict(
+                model=name, preset=preset, backend=args.backend, threads=args.threads, layers=args.layers,
+                regions=mode, reps=args.reps,
+            )
+            with tempfile.TemporaryDirectory(prefix="lrpc-first-call-") as tmp:
+                for state in ("empty", "warm"):
+                    t = run(options, Path(tmp))  # the empty run fills the cache the warm one reads
+                    if state not in args.cache.split(","):
+                        continue
+                    rows.append(
+                        f"| {label} | {preset} | {mode} | {state} | {t['first']:.1f} s | {t['trace']:.1f} s | "
+                        f"{t['plan']:.1f} s | {t['codegen']:.1f} s | {t['first_call']:.1f} s | {t['next'] * 1e3:.0f} ms |"
+                    )
+                    print(rows[-1], flush=True)
+                    if "warm" not in args.cache.split(","):
+                        break
     print("\n" + "\n".join(rows))
 
 

@@ -15,6 +15,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
+from . import regions
 from .channel_scales import unfold_weight_scales
 from .dynamic_convolutions import opaque_input_gradients
 from .errors import LRPCError
@@ -230,6 +231,9 @@ def _compiled(gm: fx.GraphModule) -> Callable[..., tuple]:
     # convolutions' input gradients at dynamic image sizes: Inductor's lowering would fix the sizes
     gm = _rewritten(gm, lambda graph: opaque_input_gradients(unfold_weight_scales(graph)))
     if not _symbolic(gm):
+        # a deep model's repeated blocks compiled once each (lrpc.regions); measured on CPU only so far
+        if "cuda" not in devices(gm) and (cut := regions.split_if_worth(gm)) is not None:
+            return regions.compile_shared(cut, lambda region: _StaticInductor(region, options))
         return _StaticInductor(gm, options)
     # the bound forward, not the module: the module's __call__ adds a few microseconds to every call
     return torch.compile(gm.forward, backend="inductor", fullgraph=True, dynamic=None, options=options)

@@ -1,0 +1,148 @@
+"""``lrpc.regions``: a program cut at the model's repeated blocks computes what the whole program does, equal
+regions share one compiled function, and the Inductor backend takes that path only for deep models."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import lrpc
+from lrpc import backends, regions
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm, self.up, self.down = nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.down(nn.functional.gelu(self.up(self.norm(h))))
+
+
+class Deep(nn.Module):
+    """Token embedding, ``depth`` residual blocks in a ModuleList, a classifier on the mean token."""
+
+    def __init__(self, depth: int = 6, width: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(20, width)
+        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h.mean(1))
+
+
+def program(model: nn.Module, ids: torch.Tensor) -> tuple[torch.fx.GraphModule, tuple]:
+    """The generated program and the arguments of a call (parameters, inputs, target index)."""
+    attributor = lrpc.compile(model.eval(), rules="attnlrp", backend="eager")
+    prog = attributor.program(ids, target=1)
+    return prog.graph_module, (*prog.traced.state, ids, torch.full((ids.shape[0],), 1))
+
+
+def assert_same_outputs(actual: tuple, expected: tuple) -> None:
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert (a is None and e is None) or torch.equal(a, e)
+
+
+def test_the_cut_program_computes_the_same() -> None:
+    gm, args = program(Deep(), torch.randint(0, 20, (2, 5)))
+    cut = regions.split(gm)
+    calls = list(cut.graph.find_nodes(op="call_module"))
+    # forward and relevance pass of each of the six blocks, plus what lies around them
+    assert len(calls) >= 12
+    assert_same_outputs(cut(*args), gm(*args))
+    assert any(n.meta.get("custom") for n in gm.graph.nodes)  # split did not change the program it cut
+
+
+def test_equal_regions_share_one_compiled_function() -> None:
+    gm, args = program(Deep(), torch.randint(0, 20, (2, 5)))
+    cut = regions.split(gm)
+    n_regions = len(list(cut.graph.find_nodes(op="call_module")))
+    keys = {regions.structure(getattr(cut, c.target)) for c in cut.graph.find_nodes(op="call_module")}
+    compiled: list[torch.fx.GraphModule] = []
+
+    def compile_region(region: torch.fx.GraphModule):
+        compiled.append(region)
+        return region
+
+    shared = regions.compile_shared(cut, compile_region)
+    assert len(compiled) == len(keys) <= n_regions // 2  # the middle blocks' passes repeat
+    assert_same_outputs(shared(*args), gm(*args))
+
+
+def test_structure_tells_layouts_apart() -> None:
+    """Regions compiled for one layout must not run another: the same code at another width is another key."""
+    keys = []
+    for width in (8, 12):
+        gm, _ = program(Deep(depth=3, width=width), torch.randint(0, 20, (2, 5)))
+        cut = regions.split(gm)
+        keys.append({regions.structure(getattr(cut, c.target)) for c in cut.graph.find_nodes(op="call_module")})
+    assert not keys[0] & keys[1]
+
+
+def test_blocks_of_a_named_sequential() -> None:
+    """torchvision's ViT names its encoder blocks ``encoder_layer_<i>`` inside a Sequential."""
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.layers = nn.Sequential(OrderedDict((f"encoder_layer_{i}", Block(4)) for i in range(3)))
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.layers(x).mean(1))
+
+    attributor = lrpc.compile(Encoder().eval(), rules="attnlrp", backend="eager")
+    gm = attributor.program(torch.randn(2, 3, 4), target=0).graph_module
+    blocks = {b for n in gm.graph.nodes if (b := regions.block_of(n)) is not None}
+    assert {path for path, _ in blocks} == {f"model.layers.encoder_layer_{i}" for i in range(3)}
+    assert {type_name.rsplit(".", 1)[-1] for _, type_name in blocks} == {"Block"}
+
+
+def test_inductor_compiles_each_distinct_region_once(monkeypatch) -> None:
+    """Through ``lrpc.compile``: a model deep enough is compiled region by region, a repeated block once,
+    and explains as the eager program does; one too shallow is compiled whole."""
+    compiles: list[int] = []
+    original = backends._StaticInductor._compile
+
+    def counting(self, args):
+        compiles.append(len(self._gm.graph.nodes))
+        return original(self, args)
+
+    monkeypatch.setattr(backends._StaticInductor, "_compile", counting)
+    ids = torch.randint(0, 20, (2, 5))
+    model = Deep(depth=12).eval()
+    expected = lrpc.compile(model, rules="attnlrp", backend="eager")(ids, target=1).relevance
+    assert expected.abs().sum() > 0
+
+    monkeypatch.setattr(regions, "MIN_REPEATS", 13)
+    whole = lrpc.compile(model, rules="attnlrp", backend="inductor")(ids, target=1).relevance
+    assert len(compiles) == 1  # 12 blocks < MIN_REPEATS
+    torch.testing.assert_close(whole, expected, rtol=1e-5, atol=1e-6)
+
+    monkeypatch.setattr(regions, "MIN_REPEATS", 12)
+    compiles.clear()
+    attributor = lrpc.compile(model, rules="attnlrp", backend="inductor")
+    torch.testing.assert_close(attributor(ids, target=1).relevance, expected, rtol=1e-5, atol=1e-6)
+    gm = attributor.program(ids, target=1).graph_module
+    n_regions = len(list(regions.split(gm).graph.find_nodes(op="call_module")))
+    assert 1 < len(compiles) <= n_regions // 2
+    again = attributor(torch.randint(0, 20, (2, 5)), target=2)  # the compiled regions, reused
+    assert len(compiles) <= n_regions // 2 and again.relevance.abs().sum() > 0
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_too_little_sharing_keeps_the_program_whole(share: float, monkeypatch) -> None:
+    monkeypatch.setattr(regions, "MIN_REPEATS", 2)
+    monkeypatch.setattr(regions, "MAX_DISTINCT_SHARE", share)
+    gm, _ = program(Deep(), torch.randint(0, 20, (2, 5)))
+    assert (regions.split_if_worth(gm) is None) == (share == 0.0)
