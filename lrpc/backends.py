@@ -232,7 +232,7 @@ def _compiled(gm: fx.GraphModule) -> Callable[..., tuple]:
     gm = _rewritten(gm, lambda graph: opaque_input_gradients(unfold_weight_scales(graph)))
     if not _symbolic(gm):
         # a deep model's repeated blocks compiled once each (lrpc.regions); measured on CPU only so far
-        if "cuda" not in devices(gm) and (cut := regions.split_if_worth(gm)) is not None:
+        if devices(gm) == {"cpu"} and (cut := regions.split_if_worth(gm)) is not None:
             return regions.compile_shared(cut, lambda region: _StaticInductor(region, options))
         return _StaticInductor(gm, options)
     # the bound forward, not the module: the module's __call__ adds a few microseconds to every call

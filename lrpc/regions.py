@@ -7,12 +7,17 @@ model's repeated blocks (the children of a ``ModuleList`` or ``Sequential``); :f
 compiles each region whose code and argument layouts were seen before only once, and the regions run one
 after the other. Measured on 2 CPU cores (``bench/first_call.py``, BENCHMARKS.md), first call whole ->
 cut: BERT-base 61 -> 45 s, GPT-2 small 69 -> 46 s, a 24-layer Llama-style decoder 155 -> 65 s; a later
-call took from 1.5% less to 3.5% more (cross-region fusion and buffer reuse are lost; BERT-base 434 -> 449
-ms), which is why :func:`split_if_worth` asks for depth.
+call took from 1.4% less to 3.5% more (cross-region fusion and buffer reuse are lost; BERT-base 434 -> 449
+ms) and peak memory rose by about a layer's kept values, which is why :func:`split_if_worth` asks for depth.
 
-Regions follow the program's order: the forward pass by the block that computes each node, the relevance
-pass by the block whose rule made each node (forward values the relevance pass rebuilds join the region
-that needs them).
+Regions follow the program's order: in the forward pass a new one starts where the block computing the
+nodes changes, in the relevance pass where the block whose rule made them changes (forward values the
+relevance pass rebuilds carry no rule: they stay in the region being built when they are made). The last
+block's forward, the model's head and that block's relevance pass make one region.
+
+Only programs whose regions pass one another tensors of static sizes are cut: a Python number (an
+``.item()``) would become a constant of the compiled region, and a size that depends on the data (``nonzero``,
+a mixture of experts' routing) has no layout to share code on.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ from torch.fx.passes.split_module import split_module
 
 from .codegen import RULE_META
 
-#: Split only models that repeat a block at least this often (BERT-base, GPT-2 small and ViT-B/16 have 12
-#: layers). A large number keeps every program whole.
-MIN_REPEATS = 12
+#: Split only models that repeat a block at least this often. Not the 12 layers of BERT-base, GPT-2 small or
+#: ViT-B/16: there a region's arguments stay alive until it returns, and ViT-B/16's peak rose from 104 to
+#: 115 MB (gradient x input: 114), for a first call 35 s instead of 48 s. A large number keeps every program
+#: whole.
+MIN_REPEATS = 16
 #: ... and only where the distinct regions hold at most this share of the program's nodes.
 MAX_DISTINCT_SHARE = 0.5
 
@@ -122,9 +129,15 @@ def split_if_worth(gm: fx.GraphModule) -> fx.GraphModule | None:
     sizes: dict[Hashable, int] = {}
     for call in cut.graph.find_nodes(op="call_module"):
         region = getattr(cut, call.target)
+        if not all(_static_tensor(p.meta.get("val")) for p in region.graph.find_nodes(op="placeholder")):
+            return None
         key = structure(region)
         sizes[key if key is not None else ("unshared", call.target)] = len(region.graph.nodes)
     return cut if sum(sizes.values()) <= MAX_DISTINCT_SHARE * len(gm.graph.nodes) else None
+
+
+def _static_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and all(isinstance(d, int) for d in value.shape)
 
 
 def compile_shared(cut: fx.GraphModule, compile_region: Callable[[fx.GraphModule], Callable[..., Any]]) -> fx.GraphModule:

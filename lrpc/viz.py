@@ -131,6 +131,14 @@ def symmetric_limit(relevance: ArrayLike, percentile: float = 100.0) -> float:
     return float(torch.quantile(a, percentile / 100))
 
 
+def _scaled(r: Tensor, limit: float) -> Tensor:
+    """``r / limit``, for :func:`colorize`; with no scale (no finite non-zero value) zeros, with NaN and
+    infinities kept as NaN and ±1."""
+    if limit > 0:
+        return r / limit
+    return torch.where(r.isnan(), r, r.sign() * r.isinf())
+
+
 def to_image(x: ArrayLike | Image.Image, *, scale: int | None = 1, invert: bool = False) -> Image.Image:
     """An input image as an RGB PIL image: a tensor ``(H, W)``, ``(C, H, W)`` (C = 1 or 3) or
     ``(1, C, H, W)`` is scaled to [0, 255] by its own min and max; ``invert`` swaps dark and light (the
@@ -198,8 +206,7 @@ def heatmap(
     (128, 128)
     """
     r = _plane(relevance, "relevance", channel_reduce)
-    lim = float(limit) if limit is not None else symmetric_limit(r, percentile)
-    v = r / lim if lim > 0 else torch.zeros_like(r)
+    v = _scaled(r, float(limit) if limit is not None else symmetric_limit(r, percentile))
     rgb = colorize(v, cmap).to(torch.float64)
     if image is not None:
         base = to_image(image, scale=1).resize((r.shape[1], r.shape[0]), Image.Resampling.BILINEAR)
@@ -303,8 +310,7 @@ class TokenRelevance:
         """Per sequence: (token, relevance, background, text colour)."""
         out = []
         for toks, r in zip(self.tokens, self.relevance):
-            lim = symmetric_limit(r)
-            colors = colorize(r / lim if lim > 0 else torch.zeros_like(r), self.cmap).tolist()
+            colors = colorize(_scaled(r, symmetric_limit(r)), self.cmap).tolist()
             out.append([(tok, float(v), tuple(c), _text_color(c)) for tok, v, c in zip(toks, r, colors)])
         return out
 

@@ -69,6 +69,10 @@ def test_nan_is_grey_and_does_not_set_the_scale() -> None:
     assert over.getpixel((2, 0)) == grey and over.getpixel((4, 0)) == (0, 0, 0)
     spans = viz.tokens_html(["a", "b", "c"], torch.tensor([float("nan"), 1.0, -0.5])).split("<span")[1:]
     assert "background:#808080" in spans[0] and "background:#ff0000" in spans[1] and "background:#8080ff" in spans[2]
+    # nothing finite to scale by: NaN still grey, an infinity still saturated
+    nothing = torch.tensor([[float("nan"), 0.0, float("-inf")]])
+    assert [viz.heatmap(nothing, scale=1).getpixel((i, 0)) for i in range(3)] == [grey, WHITE, BLUE]
+    assert "background:#808080" in viz.tokens_html(["a"], torch.tensor([float("nan")]))
 
 
 def test_channels_are_summed_or_averaged() -> None:
