@@ -9,6 +9,7 @@ every run. The models are bench/speed.py's (random weights, seeded), their input
     python bench/peak_memory.py                                   # bert, gpt2, llama at 1 x 512 tokens
     python bench/peak_memory.py --models bert --seq 256 --backends eager,inductor
     python bench/peak_memory.py --models resnet50,vgg16,vit_b_16 --backends eager,inductor   # 224x224
+    python bench/peak_memory.py --models vit_b_16,bert --seq 128 --min-repeats 12,1000   # lrpc.regions
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from collections.abc import Callable
 
 import torch
 from speed_worker import HF, allocated_peak_mb, build_inputs, build_model, gradient_x_input, lrpc_method
+
+from lrpc import regions
 
 PRESET = {
     "bert": "attnlrp",
@@ -47,6 +50,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--backends", default="inductor")
     parser.add_argument("--reps", type=int, default=3, help="timed calls per method (the median is printed)")
+    parser.add_argument(
+        "--min-repeats",
+        default="",
+        help="comma-separated values of lrpc.regions.MIN_REPEATS, one lrpc row each (default: lrpc's own)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     print("| model (input) | method | peak MB in a call | vs gradient x input | median ms |")
@@ -55,13 +63,17 @@ def main() -> None:
         model = build_model(name)
         inputs, target = build_inputs(name, {"batch": args.batch, "seq": args.seq, "image": 224}, model)
         label = f"{name} ({args.batch} x {args.seq})" if name in HF else f"{name} ({args.batch} x 224x224)"
-        methods = {"gradient x input": gradient_x_input(name, model, inputs, target)}
+        # method -> (call, lrpc.regions.MIN_REPEATS for its first call, which compiles; None: as it is)
+        methods = {"gradient x input": (gradient_x_input(name, model, inputs, target), None)}
         for backend in args.backends.split(","):
-            methods[f"lrpc {PRESET[name]} [{backend}]"] = lrpc_method(
-                name, model, inputs, target, PRESET[name], backend
-            )
+            for repeats in args.min_repeats.split(",") if args.min_repeats else [None]:
+                suffix = "" if repeats is None else f", regions from {repeats} repeats"
+                call = lrpc_method(name, model, inputs, target, PRESET[name], backend)
+                methods[f"lrpc {PRESET[name]} [{backend}]{suffix}"] = (call, repeats)
         floor = None
-        for method, call in methods.items():
+        for method, (call, repeats) in methods.items():
+            if repeats is not None:
+                regions.MIN_REPEATS = int(repeats)
             call()  # the first call compiles; the second warms the allocator
             call()
             peak = allocated_peak_mb(call)
