@@ -32,6 +32,7 @@ from torch import fx
 from torch.fx.passes.split_module import split_module
 
 from .codegen import RULE_META
+from .tracing import module_stack
 
 #: Split only models that repeat a block at least this often. Not the 12 layers of BERT-base, GPT-2 small or
 #: ViT-B/16: there a region's arguments stay alive until it returns, and ViT-B/16's peak rose from 104 to
@@ -49,7 +50,7 @@ def _type_name(t: Any) -> str:
 def block_of(node: fx.Node) -> tuple[str, str] | None:
     """The outermost repeated block ``(path, type)`` in ``node``'s module stack: a child of a ``ModuleList``
     (named by its index) or of a ``Sequential``; ``None`` outside every block."""
-    stack = [(path, _type_name(t)) for path, t in (node.meta.get("nn_module_stack") or {}).values()]
+    stack = [(path, _type_name(t)) for path, t in module_stack(node)]
     types = dict(stack)
     for path, type_name in stack:
         parent, _, name = path.rpartition(".")

@@ -104,7 +104,7 @@ def test_blocks_of_a_named_sequential() -> None:
     attributor = lrpc.compile(Encoder().eval(), rules="attnlrp", backend="eager")
     gm = attributor.program(torch.randn(2, 3, 4), target=0).graph_module
     blocks = {b for n in gm.graph.nodes if (b := regions.block_of(n)) is not None}
-    assert {path for path, _ in blocks} == {f"model.layers.encoder_layer_{i}" for i in range(3)}
+    assert {path for path, _ in blocks} == {f"layers.encoder_layer_{i}" for i in range(3)}
     assert {type_name.rsplit(".", 1)[-1] for _, type_name in blocks} == {"Block"}
 
 
