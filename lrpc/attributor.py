@@ -429,7 +429,7 @@ class Attributor:
         shape_env = _shape_env(examples)
         before = _symbol_state(shape_env)
         backend = backends.choose(self.backend)
-        gm, signature = generate(the_plan, spec, examples, recompute=backends.recomputes(backend))
+        gm, signature = generate(the_plan, spec, examples, recompute=functools.partial(backends.recomputes, backend))
         after = _symbol_state(shape_env)
         # A symbol replaced by a value: the program only fits the traced shapes. A narrowed range (a guard
         # like the convolution's backend choice, batch < 16): the program fits that range.

@@ -301,20 +301,25 @@ def _annotate(step: Step) -> Any:
 
 
 def generate(
-    plan: Plan, target: TargetSpec, example_inputs: list[Any], *, recompute: bool = True
+    plan: Plan,
+    target: TargetSpec,
+    example_inputs: list[Any],
+    *,
+    recompute: bool | Callable[[fx.GraphModule], bool] = True,
 ) -> tuple[fx.GraphModule, Signature]:
     """Trace the relevance function into one aten ``GraphModule``.
 
     ``example_inputs`` are the traced graph's placeholder values (fake tensors, dynamic dimensions
     symbolic) followed by an index tensor when the target mode takes one. ``recompute``: see
-    :func:`lrpc.memory.rematerialize` (the backend's choice, :func:`lrpc.backends.recomputes`).
+    :func:`lrpc.memory.rematerialize`; a function of the program decides per program (the backend's
+    choice, :func:`lrpc.backends.recomputes`).
     """
     program, signature = relevance_function(plan, target)
     with fx_traceback.preserve_node_meta(), torch.no_grad(), _fake_kernel_errors_unlogged():
         gm = make_fx(program, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example_inputs)
     eliminate_common_subexpressions(gm.graph)
     merge_input_gradients(gm.graph)
-    rematerialize(gm.graph, recompute=recompute)
+    rematerialize(gm.graph, recompute=recompute(gm) if callable(recompute) else recompute)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm, signature

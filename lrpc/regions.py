@@ -4,11 +4,15 @@ A transformer applies one block class N times, so its relevance program holds N 
 code and N of the same relevance code, and a compiler given the whole program lowers and generates code for
 every copy: Inductor's first call grows with depth. :func:`split` cuts the program at the boundaries of the
 model's repeated blocks (the children of a ``ModuleList`` or ``Sequential``); :func:`compile_shared`
-compiles each region whose code and argument layouts were seen before only once, and the regions run one
-after the other. Measured on 2 CPU cores (``bench/first_call.py``, BENCHMARKS.md), first call whole ->
-cut: BERT-base 61 -> 45 s, GPT-2 small 69 -> 46 s, a 24-layer Llama-style decoder 155 -> 65 s; a later
-call took from 1.4% less to 3.5% more (cross-region fusion and buffer reuse are lost; BERT-base 434 -> 449
-ms) and peak memory rose by about a layer's kept values, which is why :func:`split_if_worth` asks for depth.
+compiles each region whose code and argument layouts were seen before only once, and a :class:`Chain` runs
+the regions one after the other. Measured on 2 CPU cores (``bench/first_call.py``, BENCHMARKS.md), first
+call whole -> cut: BERT-base 61 -> 45 s, GPT-2 small 69 -> 46 s, a 24-layer Llama-style decoder 155 -> 65
+s; a later call took from 1.4% less to 3.5% more (kernels no longer fuse across a cut).
+
+Memory stays as the whole program's: the chain hands each region its arguments in a list that the
+compiled code empties (:func:`boxed`), so a value is freed after its last use inside the region rather than
+when the region returns, and Inductor's programs that are cut recompute rebuilt forward values per reader
+(``lrpc.backends.recomputes``) rather than pass them from region to region.
 
 Regions follow the program's order: in the forward pass a new one starts where the block computing the
 nodes changes, in the relevance pass where the block whose rule made them changes (forward values the
@@ -34,11 +38,10 @@ from torch.fx.passes.split_module import split_module
 from .codegen import RULE_META
 from .tracing import module_stack
 
-#: Split only models that repeat a block at least this often. Not the 12 layers of BERT-base, GPT-2 small or
-#: ViT-B/16: there a region's arguments stay alive until it returns, and ViT-B/16's peak rose from 104 to
-#: 115 MB (gradient x input: 114), for a first call 35 s instead of 48 s. A large number keeps every program
-#: whole.
-MIN_REPEATS = 16
+#: Split only models that repeat a block at least this often: the 12 layers of BERT-base, GPT-2 small and
+#: ViT-B/16 (their first calls 25-40% shorter), not a 6-layer MiniLM, whose compile is short anyway. A large
+#: number keeps every program whole.
+MIN_REPEATS = 12
 #: ... and only where the distinct regions hold at most this share of the program's nodes.
 MAX_DISTINCT_SHARE = 0.5
 
@@ -141,31 +144,109 @@ def _static_tensor(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and all(isinstance(d, int) for d in value.shape)
 
 
-def compile_shared(cut: fx.GraphModule, compile_region: Callable[[fx.GraphModule], Callable[..., Any]]) -> fx.GraphModule:
-    """``cut`` (from :func:`split`) with each region call replaced by ``compile_region(region)``'s function,
-    one per distinct :func:`structure`: equal regions run the same compiled code. Changes ``cut``."""
-    shared: dict[Hashable, Callable[..., Any]] = {}
-    for n, call in enumerate(list(cut.graph.find_nodes(op="call_module"))):
-        name = str(call.target)
-        region = getattr(cut, name)
+def boxed(region: fx.GraphModule) -> fx.GraphModule:
+    """``region`` taking its arguments as one list, which its compiled code empties: the convention of
+    compiled autograd's graphs (the placeholder marked ``steal_arg``), under which Inductor's code frees each
+    argument after its last use. A graph pass: ``region`` is not changed."""
+    graph = fx.Graph()
+    arguments = graph.placeholder("arguments")
+    arguments.meta["steal_arg"] = True
+    env: dict[fx.Node, fx.Node] = {}
+    index = 0
+    for node in region.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = graph.call_function(operator.getitem, (arguments, index))
+            env[node].meta = dict(node.meta)
+            index += 1
+        else:
+            env[node] = graph.node_copy(node, env.__getitem__)
+    return fx.GraphModule(region, graph)
+
+
+def compile_shared(cut: fx.GraphModule, compile_region: Callable[[fx.GraphModule], Callable[[list], Any]]) -> Chain:
+    """``cut`` (from :func:`split`) as a :class:`Chain` of compiled regions: ``compile_region`` is given each
+    region :func:`boxed`, once per distinct :func:`structure` (equal regions run the same compiled code),
+    and returns a function of the argument list that returns the region's outputs."""
+    shared: dict[Hashable, Callable[[list], Any]] = {}
+    functions: dict[str, Callable[[list], Any]] = {}
+    for call in cut.graph.find_nodes(op="call_module"):
+        region = getattr(cut, call.target)
         key = structure(region)
         compiled = shared.get(key) if key is not None else None
         if compiled is None:
-            compiled = _named(compile_region(region), f"region_{n}")
+            compiled = compile_region(boxed(region))
             if key is not None:
                 shared[key] = compiled
-        call.op, call.target = "call_function", compiled
-        cut.delete_submodule(name)
-    cut.graph.lint()
-    cut.recompile()
-    return cut
+        functions[str(call.target)] = compiled
+    return Chain(cut, functions)
 
 
-def _named(run: Callable[..., Any], name: str) -> Callable[..., Any]:
-    """``run`` as a plain function with a name, which FX's generated code refers to it by."""
+class Chain:
+    """A cut program run region after region, each region called with a new list of its arguments.
 
-    def region(*args: Any) -> Any:
-        return run(*args)
+    A caller's own reference keeps an argument alive until the call returns: FX's code for ``cut`` would hold
+    each region's arguments, a layer's kept forward values among them, for the whole region, and raise the
+    peak by about one layer's values (ViT-B/16: 104 -> 115 MB). The chain drops its reference to a value when
+    it builds the argument list of the last region reading it, and the region's compiled code empties the list
+    (:func:`boxed`), so a value dies after its last use inside the region, as in the whole program.
+    ``graph_module`` is the cut program, to print."""
 
-    region.__name__ = region.__qualname__ = name
-    return region
+    def __init__(self, cut: fx.GraphModule, functions: dict[str, Callable[[list], Any]]) -> None:
+        self.graph_module = cut
+        nodes = list(cut.graph.nodes)
+        slot = {node: i for i, node in enumerate(nodes)}
+        last_read: dict[fx.Node, int] = {}
+        for i, node in enumerate(nodes):
+            for read in node.all_input_nodes:
+                last_read[read] = i
+        dropped: dict[int, list[int]] = {}
+        for node, i in last_read.items():
+            dropped.setdefault(i, []).append(slot[node])
+        self._arity = sum(node.op == "placeholder" for node in nodes)
+        self._size = len(nodes)
+        #: (what to run, its arguments' slots or (slot, index), the slots to drop before it runs, result's slot)
+        self._steps: list[tuple[Callable[[list], Any] | None, Any, list[int], int]] = []
+        output: Any = None
+        for i, node in enumerate(nodes):
+            drop = dropped.get(i, [])
+            if node.op == "call_module":
+                arguments = [slot[a] for a in node.args]  # type: ignore[index]
+                self._steps.append((functions[str(node.target)], arguments, drop, i))
+            elif node.op == "call_function" and node.target is operator.getitem:
+                source, index = node.args
+                self._steps.append((None, (slot[source], index), drop, i))  # type: ignore[index]
+            elif node.op == "output":
+                output = fx.node.map_arg(node.args[0], lambda n: _Slot(slot[n]))
+            elif node.op != "placeholder":
+                raise NotImplementedError(f"lrpc.regions.Chain: unexpected {node.op} node {node.format_node()}")
+        self._output = output
+
+    def __call__(self, *args: Any) -> Any:
+        if len(args) != self._arity:
+            raise TypeError(f"the cut program takes {self._arity} arguments, got {len(args)}")
+        values: list[Any] = [*args, *([None] * (self._size - len(args)))]
+        del args
+        for run, reads, drop, result in self._steps:
+            if run is None:
+                source, index = reads
+                values[result] = values[source][index]
+                for i in drop:
+                    values[i] = None
+                continue
+            arguments = [values[i] for i in reads]
+            for i in drop:
+                values[i] = None
+            values[result] = run(arguments)
+            del arguments
+        return _gathered(self._output, values)
+
+
+class _Slot(int):
+    """A value's place in :class:`Chain`'s list, told apart from a number the program returns."""
+
+
+def _gathered(structure: Any, values: list[Any]) -> Any:
+    """``structure`` (slots, in tuples and lists) with each slot's value."""
+    if isinstance(structure, (tuple, list)):
+        return type(structure)(_gathered(s, values) for s in structure)
+    return values[structure] if isinstance(structure, _Slot) else structure

@@ -390,9 +390,10 @@ def test_inductor_programs_share_rebuilt_copies_where_eager_ones_recompute() -> 
     its recomputed residual stream. Both compute the same values."""
     from lrpc import backends, zoo
 
-    assert backends.recomputes("eager") and not backends.recomputes("inductor") and not backends.recomputes("triton")
-    assert not backends.recomputes(backends.choose("auto"))
     model, args, _ = zoo.build("tiny-transformer")
+    gm = lrpc.compile(model, backend="eager").program(*args, target=1).graph_module
+    assert backends.recomputes("eager", gm) and not backends.recomputes("triton", gm)
+    assert not backends.recomputes("inductor", gm) and not backends.recomputes(backends.choose("auto"), gm)
     programs = {b: lrpc.compile(model, backend=b).program(*args, target=1) for b in ("eager", "inductor")}
     adds = {b: _count(p.graph_module.graph, aten.add.Tensor) for b, p in programs.items()}
     assert adds["eager"] > adds["inductor"], adds
@@ -404,16 +405,20 @@ def test_inductor_programs_share_rebuilt_copies_where_eager_ones_recompute() -> 
 def test_register_backend_declares_whether_its_programs_recompute() -> None:
     from lrpc import backends
 
+    gm = torch.fx.symbolic_trace(nn.ReLU())
+    seen: list[torch.fx.GraphModule] = []
     try:
         lrpc.register_backend("test-own-buffers", backends.get("eager"), recompute=False)
         lrpc.register_backend("test-plain", backends.get("eager"))
-        assert not backends.recomputes("test-own-buffers") and backends.recomputes("test-plain")
+        lrpc.register_backend("test-per-program", backends.get("eager"), recompute=lambda g: bool(seen.append(g)))
+        assert not backends.recomputes("test-own-buffers", gm) and backends.recomputes("test-plain", gm)
+        assert not backends.recomputes("test-per-program", gm) and seen == [gm]
         lrpc.register_backend("test-own-buffers", backends.get("eager"))  # registered again: the new choice
-        assert backends.recomputes("test-own-buffers")
+        assert backends.recomputes("test-own-buffers", gm)
     finally:
-        for name in ("test-own-buffers", "test-plain"):
+        for name in ("test-own-buffers", "test-plain", "test-per-program"):
             backends._BACKENDS.pop(name, None)
-            backends._SHARES_COPIES.discard(name)
+            backends._RECOMPUTES.pop(name, None)
 
 
 class ConvNet(nn.Module):

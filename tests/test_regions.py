@@ -3,7 +3,10 @@ regions share one compiled function, and the Inductor backend takes that path on
 
 from __future__ import annotations
 
+import importlib.util
+import weakref
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,6 +81,77 @@ def test_equal_regions_share_one_compiled_function() -> None:
     assert_same_outputs(shared(*args), gm(*args))
 
 
+def test_the_chain_drops_a_value_at_the_last_region_reading_it() -> None:
+    """Each region's argument list is the chain's only reference to the values it reads last: once the
+    region has emptied its list (as Inductor's code does on entry), those values are gone, and can be freed
+    inside the region rather than when it returns."""
+    gm, args = program(Deep(), torch.randint(0, 20, (2, 5)))
+    cut = regions.split(gm)
+    nodes = list(cut.graph.nodes)
+    last_reader = {n: max(nodes.index(u) for u in n.users) for n in nodes if n.users}
+    calls = list(cut.graph.find_nodes(op="call_module"))
+    read_last: list[int] = []
+
+    def compile_region(region: torch.fx.GraphModule):
+        def run(arguments: list) -> tuple:
+            call = calls[len(read_last)]
+            refs = [
+                weakref.ref(value)
+                for node, value in zip(call.args, arguments)
+                if node.op != "placeholder" and last_reader[node] == nodes.index(call)
+            ]
+            copies = [a.clone() if isinstance(a, torch.Tensor) else a for a in arguments]
+            arguments.clear()
+            read_last.append(len(refs))
+            assert all(ref() is None for ref in refs)
+            return region(copies)
+
+        return run
+
+    with torch.no_grad():  # as the attributor runs programs: no autograd graph holding values
+        assert_same_outputs(regions.compile_shared(cut, compile_region)(*args), gm(*args))
+    assert len(read_last) == len(calls) and sum(read_last) > len(calls)
+
+
+def _allocated_peak_mb(call) -> float:
+    """bench/speed_worker.py's count of the bytes a call allocates at once."""
+    path = Path(__file__).parents[1] / "bench" / "speed_worker.py"
+    spec = importlib.util.spec_from_file_location("speed_worker", path)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    return worker.allocated_peak_mb(call)
+
+
+def test_a_compiled_region_frees_an_argument_after_its_last_use() -> None:
+    """Inductor's code for a boxed region frees ``a`` after the first product: the three 1 MB products then
+    never live with both arguments, as they do when the caller holds the arguments to the end."""
+
+    def region(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor]:
+        return ((a @ b @ b @ b).sum(),)
+
+    n = 512  # 1 MB matrices
+    gm = torch.fx.experimental.proxy_tensor.make_fx(region)(torch.randn(n, n), torch.randn(n, n))
+    boxed = backends._BoxedStaticInductor(regions.boxed(gm), {"layout_optimization": False})
+    held = backends._StaticInductor(gm, {"layout_optimization": False})
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    expected = gm(a, b)[0]
+    torch.testing.assert_close(held(a.clone(), b.clone())[0], expected)
+    arguments = [a.clone(), b.clone()]
+    torch.testing.assert_close(boxed(arguments)[0], expected)
+    assert arguments == []
+
+    def call_boxed() -> None:
+        arguments = [torch.randn(n, n), torch.randn(n, n)]
+        boxed(arguments)
+
+    def call_held() -> None:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        held(a, b)
+
+    assert _allocated_peak_mb(call_held) == pytest.approx(4, abs=0.1)  # a, b and two products
+    assert _allocated_peak_mb(call_boxed) == pytest.approx(3, abs=0.1)
+
+
 def test_structure_tells_layouts_apart() -> None:
     """Regions compiled for one layout must not run another: the same code at another width is another key."""
     keys = []
@@ -124,22 +198,35 @@ def test_inductor_compiles_each_distinct_region_once(monkeypatch) -> None:
     expected = lrpc.compile(model, rules="attnlrp", backend="eager")(ids, target=1).relevance
     assert expected.abs().sum() > 0
 
-    whole = lrpc.compile(model, rules="attnlrp", backend="inductor")(ids, target=1).relevance
-    assert len(compiles) == 1  # 12 blocks < MIN_REPEATS
-    torch.testing.assert_close(whole, expected, rtol=1e-5, atol=1e-6)
-
-    monkeypatch.setattr(regions, "MIN_REPEATS", 12)
-    compiles.clear()
-    attributor = lrpc.compile(model, rules="attnlrp", backend="inductor")
+    attributor = lrpc.compile(model, rules="attnlrp", backend="inductor")  # 12 blocks: BERT-base's depth
     torch.testing.assert_close(attributor(ids, target=1).relevance, expected, rtol=1e-5, atol=1e-6)
     gm = attributor.program(ids, target=1).graph_module
     n_regions = len(list(regions.split(gm).graph.find_nodes(op="call_module")))
     assert 1 < len(compiles) <= n_regions // 2
-    ids = torch.randint(0, 20, (2, 5))
-    again = attributor(ids, target=2).relevance  # the compiled regions, reused
+    later_ids = torch.randint(0, 20, (2, 5))
+    again = attributor(later_ids, target=2).relevance  # the compiled regions, reused
     assert len(compiles) <= n_regions // 2
-    expected = lrpc.compile(model, rules="attnlrp", backend="eager")(ids, target=2).relevance
-    torch.testing.assert_close(again, expected, rtol=1e-5, atol=1e-6)
+    expected_again = lrpc.compile(model, rules="attnlrp", backend="eager")(later_ids, target=2).relevance
+    torch.testing.assert_close(again, expected_again, rtol=1e-5, atol=1e-6)
+
+    monkeypatch.setattr(regions, "MIN_REPEATS", 13)
+    compiles.clear()
+    whole = lrpc.compile(model, rules="attnlrp", backend="inductor")(ids, target=1).relevance
+    assert len(compiles) == 1
+    torch.testing.assert_close(whole, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_programs_inductor_cuts_recompute_rebuilt_values_per_reader(monkeypatch) -> None:
+    """A value rebuilt in one region and read in later ones would be materialized at the cut (Inductor
+    fuses it into its readers only within one graph): the programs Inductor cuts are generated with
+    per-reader recomputation, those it compiles whole are not."""
+    gm, _ = program(Deep(depth=12), torch.randint(0, 20, (2, 5)))
+    assert backends.recomputes("inductor", gm) and backends.recomputes("eager", gm)
+    monkeypatch.setattr(regions, "MIN_REPEATS", 13)
+    assert not backends.recomputes("inductor", gm)  # compiled whole
+    monkeypatch.setattr(regions, "MIN_REPEATS", 12)
+    monkeypatch.setattr(backends, "devices", lambda gm: {"cuda"})
+    assert not backends.recomputes("inductor", gm)  # CUDA programs stay whole
 
 
 @pytest.mark.parametrize("share", [0.0, 1.0])
@@ -162,7 +249,6 @@ def test_a_number_passed_between_blocks_keeps_the_program_whole(monkeypatch) -> 
                 h = block(h) * scale
             return self.head(h.mean(1))
 
-    monkeypatch.setattr(regions, "MIN_REPEATS", 12)
     gm, _ = program(Scaled(depth=12), torch.randint(0, 20, (2, 5)))
     cut = regions.split(gm)
     inputs = [
