@@ -10,7 +10,7 @@ empty cache directory: the first fills it, the second reads it. Same models, inp
     python bench/first_call.py --models vgg16,gpt2 --threads 1
     python bench/first_call.py --models llama --layers 24 --regions on,off --cache empty   # lrpc.regions
 
-``--regions``: ``auto`` is lrpc's own choice (``lrpc.regions.split_if_worth``), ``on`` cuts a model with any
+``--regions``: ``auto`` is lrpc's own choice (``lrpc.regions.worth_splitting``), ``on`` cuts a model with any
 repeated block, however little its regions share, ``off`` compiles every program whole. ``--layers`` sets the depth of a
 Hugging Face model (random weights as always). "next calls" is the median of ``--reps`` calls after the first.
 """

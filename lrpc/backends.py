@@ -71,7 +71,8 @@ def register_backend(
     ``recompute``: whether its programs may recompute a rebuilt forward value per reader
     (:func:`lrpc.memory.rematerialize`), which saves memory where tensors live as long as the program
     holds them (an eager run); a compiler that plans its own buffers (Inductor) peaked higher with it. A
-    function decides per program, given the generated program before that pass.
+    function decides per program: it is given the generated program before that pass (it may read it and
+    record in its ``meta``, not change its graph), and returns the choice.
     """
     _BACKENDS[name] = backend
     _RECOMPUTES[name] = recompute
@@ -101,7 +102,7 @@ def choose(name: str) -> str:
 def recomputes(name: str, gm: fx.GraphModule) -> bool:
     """Whether backend ``name``'s program ``gm`` (as generated, before :func:`lrpc.memory.rematerialize`)
     may recompute a rebuilt value per reader (that pass's ``recompute``, :func:`register_backend`'s): not
-    under Inductor, unless it compiles the program in regions (:func:`_regions`). A compiled backend's
+    under Inductor, unless it compiles the program in regions (:func:`_in_regions`). A compiled backend's
     program that falls back to eager (``backend="auto"``) keeps its choice: the same values, a little more
     memory than the eager backend's own program."""
     choice = _RECOMPUTES.get(name, True)
@@ -230,26 +231,41 @@ def _compiled(gm: fx.GraphModule) -> Callable[..., tuple]:
     options = {} if "cuda" in devices(gm) else {"layout_optimization": False}
     # batch-norm-folded weights: Inductor fuses the per-channel scale into the neighbouring pointwise kernels;
     # convolutions' input gradients at dynamic image sizes: Inductor's lowering would fix the sizes
+    in_regions = _in_regions(gm)
     gm = _rewritten(gm, lambda graph: opaque_input_gradients(unfold_weight_scales(graph)))
     if not _symbolic(gm):
-        if (cut := _regions(gm)) is not None:
+        if in_regions and (cut := regions.split_static(gm)) is not None:
             return regions.compile_shared(cut, lambda region: _BoxedStaticInductor(region, options))
         return _StaticInductor(gm, options)
     # the bound forward, not the module: the module's __call__ adds a few microseconds to every call
     return torch.compile(gm.forward, backend="inductor", fullgraph=True, dynamic=None, options=options)
 
 
-def _regions(gm: fx.GraphModule) -> fx.GraphModule | None:
-    """``gm`` cut where the model repeats a block, if Inductor compiles it so (:mod:`lrpc.regions`): a deep
-    model's static CPU program (measured on CPU only so far), else ``None``.
+#: ``GraphModule.meta`` key: whether Inductor compiles the program in regions (:func:`_in_regions`).
+IN_REGIONS = "lrpc_in_regions"
 
-    Its programs then recompute rebuilt values per reader (:func:`recomputes`): in one graph Inductor fuses
-    a cheap rebuilt value into each reader itself, but a value made in one region and read in later ones
-    is materialized at the cut and kept in between. ViT-B/16's residual stream, rebuilt in chains of a
-    few blocks at once, peaked at 114 MB cut against 104 whole; recomputed per reader, 102."""
-    if _symbolic(gm) or devices(gm) != {"cpu"}:
-        return None
-    return regions.split_if_worth(gm)
+
+def _in_regions(gm: fx.GraphModule) -> bool:
+    """Whether Inductor compiles ``gm`` cut where the model repeats a block (:mod:`lrpc.regions`): a deep
+    model's static CPU program (measured on CPU only so far).
+
+    Decided once per program, on the program as generated, when :func:`recomputes` asks before
+    ``rematerialize`` (and recorded in ``gm.meta[IN_REGIONS]``), so that the compile follows the choice the
+    program was generated for: programs in regions recompute rebuilt values per reader. In one graph
+    Inductor fuses a cheap rebuilt value into each reader itself, but a value made in one region and read
+    in later ones is materialized at the cut and kept in between: ViT-B/16's residual stream, rebuilt in
+    chains of a few blocks at once, peaked at 114 MB cut against 104 whole; recomputed per reader, 102.
+    A program whose cut fails is compiled whole, with a warning."""
+    decided = gm.meta.get(IN_REGIONS)
+    if decided is None:
+        decided = False
+        if not _symbolic(gm) and devices(gm) == {"cpu"}:
+            try:
+                decided = regions.worth_splitting(gm)
+            except Exception as e:  # noqa: BLE001 - a missed speed-up, not a wrong result: it runs whole
+                warnings.warn(f"lrpc.regions could not cut the program ({type(e).__name__}: {e}); compiling it whole")
+        gm.meta[IN_REGIONS] = decided
+    return decided
 
 
 _Layout = tuple[torch.dtype, torch.device, tuple[int, ...]] | None  # of one argument; None: not a tensor
@@ -399,7 +415,7 @@ def dynamic_dims_marked(compiled: Callable[..., tuple], gm: fx.GraphModule) -> C
 
 
 register_backend("eager", _eager)
-register_backend("inductor", _inductor, recompute=lambda gm: _regions(gm) is not None)
+register_backend("inductor", _inductor, recompute=_in_regions)
 
 
 #: The fusion patterns the "triton" backend swaps in. Not the sign-split linear kernels (z⁺, αβ, γ): on an

@@ -6,8 +6,9 @@ every copy: Inductor's first call grows with depth. :func:`split` cuts the progr
 model's repeated blocks (the children of a ``ModuleList`` or ``Sequential``); :func:`compile_shared`
 compiles each region whose code and argument layouts were seen before only once, and a :class:`Chain` runs
 the regions one after the other. Measured on 2 CPU cores (``bench/first_call.py``, BENCHMARKS.md), first
-call whole -> cut: BERT-base 61 -> 45 s, GPT-2 small 69 -> 46 s, a 24-layer Llama-style decoder 155 -> 65
-s; a later call took from 1.4% less to 3.5% more (kernels no longer fuse across a cut).
+call whole -> cut: BERT-base 55 -> 42 s, GPT-2 small 60 -> 45 s, ViT-B/16 46 -> 38 s, a 24-layer
+Llama-style decoder 155 -> 65 s; a later call took from 6% less to 3% more (kernels no longer fuse across
+a cut; within the machine's noise).
 
 Memory stays as the whole program's: the chain hands each region its arguments in a list that the
 compiled code empties (:func:`boxed`), so a value is freed after its last use inside the region rather than
@@ -42,11 +43,12 @@ from .tracing import module_stack
 #: ViT-B/16 (their first calls 25-40% shorter), not a 6-layer MiniLM, whose compile is short anyway. A large
 #: number keeps every program whole.
 MIN_REPEATS = 12
-#: ... and only where the distinct regions hold at most this share of the program's nodes: measured, 0.36-0.45
-#: for the 12-layer transformers, 0.53 for GPT-2 small explained at its last token (its narrowed last block
-#: and head; first call 73 -> 56 s cut), 0.89 for ResNet-50 (16 bottlenecks in four shapes) and 1.26 for
-#: VGG16's Sequential of convolutions, which stay whole.
-MAX_DISTINCT_SHARE = 0.6
+#: ... and only where the distinct regions hold at most this share of the program's nodes. Measured on the
+#: programs as generated, before ``lrpc.memory.rematerialize`` (where lrpc decides): 0.29-0.31 for the
+#: 12-layer transformers, GPT-2 small and the Llama-style model explained at their last token included;
+#: 0.67 for ResNet-50 (16 bottlenecks in four shapes) and 1.25 for VGG16's Sequential of convolutions, which
+#: stay whole (cutting ResNet-50 made its compile slower).
+MAX_DISTINCT_SHARE = 0.5
 
 
 def _type_name(t: Any) -> str:
@@ -126,21 +128,31 @@ def structure(region: fx.GraphModule) -> Hashable | None:
     return tuple(key)
 
 
-def split_if_worth(gm: fx.GraphModule) -> fx.GraphModule | None:
-    """:func:`split`'s program if the model repeats a block :data:`MIN_REPEATS` times and the distinct
-    regions hold at most :data:`MAX_DISTINCT_SHARE` of the program's nodes, else ``None``."""
+def worth_splitting(gm: fx.GraphModule) -> bool:
+    """Whether ``gm``'s model repeats a block :data:`MIN_REPEATS` times and its distinct regions hold at
+    most :data:`MAX_DISTINCT_SHARE` of the program's nodes, each region passed tensors of static sizes."""
     blocks = {block for node in gm.graph.nodes if (block := block_of(node)) is not None}
     if max(Counter(type_name for _, type_name in blocks).values(), default=0) < MIN_REPEATS:
-        return None
-    cut = split(gm)
+        return False
+    cut = split_static(gm)
+    if cut is None:
+        return False
     sizes: dict[Hashable, int] = {}
+    for call in cut.graph.find_nodes(op="call_module"):
+        region = getattr(cut, call.target)
+        key = structure(region)
+        sizes[key if key is not None else ("unshared", call.target)] = len(region.graph.nodes)
+    return sum(sizes.values()) <= MAX_DISTINCT_SHARE * len(gm.graph.nodes)
+
+
+def split_static(gm: fx.GraphModule) -> fx.GraphModule | None:
+    """:func:`split`'s program, or ``None`` if a region would be passed anything but a tensor of static sizes."""
+    cut = split(gm)
     for call in cut.graph.find_nodes(op="call_module"):
         region = getattr(cut, call.target)
         if not all(_static_tensor(p.meta.get("val")) for p in region.graph.find_nodes(op="placeholder")):
             return None
-        key = structure(region)
-        sizes[key if key is not None else ("unshared", call.target)] = len(region.graph.nodes)
-    return cut if sum(sizes.values()) <= MAX_DISTINCT_SHARE * len(gm.graph.nodes) else None
+    return cut
 
 
 def _static_tensor(value: Any) -> bool:
@@ -206,6 +218,8 @@ class Chain:
         for node, i in last_read.items():
             dropped.setdefault(i, []).append(slot[node])
         self._arity = sum(node.op == "placeholder" for node in nodes)
+        #: (slot, value) of the module attributes the regions read (tensor constants)
+        self._constants = [(slot[n], operator.attrgetter(str(n.target))(cut)) for n in nodes if n.op == "get_attr"]
         self._size = len(nodes)
         #: (what to run, its arguments' slots or (slot, index), the slots to drop before it runs, result's slot)
         self._steps: list[tuple[Callable[[list], Any] | None, Any, list[int], int]] = []
@@ -220,7 +234,7 @@ class Chain:
                 self._steps.append((None, (slot[source], index), drop, i))  # type: ignore[index]
             elif node.op == "output":
                 output = fx.node.map_arg(node.args[0], lambda n: _Slot(slot[n]))
-            elif node.op != "placeholder":
+            elif node.op not in ("placeholder", "get_attr"):
                 raise NotImplementedError(f"lrpc.regions.Chain: unexpected {node.op} node {node.format_node()}")
         self._output = output
 
@@ -229,6 +243,8 @@ class Chain:
             raise TypeError(f"the cut program takes {self._arity} arguments, got {len(args)}")
         values: list[Any] = [*args, *([None] * (self._size - len(args)))]
         del args
+        for i, constant in self._constants:
+            values[i] = constant
         for run, reads, drop, result in self._steps:
             if run is None:
                 source, index = reads
@@ -249,7 +265,9 @@ class _Slot(int):
 
 
 def _gathered(structure: Any, values: list[Any]) -> Any:
-    """``structure`` (slots, in tuples and lists) with each slot's value."""
+    """``structure`` (slots, in tuples, lists and dicts) with each slot's value."""
     if isinstance(structure, (tuple, list)):
         return type(structure)(_gathered(s, values) for s in structure)
+    if isinstance(structure, dict):
+        return {k: _gathered(s, values) for k, s in structure.items()}
     return values[structure] if isinstance(structure, _Slot) else structure

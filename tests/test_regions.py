@@ -4,6 +4,7 @@ regions share one compiled function, and the Inductor backend takes that path on
 from __future__ import annotations
 
 import importlib.util
+import operator
 import weakref
 from collections import OrderedDict
 from pathlib import Path
@@ -113,6 +114,32 @@ def test_the_chain_drops_a_value_at_the_last_region_reading_it() -> None:
     assert len(read_last) == len(calls) and sum(read_last) > len(calls)
 
 
+def test_the_chain_reads_constants_and_returns_any_structure() -> None:
+    """A top-level module attribute passed to a region, and an output of dicts, tuples, ``None`` and numbers:
+    the chain returns what the cut program's own code returns."""
+
+    class Region(nn.Module):
+        def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x * c, x + c
+
+    root = nn.Module()
+    root.regions = nn.Module()
+    root.regions.submod_0 = torch.fx.symbolic_trace(Region())
+    root.regions.scale = torch.tensor([2.0, 3.0])
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    call = graph.call_module("regions.submod_0", (x, graph.get_attr("regions.scale")))
+    first, second = (graph.call_function(operator.getitem, (call, i)) for i in range(2))
+    graph.output({"product": first, "rest": (second, None, 3)})
+    cut = torch.fx.GraphModule(root, graph)
+    chain = regions.Chain(cut, {"regions.submod_0": lambda arguments: cut.regions.submod_0(*arguments)})
+    x_value = torch.tensor([1.0, 4.0])
+    out = chain(x_value)
+    assert out.keys() == {"product", "rest"} and out["rest"][1:] == (None, 3)
+    torch.testing.assert_close(out["product"], torch.tensor([2.0, 12.0]))
+    torch.testing.assert_close(out["rest"][0], cut(x_value)["rest"][0])
+
+
 def _allocated_peak_mb(call) -> float:
     """bench/speed_worker.py's count of the bytes a call allocates at once."""
     path = Path(__file__).parents[1] / "bench" / "speed_worker.py"
@@ -218,15 +245,47 @@ def test_inductor_compiles_each_distinct_region_once(monkeypatch) -> None:
 
 def test_programs_inductor_cuts_recompute_rebuilt_values_per_reader(monkeypatch) -> None:
     """A value rebuilt in one region and read in later ones would be materialized at the cut (Inductor
-    fuses it into its readers only within one graph): the programs Inductor cuts are generated with
-    per-reader recomputation, those it compiles whole are not."""
-    gm, _ = program(Deep(depth=12), torch.randint(0, 20, (2, 5)))
-    assert backends.recomputes("inductor", gm) and backends.recomputes("eager", gm)
+    fuses it into its readers only within one graph): a program Inductor cuts is generated with per-reader
+    recomputation, as the eager backend's is, one it compiles whole is not. The choice is made once, on the
+    program as generated, and the compile follows it."""
+    ids = torch.randint(0, 20, (2, 5))
+    model = Deep(depth=12).eval()
+
+    def generated(backend: str) -> tuple[torch.fx.GraphModule, object]:
+        prog = lrpc.compile(model, rules="attnlrp", backend=backend).program(ids, target=1)
+        return prog.graph_module, prog.run
+
+    def adds(gm: torch.fx.GraphModule) -> int:
+        return len(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.add.Tensor))
+
+    eager, _ = generated("eager")
+    cut, run = generated("inductor")
+    assert cut.meta[backends.IN_REGIONS] and adds(cut) == adds(eager)
+    assert isinstance(run.run, regions.Chain)
     monkeypatch.setattr(regions, "MIN_REPEATS", 13)
-    assert not backends.recomputes("inductor", gm)  # compiled whole
-    monkeypatch.setattr(regions, "MIN_REPEATS", 12)
+    whole, _ = generated("inductor")
+    assert not whole.meta[backends.IN_REGIONS] and adds(whole) < adds(eager)
     monkeypatch.setattr(backends, "devices", lambda gm: {"cuda"})
-    assert not backends.recomputes("inductor", gm)  # CUDA programs stay whole
+    monkeypatch.setattr(regions, "MIN_REPEATS", 12)
+    assert not backends.recomputes("inductor", program(model, ids)[0])  # CUDA programs stay whole
+
+
+def test_a_failing_cut_compiles_the_program_whole(monkeypatch) -> None:
+    """Cutting is a speed-up: where it fails, the program is compiled whole, with a warning naming the error,
+    and explains as the eager program does."""
+    ids = torch.randint(0, 20, (2, 5))
+    model = Deep(depth=12).eval()
+    expected = lrpc.compile(model, rules="attnlrp", backend="eager")(ids, target=1).relevance
+
+    def broken(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        raise RuntimeError("no cut today")
+
+    monkeypatch.setattr(regions, "split", broken)
+    attributor = lrpc.compile(model, rules="attnlrp", backend="inductor")
+    with pytest.warns(UserWarning, match="could not cut the program .RuntimeError: no cut today"):
+        relevance = attributor(ids, target=1).relevance
+    torch.testing.assert_close(relevance, expected, rtol=1e-5, atol=1e-6)
+    assert isinstance(attributor.program(ids, target=1).run.run, backends._StaticInductor)
 
 
 @pytest.mark.parametrize("share", [0.0, 1.0])
@@ -234,7 +293,7 @@ def test_too_little_sharing_keeps_the_program_whole(share: float, monkeypatch) -
     monkeypatch.setattr(regions, "MIN_REPEATS", 2)
     monkeypatch.setattr(regions, "MAX_DISTINCT_SHARE", share)
     gm, _ = program(Deep(), torch.randint(0, 20, (2, 5)))
-    assert (regions.split_if_worth(gm) is None) == (share == 0.0)
+    assert regions.worth_splitting(gm) == (share > 0.0)
 
 
 def test_a_number_passed_between_blocks_keeps_the_program_whole(monkeypatch) -> None:
@@ -257,5 +316,5 @@ def test_a_number_passed_between_blocks_keeps_the_program_whole(monkeypatch) -> 
         for p in getattr(cut, call.target).graph.find_nodes(op="placeholder")
     ]
     assert any(not isinstance(v, torch.Tensor) for v in inputs)  # the number does cross a boundary
-    assert regions.split_if_worth(gm) is None
-    assert regions.split_if_worth(program(Deep(depth=12), torch.randint(0, 20, (2, 5)))[0]) is not None
+    assert regions.split_static(gm) is None and not regions.worth_splitting(gm)
+    assert regions.worth_splitting(program(Deep(depth=12), torch.randint(0, 20, (2, 5)))[0])
