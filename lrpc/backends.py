@@ -234,7 +234,7 @@ def _compiled(gm: fx.GraphModule) -> Callable[..., tuple]:
     in_regions = _in_regions(gm)
     gm = _rewritten(gm, lambda graph: opaque_input_gradients(unfold_weight_scales(graph)))
     if not _symbolic(gm):
-        if in_regions and (cut := regions.split_static(gm)) is not None:
+        if in_regions and (cut := _or_whole(regions.split_static, gm, None)) is not None:
             return regions.compile_shared(cut, lambda region: _BoxedStaticInductor(region, options))
         return _StaticInductor(gm, options)
     # the bound forward, not the module: the module's __call__ adds a few microseconds to every call
@@ -260,12 +260,20 @@ def _in_regions(gm: fx.GraphModule) -> bool:
     if decided is None:
         decided = False
         if not _symbolic(gm) and devices(gm) == {"cpu"}:
-            try:
-                decided = regions.worth_splitting(gm)
-            except Exception as e:  # noqa: BLE001 - a missed speed-up, not a wrong result: it runs whole
-                warnings.warn(f"lrpc.regions could not cut the program ({type(e).__name__}: {e}); compiling it whole")
+            decided = _or_whole(regions.worth_splitting, gm, False)
         gm.meta[IN_REGIONS] = decided
     return decided
+
+
+def _or_whole(step: Callable[[fx.GraphModule], Any], gm: fx.GraphModule, whole: Any) -> Any:
+    """``step(gm)``, a step of cutting ``gm`` into regions; ``whole`` (compile it whole) with a warning if
+    it raises: a missed speed-up, not a wrong result."""
+    try:
+        return step(gm)
+    except Exception as e:  # noqa: BLE001 - any error of the cut: the program runs whole
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        warnings.warn(f"lrpc.regions could not cut the program ({type(e).__name__}: {reason}); compiling it whole")
+        return whole
 
 
 _Layout = tuple[torch.dtype, torch.device, tuple[int, ...]] | None  # of one argument; None: not a tensor

@@ -263,26 +263,46 @@ def test_programs_inductor_cuts_recompute_rebuilt_values_per_reader(monkeypatch)
     assert cut.meta[backends.IN_REGIONS] and adds(cut) == adds(eager)
     assert isinstance(run.run, regions.Chain)
     monkeypatch.setattr(regions, "MIN_REPEATS", 13)
-    whole, _ = generated("inductor")
+    whole, run = generated("inductor")
     assert not whole.meta[backends.IN_REGIONS] and adds(whole) < adds(eager)
+    assert isinstance(run.run, backends._StaticInductor)
     monkeypatch.setattr(backends, "devices", lambda gm: {"cuda"})
     monkeypatch.setattr(regions, "MIN_REPEATS", 12)
     assert not backends.recomputes("inductor", program(model, ids)[0])  # CUDA programs stay whole
 
 
-def test_a_failing_cut_compiles_the_program_whole(monkeypatch) -> None:
-    """Cutting is a speed-up: where it fails, the program is compiled whole, with a warning naming the error,
-    and explains as the eager program does."""
+def test_the_compile_follows_the_decision_the_program_was_generated_for(monkeypatch) -> None:
+    """Decided again on the final program (rebuilt values make its distinct regions a larger share), the
+    answer could differ from the one its recomputation was chosen for: the recorded decision stands."""
+    ids = torch.randint(0, 20, (2, 5))
+    gm = lrpc.compile(Deep(depth=12).eval(), rules="attnlrp", backend="inductor").program(ids, target=1).graph_module
+    assert gm.meta[backends.IN_REGIONS]
+    monkeypatch.setattr(regions, "MAX_DISTINCT_SHARE", 0.0)  # deciding again would compile it whole
+    assert isinstance(backends._compiled(gm), regions.Chain)
+    gm.meta[backends.IN_REGIONS] = False
+    monkeypatch.setattr(regions, "MAX_DISTINCT_SHARE", float("inf"))  # deciding again would cut it
+    assert isinstance(backends._compiled(gm), backends._StaticInductor)
+
+
+@pytest.mark.parametrize("failing_call", [1, 2])
+def test_a_failing_cut_compiles_the_program_whole(failing_call: int, monkeypatch) -> None:
+    """Cutting is a speed-up: where it fails, deciding (the first split) or compiling (the second), the
+    program is compiled whole, with a warning naming the error, and explains as the eager program does."""
     ids = torch.randint(0, 20, (2, 5))
     model = Deep(depth=12).eval()
     expected = lrpc.compile(model, rules="attnlrp", backend="eager")(ids, target=1).relevance
+    calls: list[int] = []
+    original = regions.split
 
-    def broken(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-        raise RuntimeError("no cut today")
+    def failing(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        calls.append(1)
+        if len(calls) == failing_call:
+            raise RuntimeError("no cut today\nsecond line")
+        return original(gm)
 
-    monkeypatch.setattr(regions, "split", broken)
+    monkeypatch.setattr(regions, "split", failing)
     attributor = lrpc.compile(model, rules="attnlrp", backend="inductor")
-    with pytest.warns(UserWarning, match="could not cut the program .RuntimeError: no cut today"):
+    with pytest.warns(UserWarning, match=r"could not cut the program \(RuntimeError: no cut today\)"):
         relevance = attributor(ids, target=1).relevance
     torch.testing.assert_close(relevance, expected, rtol=1e-5, atol=1e-6)
     assert isinstance(attributor.program(ids, target=1).run.run, backends._StaticInductor)
