@@ -157,12 +157,16 @@ class _FirstCall:
 
 
 def _warn_fallback(name: str, error: Exception) -> None:
-    reason = (str(error).strip().splitlines() or [""])[0][:200]
     warnings.warn(
-        f"lrpc: the '{name}' backend could not compile this relevance program "
-        f"({type(error).__name__}: {reason}); running it with the eager backend instead",
+        f"lrpc: the '{name}' backend could not compile this relevance program ({_one_line(error)}); "
+        "running it with the eager backend instead",
         stacklevel=4,
     )
+
+
+def _one_line(error: Exception) -> str:
+    """``error``'s type and the first line of its message (at most 200 characters), for a warning."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
 
 
 def failing_node(gm: fx.GraphModule, args: tuple) -> fx.Node | None:
@@ -271,8 +275,7 @@ def _or_whole(step: Callable[[fx.GraphModule], Any], gm: fx.GraphModule, whole: 
     try:
         return step(gm)
     except Exception as e:  # noqa: BLE001 - any error of the cut: the program runs whole
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        warnings.warn(f"lrpc.regions could not cut the program ({type(e).__name__}: {reason}); compiling it whole")
+        warnings.warn(f"lrpc.regions could not cut the program ({_one_line(e)}); compiling it whole")
         return whole
 
 
