@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +21,7 @@ from .channel_scales import unfold_weight_scales
 from .dynamic_convolutions import opaque_input_gradients
 from .errors import LRPCError
 from .memory import reuse_buffers
+from .tracing import static_shape
 
 Backend = Callable[[fx.GraphModule], Callable[..., tuple]]
 _BACKENDS: dict[str, Backend] = {}
@@ -57,6 +59,8 @@ class _CompileLock:
 #: A program's first call holds it too (compiled backends compile then); later calls do not, so a thread's
 #: cached call never waits for another thread's compile. It is Dynamo's compile lock (:class:`_CompileLock`).
 COMPILE_LOCK = _CompileLock()
+
+_log = logging.getLogger(__name__)
 
 AUTO = "auto"
 #: Runs the rules eagerly on real tensors without tracing: the reference, slow, for checking the others.
@@ -121,7 +125,7 @@ def build(name: str, gm: fx.GraphModule, *, fallback: bool) -> Callable[..., tup
     except Exception as e:  # any build failure: run eagerly instead
         if not fallback:
             raise
-        _warn_fallback(name, e)
+        _warn_fallback(name, _one_line(e))
         return _FirstCall("eager", _eager(gm), gm, fallback=False)
     return _FirstCall(name, compiled, gm, fallback=fallback)
 
@@ -143,22 +147,26 @@ class _FirstCall:
         with COMPILE_LOCK:  # one thread compiles (or falls back); the others then run what it chose
             if self._checked:
                 return self.run(*args)
+            failure = None
             try:
                 out = self.run(*args)
             except Exception as e:  # compile errors come in many types
                 if not self._fallback:
                     raise
+                # the reason only: the error's frames (a cut program's values) must not outlive this block
+                failure = _one_line(e)
+            if failure is not None:
                 eager = _eager(self._gm)
                 out = eager(*args)  # a genuine error (bad input) raises here, from the reference
-                _warn_fallback(self.name, e)
+                _warn_fallback(self.name, failure)
                 self.name, self.run = "eager", eager
             self._checked = True
         return out
 
 
-def _warn_fallback(name: str, error: Exception) -> None:
+def _warn_fallback(name: str, reason: str) -> None:
     warnings.warn(
-        f"lrpc: the '{name}' backend could not compile this relevance program ({_one_line(error)}); "
+        f"lrpc: the '{name}' backend could not compile this relevance program ({reason}); "
         "running it with the eager backend instead",
         stacklevel=4,
     )
@@ -233,13 +241,13 @@ def _compiled(gm: fx.GraphModule) -> Callable[..., tuple]:
     # into that layout on every call: measured on 2 CPU cores it cost ResNet-50 epsilon 1.40x -> 1.03x
     # gradient x input with it off, VGG16 1.04x -> 1.00x, and a third of the compile time.
     options = {} if "cuda" in devices(gm) else {"layout_optimization": False}
+    in_regions = _in_regions(gm)
     # batch-norm-folded weights: Inductor fuses the per-channel scale into the neighbouring pointwise kernels;
     # convolutions' input gradients at dynamic image sizes: Inductor's lowering would fix the sizes
-    in_regions = _in_regions(gm)
     gm = _rewritten(gm, lambda graph: opaque_input_gradients(unfold_weight_scales(graph)))
     if not _symbolic(gm):
         if in_regions and (cut := _or_whole(regions.split_static, gm, None)) is not None:
-            return regions.compile_shared(cut, lambda region: _BoxedStaticInductor(region, options))
+            return _CutOrWhole(cut, gm, options)
         return _StaticInductor(gm, options)
     # the bound forward, not the module: the module's __call__ adds a few microseconds to every call
     return torch.compile(gm.forward, backend="inductor", fullgraph=True, dynamic=None, options=options)
@@ -275,8 +283,48 @@ def _or_whole(step: Callable[[fx.GraphModule], Any], gm: fx.GraphModule, whole: 
     try:
         return step(gm)
     except Exception as e:  # noqa: BLE001 - any error of the cut: the program runs whole
-        warnings.warn(f"lrpc.regions could not cut the program ({_one_line(e)}); compiling it whole")
+        _log.debug("lrpc.regions: the cut failed", exc_info=e)
+        _warn_whole(_one_line(e))
         return whole
+
+
+def _warn_whole(reason: str) -> None:
+    warnings.warn(f"lrpc.regions could not cut the program ({reason}); compiling it whole", stacklevel=3)
+
+
+class _CutOrWhole:
+    """A program cut into regions (:func:`lrpc.regions.compile_shared`, each region boxed), compiled on its
+    first call; if that call fails (Inductor cannot compile a region that it compiles whole, or the chain
+    cannot run the cut), the program compiled whole instead, with a warning. The first call runs under
+    :data:`COMPILE_LOCK` (:class:`_FirstCall`)."""
+
+    def __init__(self, cut: fx.GraphModule, gm: fx.GraphModule, options: dict) -> None:
+        self._cut, self._gm, self._options = cut, gm, options
+        #: what runs once the first call has chosen: the :class:`lrpc.regions.Chain` or the whole program
+        self.run: Callable[..., Any] | None = None
+
+    def __call__(self, *args: object) -> tuple:
+        if self.run is not None:
+            return self.run(*args)
+        failure = None
+        try:
+            chain = regions.compile_shared(self._cut, lambda region: _BoxedStaticInductor(region, self._options))
+            out = chain(*args)
+        except Exception as e:  # noqa: BLE001 - any error of the cut; a genuine one raises again, whole
+            failure = e
+        if failure is None:
+            self.run = chain
+            return out
+        _log.debug("lrpc.regions: the cut program failed", exc_info=failure)
+        reason = _one_line(failure)
+        # the error's frames hold the values the regions made before it: free them before the whole compile
+        failure.__traceback__ = None
+        del failure
+        whole = _StaticInductor(self._gm, self._options)
+        out = whole(*args)  # a genuine error (bad input) raises here too: then the cut was not the problem
+        _warn_whole(reason)
+        self.run = whole
+        return out
 
 
 _Layout = tuple[torch.dtype, torch.device, tuple[int, ...]] | None  # of one argument; None: not a tensor
@@ -388,9 +436,7 @@ def _symbolic(gm: fx.GraphModule) -> bool:
         if n.op != "placeholder":
             continue
         val = n.meta.get("val")
-        if isinstance(val, torch.SymInt) or (
-            isinstance(val, torch.Tensor) and not all(isinstance(d, int) for d in val.shape)
-        ):
+        if isinstance(val, torch.SymInt) or (isinstance(val, torch.Tensor) and static_shape(val) is None):
             return True
     return False
 

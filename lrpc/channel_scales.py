@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from .tracing import static_shape
+
 aten = torch.ops.aten
 
 
@@ -91,7 +93,4 @@ def _kind(node: fx.Node) -> tuple[torch.dtype, torch.device]:
 
 
 def _shape(node: object) -> tuple[int, ...] | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if not isinstance(val, torch.Tensor) or not all(isinstance(d, int) for d in val.shape):
-        return None
-    return tuple(val.shape)
+    return static_shape(node.meta.get("val") if isinstance(node, fx.Node) else None)

@@ -32,12 +32,11 @@ from collections import Counter
 from collections.abc import Callable, Hashable
 from typing import Any
 
-import torch
 from torch import fx
 from torch.fx.passes.split_module import split_module
 
 from .codegen import RULE_META
-from .tracing import module_stack
+from .tracing import module_stack, static_shape
 
 #: Split only models that repeat a block at least this often: the 12 layers of BERT-base, GPT-2 small and
 #: ViT-B/16 (their first calls 25-40% shorter), not a 6-layer MiniLM, whose compile is short anyway. A large
@@ -108,8 +107,10 @@ def split(gm: fx.GraphModule) -> fx.GraphModule:
 
 def structure(region: fx.GraphModule) -> Hashable | None:
     """What a region's compiled code depends on: its nodes (targets, constant arguments, which values they
-    read) and its arguments' dtypes, shapes, strides and devices. ``None`` where it reads module attributes
-    (their values are baked in: never shared)."""
+    read) and its arguments' dtypes, shapes, strides and devices. ``None`` (never shared) where an argument
+    is not a tensor of static sizes, whose layout the compiled code could not be matched on, or where the
+    region reads a module attribute (a tensor constant or a higher-order op's body: code the key does not
+    describe)."""
     index: dict[fx.Node, int] = {}
     key: list[Hashable] = []
     for i, node in enumerate(region.graph.nodes):
@@ -120,9 +121,9 @@ def structure(region: fx.GraphModule) -> Hashable | None:
         layout: Hashable = None
         if node.op == "placeholder":
             val = node.meta.get("val")
-            layout = (
-                (val.dtype, tuple(val.shape), val.stride(), val.device) if isinstance(val, torch.Tensor) else repr(val)
-            )
+            if (shape := static_shape(val)) is None:
+                return None
+            layout = (val.dtype, shape, val.stride(), val.device)
         target = node.target if isinstance(node.target, Hashable) else ("id", id(node.target))
         key.append((node.op, target if node.op != "placeholder" else None, repr(args), layout))
     return tuple(key)
@@ -150,13 +151,9 @@ def split_static(gm: fx.GraphModule) -> fx.GraphModule | None:
     cut = split(gm)
     for call in cut.graph.find_nodes(op="call_module"):
         region = getattr(cut, call.target)
-        if not all(_static_tensor(p.meta.get("val")) for p in region.graph.find_nodes(op="placeholder")):
+        if any(static_shape(p.meta.get("val")) is None for p in region.graph.find_nodes(op="placeholder")):
             return None
     return cut
-
-
-def _static_tensor(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and all(isinstance(d, int) for d in value.shape)
 
 
 def boxed(region: fx.GraphModule) -> fx.GraphModule:
@@ -266,9 +263,13 @@ class _Slot(int):
 
 
 def _gathered(structure: Any, values: list[Any]) -> Any:
-    """``structure`` (slots, in tuples, lists and dicts) with each slot's value."""
-    if isinstance(structure, (tuple, list)):
-        return type(structure)(_gathered(s, values) for s in structure)
+    """``structure`` (slots, in tuples, lists and dicts) with each slot's value, in the containers the cut
+    program returns (FX's immutable lists as lists)."""
+    if isinstance(structure, list):
+        return [_gathered(s, values) for s in structure]
+    if isinstance(structure, tuple):
+        items = (_gathered(s, values) for s in structure)
+        return type(structure)(*items) if hasattr(structure, "_fields") else tuple(items)
     if isinstance(structure, dict):
         return {k: _gathered(s, values) for k, s in structure.items()}
     return values[structure] if isinstance(structure, _Slot) else structure

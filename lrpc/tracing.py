@@ -538,6 +538,14 @@ def insert_call(
     return node
 
 
+def static_shape(value: object) -> tuple[int, ...] | None:
+    """The sizes of ``value`` (a node's ``meta["val"]``) if it is a tensor whose sizes are all plain integers;
+    ``None`` for a symbolic size or anything but a tensor."""
+    if isinstance(value, Tensor) and all(isinstance(d, int) for d in value.shape):
+        return tuple(value.shape)
+    return None
+
+
 def module_path(node: fx.Node) -> str:
     """The path of the innermost user module a node was created in (``""`` for the top level)."""
     stack = node.meta.get("nn_module_stack") or {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import operator
+import warnings
 import weakref
 from collections import OrderedDict
 from pathlib import Path
@@ -130,12 +131,13 @@ def test_the_chain_reads_constants_and_returns_any_structure() -> None:
     x = graph.placeholder("x")
     call = graph.call_module("regions.submod_0", (x, graph.get_attr("regions.scale")))
     first, second = (graph.call_function(operator.getitem, (call, i)) for i in range(2))
-    graph.output({"product": first, "rest": (second, None, 3)})
+    graph.output({"product": first, "rest": (second, None, 3), "listed": [first]})
     cut = torch.fx.GraphModule(root, graph)
     chain = regions.Chain(cut, {"regions.submod_0": lambda arguments: cut.regions.submod_0(*arguments)})
     x_value = torch.tensor([1.0, 4.0])
     out = chain(x_value)
-    assert out.keys() == {"product", "rest"} and out["rest"][1:] == (None, 3)
+    assert out.keys() == {"product", "rest", "listed"} and out["rest"][1:] == (None, 3)
+    assert type(out["listed"]) is list and type(out["rest"]) is tuple  # not FX's immutable list
     torch.testing.assert_close(out["product"], torch.tensor([2.0, 12.0]))
     torch.testing.assert_close(out["rest"][0], cut(x_value)["rest"][0])
 
@@ -261,7 +263,7 @@ def test_programs_inductor_cuts_recompute_rebuilt_values_per_reader(monkeypatch)
     eager, _ = generated("eager")
     cut, run = generated("inductor")
     assert cut.meta[backends.IN_REGIONS] and adds(cut) == adds(eager)
-    assert isinstance(run.run, regions.Chain)
+    assert isinstance(run.run, backends._CutOrWhole)
     monkeypatch.setattr(regions, "MIN_REPEATS", 13)
     whole, run = generated("inductor")
     assert not whole.meta[backends.IN_REGIONS] and adds(whole) < adds(eager)
@@ -278,7 +280,7 @@ def test_the_compile_follows_the_decision_the_program_was_generated_for(monkeypa
     gm = lrpc.compile(Deep(depth=12).eval(), rules="attnlrp", backend="inductor").program(ids, target=1).graph_module
     assert gm.meta[backends.IN_REGIONS]
     monkeypatch.setattr(regions, "MAX_DISTINCT_SHARE", 0.0)  # deciding again would compile it whole
-    assert isinstance(backends._compiled(gm), regions.Chain)
+    assert isinstance(backends._compiled(gm), backends._CutOrWhole)
     gm.meta[backends.IN_REGIONS] = False
     monkeypatch.setattr(regions, "MAX_DISTINCT_SHARE", float("inf"))  # deciding again would cut it
     assert isinstance(backends._compiled(gm), backends._StaticInductor)
@@ -306,6 +308,41 @@ def test_a_failing_cut_compiles_the_program_whole(failing_call: int, monkeypatch
         relevance = attributor(ids, target=1).relevance
     torch.testing.assert_close(relevance, expected, rtol=1e-5, atol=1e-6)
     assert isinstance(attributor.program(ids, target=1).run.run, backends._StaticInductor)
+
+
+def test_a_region_inductor_cannot_compile_compiles_the_program_whole(monkeypatch) -> None:
+    """The cut can fail later too, when Inductor compiles a region on the first call: then the program is
+    compiled whole (not handed to the eager backend, not an error under ``backend="inductor"``)."""
+    ids = torch.randint(0, 20, (2, 5))
+    model = Deep(depth=12).eval()
+    expected = lrpc.compile(model, rules="attnlrp", backend="eager")(ids, target=1).relevance
+
+    def failing(self, args):
+        raise RuntimeError("this region does not lower\nsecond line")
+
+    monkeypatch.setattr(backends._BoxedStaticInductor, "_compile", failing)
+    attributor = lrpc.compile(model, rules="attnlrp", backend="inductor")
+    with pytest.warns(UserWarning, match=r"could not cut the program \(RuntimeError: this region does not lower\)"):
+        relevance = attributor(ids, target=1).relevance
+    torch.testing.assert_close(relevance, expected, rtol=1e-5, atol=1e-6)
+    run = attributor.program(ids, target=1).run
+    assert run.backend == "inductor" and isinstance(run.run.run, backends._StaticInductor)
+    again = lrpc.compile(model, rules="attnlrp", backend="eager")(ids, target=2).relevance
+    torch.testing.assert_close(attributor(ids, target=2).relevance, again, rtol=1e-5, atol=1e-6)
+
+
+def test_a_call_that_fails_whole_too_raises_without_blaming_the_cut() -> None:
+    """A first call that fails cut and whole alike (here: too few arguments) was not the cut's fault: its
+    error comes through, with no warning about the cut."""
+    gm = lrpc.compile(Deep(depth=12).eval(), rules="attnlrp", backend="inductor").program(
+        torch.randint(0, 20, (2, 5)), target=1
+    ).graph_module
+    compiled = backends._compiled(gm)
+    assert isinstance(compiled, backends._CutOrWhole)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(Exception):  # noqa: B017 - whatever Inductor raises for a short call
+            compiled(torch.zeros(1))
 
 
 @pytest.mark.parametrize("share", [0.0, 1.0])
@@ -336,5 +373,7 @@ def test_a_number_passed_between_blocks_keeps_the_program_whole(monkeypatch) -> 
         for p in getattr(cut, call.target).graph.find_nodes(op="placeholder")
     ]
     assert any(not isinstance(v, torch.Tensor) for v in inputs)  # the number does cross a boundary
+    # a region taking it is never shared: its compiled code could not be matched on the number
+    assert any(regions.structure(getattr(cut, c.target)) is None for c in cut.graph.find_nodes(op="call_module"))
     assert regions.split_static(gm) is None and not regions.worth_splitting(gm)
     assert regions.worth_splitting(program(Deep(depth=12), torch.randint(0, 20, (2, 5)))[0])
