@@ -168,6 +168,11 @@ def test_a_compiled_region_frees_an_argument_after_its_last_use() -> None:
     arguments = [a.clone(), b.clone()]
     torch.testing.assert_close(boxed(arguments)[0], expected)
     assert arguments == []
+    # an argument laid out otherwise than at the compile: copied into that layout, the list still emptied
+    b_transposed = b.t().contiguous().t()
+    arguments = [a.clone(), b_transposed]
+    torch.testing.assert_close(boxed(arguments)[0], expected)
+    assert arguments == [] and not b_transposed.is_contiguous()
 
     def call_boxed() -> None:
         arguments = [torch.randn(n, n), torch.randn(n, n)]
