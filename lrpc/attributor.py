@@ -43,7 +43,16 @@ from .presets import resolve as resolve_preset
 from .report import Report
 from .targets import TargetSpec, index_tensor
 from .targets import parse as parse_target
-from .tracing import OutputSelector, Traced, check_model_runs, check_traceable, module_path, trace
+from .tracing import (
+    OutputSelector,
+    ShapeConditions,
+    Traced,
+    check_model_runs,
+    check_traceable,
+    module_path,
+    shape_conditions,
+    trace,
+)
 
 ON_UNSUPPORTED = ("error", "warn")
 DEFAULT_CONSTANTS = ("*mask*",)
@@ -80,8 +89,13 @@ class Program:
     timings: dict[str, float] = field(default_factory=dict)
     # dynamic-dim values of the example it was traced on
     symbols: dict[str, int] = field(default_factory=dict)
-    static: bool = False  # the relevance pass specialized a dynamic dim: only the traced sizes match
+    # the relevance pass specialized a dynamic dim, or the trace assumed what a call's sizes cannot decide:
+    # only the traced sizes match
+    static: bool = False
+    #: what the trace assumed about the dynamic sizes beyond their ranges (usually nothing)
+    conditions: ShapeConditions = field(default_factory=ShapeConditions)
     calls: int = 0
+    _held: dict[tuple[int, ...], bool] = field(default_factory=dict, repr=False)  # conditions, per sizes seen
 
     def bind(self, tensors: Sequence[Tensor]) -> dict[str, int] | None:
         """Symbol values if ``tensors`` fit this program's shapes (and ranges), else ``None``."""
@@ -108,7 +122,18 @@ class Program:
         for expr, got in exprs:
             if int(sympy.sympify(expr).subs(values)) != got:
                 return None
+        if self.conditions.exprs and not self._conditions_hold(values):
+            return None
         return values
+
+    def _conditions_hold(self, values: dict[str, int]) -> bool:
+        key = tuple(values.values())  # symbols in input order: the same order on every call
+        held = self._held.get(key)
+        if held is None:
+            if len(self._held) >= 4096:
+                self._held.clear()
+            held = self._held[key] = self.conditions.hold(values)
+        return held
 
     @functools.cached_property
     def output_example(self) -> Tensor:
@@ -436,6 +461,10 @@ class Attributor:
         static = after is not None and after[0] != before[0]
         if after != before and not static:
             _narrow_ranges(traced, shape_env)
+        names = {d for spec in traced.inputs for d in spec.shape if isinstance(d, str) and d.isidentifier()}
+        conditions = shape_conditions(shape_env, names) if shape_env is not None and not static else ShapeConditions()
+        if conditions is None:  # the trace assumed what a call's sizes cannot decide
+            static, conditions = True, ShapeConditions()
         generated = time.perf_counter()
         if backend == backends.INTERPRET:
             run, _ = relevance_function(the_plan, spec)
@@ -448,7 +477,7 @@ class Attributor:
             if isinstance(want, str) and want.isidentifier()
         }
         timings = {"trace": traced.seconds, "plan": planned - start, "codegen": generated - planned}
-        return Program(traced, the_plan, gm, signature, spec, backend, run, timings, symbols, static)
+        return Program(traced, the_plan, gm, signature, spec, backend, run, timings, symbols, static, conditions)
 
     # -- results -------------------------------------------------------------------------------
     def _result(self, program: Program, tensors: list[Tensor], outs: tuple) -> Attribution:

@@ -15,12 +15,14 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import sympy
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, fx, nn
 from torch._prims_common import compute_elementwise_output_logical_to_physical_perm
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils._sympy.value_ranges import bound_sympy
 
 from .errors import LRPCError, TraceError
 
@@ -497,6 +499,48 @@ def _traced(program: ExportedProgram, wrapper: nn.Module, names: list[str], seco
     for sym, vr in program.range_constraints.items():
         ranges[str(sym)] = (_bound(vr.lower, 0), _bound(vr.upper, math.inf))
     return Traced(program, graph, inputs, state, ranges, seconds)
+
+
+@dataclass(frozen=True)
+class ShapeConditions:
+    """What a trace assumed about its dynamic sizes beyond their ranges: the shape environment's guards
+    that the symbols' value ranges do not imply. Export keeps such a guard (a branch on ``length % 2``, a
+    pad taken only where a window does not divide the length) in its shape environment, not in the range
+    constraints or the graph, and the program holds only the branch it traced: sizes that break it must
+    not run it."""
+
+    exprs: tuple[Any, ...] = ()  # sympy conditions over the input symbols
+
+    def hold(self, sizes: Mapping[str, int]) -> bool:
+        """Whether every condition holds at ``sizes`` (symbol name -> size)."""
+        for expr in self.exprs:
+            value = expr.xreplace({s: sympy.Integer(sizes[s.name]) for s in expr.free_symbols})
+            if value is not sympy.true:
+                return False
+        return True
+
+
+def shape_conditions(shape_env: Any, symbols: Collection[str]) -> ShapeConditions | None:
+    """The guards of ``shape_env`` (after export and the relevance tracing) that its symbols' ranges do not
+    imply, as :class:`ShapeConditions`; ``None`` if one reads a symbol outside ``symbols`` (the input dims'
+    own), which a call's sizes cannot decide. Models whose sizes only meet ranges (BERT, GPT-2, Llama,
+    ViT, ResNet: every guard implied) get none and pay nothing per call."""
+    exprs = []
+    for guard in shape_env.guards:
+        expr = shape_env.replace(guard.expr)
+        try:
+            implied = bound_sympy(expr, shape_env.var_to_range)
+            if implied.is_singleton() and implied.lower is sympy.true:
+                continue
+        except Exception:  # noqa: BLE001, S110 - an expression the range analysis cannot bound: kept
+            pass
+        if expr is sympy.true:
+            continue
+        if any(s.name not in symbols for s in expr.free_symbols):
+            return None
+        if expr not in exprs:
+            exprs.append(expr)
+    return ShapeConditions(tuple(exprs))
 
 
 def _bound(value: Any, infinite: float) -> Any:

@@ -190,6 +190,47 @@ def test_float_sequences_of_new_lengths_share_one_program(dynamic: bool | None) 
     assert a.stats["traces"] == 2
 
 
+class ParityBranch(nn.Module):
+    """Takes one branch for even lengths and another for odd ones: export's guard on ``length % 2`` is no
+    range, and the traced program holds one branch only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.head = nn.Conv1d(1, 4, 3, padding=1), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        h = h * 2 if x.shape[-1] % 2 == 0 else h * 3
+        return self.head(h.mean(-1))
+
+
+def test_a_dynamic_program_serves_only_the_sizes_its_branch_was_traced_for() -> None:
+    """The dynamic program traced at an even length used to explain an odd one with the even branch: a
+    wrong output and relevance, silently. Sizes that break a condition of the trace get their own program."""
+    model = ParityBranch().eval()
+    a = compile_eager(model)
+    for length in (16, 20, 17, 22, 19):
+        x = torch.randn(2, 1, length)
+        result = a(x, target=0)
+        torch.testing.assert_close(result.output, model(x))
+        torch.testing.assert_close(result.relevance, compile_eager(model, dynamic=False)(x, target=0).relevance)
+    assert a.stats["traces"] == 3  # 16 static, then one dynamic program for even and one for odd lengths
+    even, odd = (a.program(torch.randn(2, 1, n), target=0) for n in (24, 25))
+    assert even is not odd and even.conditions.exprs and odd.conditions.exprs
+    assert a.stats["traces"] == 3
+
+
+def test_models_whose_sizes_meet_ranges_only_carry_no_conditions() -> None:
+    """A transformer's dynamic program assumes nothing beyond its dims' ranges: no per-call check."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    model = nn.Sequential(nn.Embedding(10, 8), nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)).eval()
+    a = compile_eager(model, output=lambda out: out.sum((1, 2)), dynamic=True)
+    program = a.program(torch.randint(0, 10, (2, 5)))
+    assert all(isinstance(d, str) for d in program.traced.inputs[0].shape) and program.conditions.exprs == ()
+
+
 def test_image_size_that_the_model_cannot_take_is_named() -> None:
     a = compile_eager(conv_net())
     a(torch.randn(2, 3, 8, 8))
