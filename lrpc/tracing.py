@@ -318,6 +318,10 @@ def trace(
     import time
 
     start = time.perf_counter()
+    if _builds_a_cache(model, kwargs):
+        # a transformers model builds its key/value cache in Python (Gemma 2's and 3's do not export), and
+        # the explained output does not read it
+        kwargs = {**kwargs, "use_cache": False}
     wrapper, tensors, tensor_names = _wrapped_call(model, args, kwargs, output)
     if _trains_differently(model):
         warnings.warn(
@@ -326,24 +330,43 @@ def trace(
             stacklevel=5,  # the user's call: trace <- _compile <- _program <- __call__ / program()
         )
     with eval_mode(model), torch.no_grad(), _without_torchs_own_deprecations():
-        errors = []
-        for shapes in ([_dynamic_shapes(tensors, grown)] if dynamic else []) + [None]:
-            try:
-                program = torch.export.export(wrapper, tuple(tensors), dynamic_shapes=shapes, strict=False)
-                break
-            except LRPCError:  # lrpc's own finding (a wrong output= selector): not export's
-                raise
-            except Exception as e:  # noqa: BLE001 - reported below with the export's own message
-                errors.append(e)
-        else:
+        program, error = _export(wrapper, tensors, dynamic, grown)
+        if program is None:
             _check_model_runs(wrapper, tensors, tensor_names, model)
-            raise TraceError(_export_message(model, errors[-1])) from errors[-1]
+            raise TraceError(_export_message(model, kwargs, error)) from error
         try:
             program = program.run_decompositions(decomposition_table())
         except Exception as e:
             raise TraceError(f"decomposing the exported graph of {type(model).__name__} failed: {e}") from e
     program.example_inputs = None  # the program is cached: it must not keep the first call's inputs alive
     return _traced(program, wrapper, tensor_names, time.perf_counter() - start)
+
+
+def _export(
+    wrapper: nn.Module, tensors: list[Tensor], dynamic: bool, grown: Sequence[Collection[int]]
+) -> tuple[ExportedProgram | None, Exception | None]:
+    """``wrapper`` exported (non-strict), with dynamic dims if asked and without if that fails; else the
+    last error."""
+    error = None
+    for shapes in ([_dynamic_shapes(tensors, grown)] if dynamic else []) + [None]:
+        try:
+            return torch.export.export(wrapper, tuple(tensors), dynamic_shapes=shapes, strict=False), None
+        except LRPCError:  # lrpc's own finding (a wrong output= selector): not export's
+            raise
+        except Exception as e:  # noqa: BLE001 - reported by the caller with the export's own message
+            error = e
+    return None, error
+
+
+def _builds_a_cache(model: nn.Module, kwargs: dict) -> bool:
+    """Whether ``model`` (a transformers model) builds a key/value cache on this call: its config says
+    ``use_cache=True``, its forward takes ``use_cache`` and the call does not set it."""
+    if getattr(getattr(model, "config", None), "use_cache", False) is not True or "use_cache" in kwargs:
+        return False
+    try:
+        return "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 @contextlib.contextmanager
@@ -433,11 +456,11 @@ def _check_model_runs(wrapper: nn.Module, tensors: list[Tensor], names: list[str
         raise LRPCError(f"{type(model).__name__} fails on the given inputs ({shapes}): {type(e).__name__}: {e}") from e
 
 
-def _export_message(model: nn.Module, error: Exception) -> str:
+def _export_message(model: nn.Module, kwargs: dict, error: Exception) -> str:
     text = str(error).strip().splitlines()
     head = "\n".join(text[:12])
     # transformers' key/value caches (Gemma2's HybridCache, Mamba's) are built in Python from sizes
-    cache = getattr(getattr(model, "config", None), "use_cache", False) is True
+    cache = getattr(getattr(model, "config", None), "use_cache", False) is True and kwargs.get("use_cache") is not False
     hint = (
         " This model's config has use_cache=True: its key/value cache is Python-side state, and "
         "model.config.use_cache = False (or use_cache=False in the call) usually makes it traceable."

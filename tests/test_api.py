@@ -978,6 +978,32 @@ def _llama():
     return transformers.LlamaForCausalLM(config), "model.layers.0"
 
 
+def test_a_model_that_builds_its_cache_in_python_is_explained_without_it() -> None:
+    """Gemma 2 with transformers' default use_cache=True builds a HybridCache in Python, which export cannot
+    trace: lrpc calls it with use_cache=False (the logits do not read the cache), the model's config
+    untouched."""
+    config = transformers.Gemma2Config(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        sliding_window=4,
+        max_position_embeddings=32,
+        initializer_range=0.1,
+    )
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    assert model.config.use_cache
+    ids = torch.randint(0, 64, (1, 6))
+    explained = compile_eager(model, rules="cp-lrp")(input_ids=ids)
+    expected = compile_eager(model, rules="cp-lrp")(input_ids=ids, use_cache=False)
+    torch.testing.assert_close(nonzero(explained.relevance), expected.relevance, rtol=0, atol=0)
+    assert model.config.use_cache
+
+
 @pytest.mark.parametrize("build", [_bert, _gpt2, _llama], ids=["bert", "gpt2", "llama"])
 def test_hugging_face_tiny_models(build) -> None:
     transformers.logging.set_verbosity_error()
