@@ -98,7 +98,7 @@ class Program:
     _held: dict[tuple[int, ...], bool] = field(default_factory=dict, repr=False)  # conditions, per sizes seen
 
     def bind(self, tensors: Sequence[Tensor]) -> dict[str, int] | None:
-        """Symbol values if ``tensors`` fit this program's shapes (and ranges), else ``None``."""
+        """Symbol values if ``tensors`` fit this program's shapes, ranges and conditions, else ``None``."""
         values: dict[str, int] = {}
         exprs = []
         for spec, t in zip(self.traced.inputs, tensors):
