@@ -182,6 +182,22 @@ def distilbert() -> Built:
     return _build(DistilBertForSequenceClassification, config), (), _tokens()
 
 
+@register("deberta-v3", "text", needs="transformers", attention=True)
+def deberta_v3() -> Built:
+    """DeBERTa-v3 layout (``DebertaV2``): disentangled attention, content-to-position and position-to-content
+    scores gathered from shared relative-position embeddings in log buckets, no absolute positions."""
+    _quiet()
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    config = DebertaV2Config(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, relative_attention=True, pos_att_type=["p2c", "c2p"],
+        position_biased_input=False, position_buckets=16, norm_rel_ebd="layer_norm", share_att_key=True,
+        max_relative_positions=-1, type_vocab_size=0, num_labels=3, initializer_range=INIT,
+    )
+    return _build(DebertaV2ForSequenceClassification, config), (), _tokens()
+
+
 # ------------------------------------------------------------------------------------ text decoders
 # Explained output: the logits (B, T, V); lrpc explains the last position by default.
 
@@ -227,6 +243,22 @@ def mistral() -> Built:
         initializer_range=INIT, use_cache=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     return _build(MistralForCausalLM, config), (), _tokens(pad="left")
+
+
+@register("bloom", "text", needs="transformers", attention=True)
+def bloom() -> Built:
+    """BLOOM: ALiBi (a per-head linear bias on the scores from the positions, added by ``baddbmm``) instead
+    of position embeddings, an embedding layer norm. Padded on the right, unlike the other decoders: in
+    float64 (the zoo tests' DynamicLRP check) transformers' BLOOM returns NaN logits for a left-padded
+    sample, whose first queries see no key."""
+    _quiet()
+    from transformers import BloomConfig, BloomForCausalLM
+
+    config = BloomConfig(
+        vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, initializer_range=INIT, use_cache=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    return _build(BloomForCausalLM, config), (), _tokens(pad="right")
 
 
 @register("gemma3", "text", paper=True, needs="transformers", attention=True)
