@@ -361,12 +361,17 @@ def _export(
 def _builds_a_cache(model: nn.Module, kwargs: dict) -> bool:
     """Whether ``model`` (a transformers model) builds a key/value cache on this call: its config says
     ``use_cache=True``, its forward takes ``use_cache`` and the call does not set it."""
-    if getattr(getattr(model, "config", None), "use_cache", False) is not True or "use_cache" in kwargs:
+    if not _config_caches(model) or "use_cache" in kwargs:
         return False
     try:
         return "use_cache" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _config_caches(model: nn.Module) -> bool:
+    """Whether ``model``'s (transformers) config asks for a key/value cache."""
+    return getattr(getattr(model, "config", None), "use_cache", False) is True
 
 
 @contextlib.contextmanager
@@ -460,7 +465,7 @@ def _export_message(model: nn.Module, kwargs: dict, error: Exception) -> str:
     text = str(error).strip().splitlines()
     head = "\n".join(text[:12])
     # transformers' key/value caches (Gemma2's HybridCache, Mamba's) are built in Python from sizes
-    cache = getattr(getattr(model, "config", None), "use_cache", False) is True and kwargs.get("use_cache") is not False
+    cache = _config_caches(model) and kwargs.get("use_cache") is not False
     hint = (
         " This model's config has use_cache=True: its key/value cache is Python-side state, and "
         "model.config.use_cache = False (or use_cache=False in the call) usually makes it traceable."
@@ -546,19 +551,20 @@ class ShapeConditions:
 def shape_conditions(shape_env: Any, symbols: Collection[str]) -> ShapeConditions | None:
     """The guards of ``shape_env`` (after export and the relevance tracing) that its symbols' ranges do not
     imply, as :class:`ShapeConditions`; ``None`` if one reads a symbol outside ``symbols`` (the input dims'
-    own), which a call's sizes cannot decide. Models whose sizes only meet ranges (BERT, GPT-2, Llama,
-    ViT, ResNet: every guard implied) get none and pay nothing per call."""
+    own), which a call's sizes cannot decide. Programs of BERT, GPT-2 or Llama over batch and length, or of
+    a CNN over batch, get none (every guard implied) and pay nothing per call; ResNet-50 over image sizes
+    gets 15, torchvision's Swin 462."""
     exprs = []
     for guard in shape_env.guards:
         expr = shape_env.replace(guard.expr)
+        if expr is sympy.true:
+            continue
         try:
             implied = bound_sympy(expr, shape_env.var_to_range)
             if implied.is_singleton() and implied.lower is sympy.true:
                 continue
         except Exception:  # noqa: BLE001, S110 - an expression the range analysis cannot bound: kept
             pass
-        if expr is sympy.true:
-            continue
         if any(s.name not in symbols for s in expr.free_symbols):
             return None
         if expr not in exprs:
